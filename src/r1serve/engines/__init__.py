@@ -1,0 +1,1 @@
+"""Engines: a request in, an async stream of deltas out. See base.py for the interface."""

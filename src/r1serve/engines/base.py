@@ -1,0 +1,92 @@
+"""The one interface every engine implements.
+
+An engine takes a :class:`GenerationRequest` and yields :class:`Delta` objects. Deltas are already split
+into reasoning and answer text (engines own the reasoning parser because the thinking budget and the
+reasoning-token count need it at token level), and the last delta carries ``finish_reason`` and ``usage``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from r1serve.protocol import ChatMessage, TokenLogprob
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """None means: use the model's recommended default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    # Exactly one of messages (chat) and prompt (raw completion) is set.
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    # Number of top alternatives per token when logprobs are requested, None when they are not.
+    logprobs: int | None = None
+    # Reasoning tokens allowed before the engine closes the reasoning itself; None: unlimited.
+    reasoning_budget: int | None = None
+    # The engine-side model name (an upstream provider's id); None: the engine's own model.
+    model: str | None = None
+    # Extra request fields for an upstream engine to forward verbatim.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    # True when the numbers were counted locally because the engine reported none.
+    estimated: bool = False
+
+
+@dataclass
+class Delta:
+    reasoning: str = ""
+    content: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    reasoning_truncated: bool = False
+    usage: EngineUsage | None = None  # on the final delta only
+
+
+class Engine(abc.ABC):
+    """A source of completions for one or more models."""
+
+    name: str
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load weights, open connections."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything; pending generations end."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas. Raises an r1serve.errors.R1ServeError before the first delta on bad input.
+
+        Closing the iterator early (client gone) cancels the generation.
+        """
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}

@@ -1,0 +1,1 @@
+"""The model catalog (catalog.py) and getting weights onto the disk (fetch.py)."""

@@ -1,0 +1,258 @@
+"""Pydantic types for OpenAI's Chat Completions / Completions / Models wire format.
+
+Requests accept unknown fields (as vLLM and llama-server do) so clients written for other servers keep
+working; the API layer reports their names back in a response header rather than dropping them silently.
+Responses carry r1serve's additions: ``reasoning_content``, ``reasoning_tokens`` and ``estimated_cost``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "TextPart",
+    "ChatMessage",
+    "StreamOptions",
+    "ReasoningEffort",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "TopLogprob",
+    "TokenLogprob",
+    "ChoiceLogprobs",
+    "ResponseMessage",
+    "ChatChoice",
+    "CompletionTokensDetails",
+    "PromptTokensDetails",
+    "Usage",
+    "ChatCompletion",
+    "DeltaMessage",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "CompletionChoice",
+    "Completion",
+    "ModelCard",
+    "ModelList",
+    "ErrorBody",
+    "ErrorResponse",
+    "DeepseekChatRequest",
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Fields like name / tool_call_id are tolerated; reasoning sent back by clients is accepted and dropped.
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+ReasoningEffort = Literal["low", "medium", "high"]
+
+_Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+_Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _SamplingFields(_Request):
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: _Temperature | None = None
+    top_p: _Probability | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: _Probability | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # r1serve extensions
+    include_reasoning: bool = True
+    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+
+
+# --- responses
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    # True when the engine closed the reasoning early (thinking budget or length inside the reasoning).
+    reasoning_truncated: bool | None = None
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+    estimated_cost: float | None = None
+    # True when upstream reported no usage and r1serve counted the tokens itself.
+    estimated: bool | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    reasoning_truncated: bool | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "r1serve"
+    # The model actually served under this name (an alias shows its target here).
+    root: str
+    parent: str | None = None
+    context_length: int | None = None
+    reasoning_format: str | None = None
+    present: bool | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class DeepseekChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: Annotated[str, Field(min_length=1)]

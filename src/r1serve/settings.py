@@ -1,0 +1,63 @@
+"""All configuration in one place: environment variables prefixed ``R1SERVE_`` and an optional ``.env``."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from platformdirs import user_cache_dir, user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_threads() -> int:
+    # llama.cpp's own default is cores // 2, which halves decode speed on a 2-core machine.
+    return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="R1SERVE_", env_file=".env", extra="ignore")
+
+    # --- HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+    # Static bearer keys; empty means the API is open (see accounts for managed keys).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- Models
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    models_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("r1serve")) / "models")
+    data_dir: Path = Field(default_factory=lambda: Path(user_data_dir("r1serve")))
+
+    # --- Embedded llama.cpp engine
+    n_threads: int = Field(default_factory=_default_threads)
+    n_ctx: int = 4096  # per sequence
+    n_batch: int = 512  # tokens per llama_decode step (prompt chunks + one token per running sequence)
+    max_running: int = 8  # sequences decoded together
+    max_queued: int = 64  # requests waiting for a free sequence; past that, 503
+    default_max_tokens: int = 2048
+    # Thinking budgets for reasoning_effort low / medium / high (tokens of reasoning).
+    reasoning_budget_low: int = 256
+    reasoning_budget_medium: int = 1024
+    reasoning_budget_high: int = 4096
+
+    # --- Platform
+    database_url: str | None = None
+    admin_key: str | None = None
+    providers_file: Path | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
