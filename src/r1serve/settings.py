@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
 from pydantic import Field, field_validator
@@ -35,11 +35,18 @@ class Settings(BaseSettings):
 
     # --- Embedded llama.cpp engine
     n_threads: int = Field(default_factory=_default_threads)
+    # llama.cpp repacks quantized weights for faster CPU matmuls, but its repacked kernels round
+    # differently for 1 row and for groups of rows, so a sequence's tokens would depend on what else
+    # is in the batch. Off by default: a request gives the same answer alone or among others.
+    repack_weights: bool = True
+    n_gpu_layers: int = 0  # -1 offloads every layer when llama.cpp was built with a GPU backend
     n_ctx: int = 4096  # per sequence
     n_batch: int = 512  # tokens per llama_decode step (prompt chunks + one token per running sequence)
     max_running: int = 8  # sequences decoded together
     max_queued: int = 64  # requests waiting for a free sequence; past that, 503
     default_max_tokens: int = 2048
+    # "auto": from the catalog, or detected from the chat template for a GGUF given by path.
+    reasoning_format: Literal["auto", "deepseek_r1", "none"] = "auto"
     # Thinking budgets for reasoning_effort low / medium / high (tokens of reasoning).
     reasoning_budget_low: int = 256
     reasoning_budget_medium: int = 1024

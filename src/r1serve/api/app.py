@@ -1,0 +1,95 @@
+"""The FastAPI application: routes, error rendering, the request middleware, and the engines' lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from starlette.responses import Response
+
+import r1serve
+from r1serve.api.auth import StaticKeys
+from r1serve.api.errors import install_error_handlers
+from r1serve.api.metrics import metrics_endpoint
+from r1serve.api.middleware import RequestContextMiddleware
+from r1serve.api.routes import api, ops, plumber
+from r1serve.api.serving import ClientDisconnected
+from r1serve.api.state import build_router, close_router
+from r1serve.protocol import ChatCompletionRequest, CompletionRequest
+from r1serve.router import Router
+from r1serve.settings import Settings
+
+# Bodies parsed by routes.py itself, so FastAPI does not see their schemas.
+_BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
+
+
+def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
+    """The server for ``settings``.
+
+    Without ``router`` the app owns its engines: startup fetches ``settings.model`` if needed and loads
+    it into the embedded engine, shutdown closes it. A given router is used as it is: its engines must
+    be running already and whoever built it closes them.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if router is not None:
+            yield
+            return
+        built = await build_router(settings)
+        app.state.router = built
+        try:
+            yield
+        finally:
+            await close_router(built)
+
+    app = FastAPI(
+        title="r1serve",
+        version=r1serve.__version__,
+        description="OpenAI-compatible API for DeepSeek-R1 family reasoning models.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if router is not None:
+        app.state.router = router
+    app.state.authenticator = StaticKeys(settings.api_keys)
+
+    app.include_router(api)
+    app.include_router(plumber)
+    app.include_router(ops)
+    app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+
+    install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    # Nobody reads this; 499 (nginx's "client closed request") keeps it apart in logs and metrics.
+    return Response(status_code=499)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        # Validation failures are 400s with OpenAI's error body here, never FastAPI's 422.
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        for model in _BODY_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,71 @@
+"""Who is calling. The API depends on :func:`authenticate`; what it checks is the ``Authenticator`` on
+``app.state.authenticator``, so the accounts layer can swap in managed keys without touching routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import Request
+
+from r1serve.errors import AuthenticationError
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated client; ``key_id`` is None on an open server."""
+
+    key_id: str | None = None
+
+
+class Authenticator(Protocol):
+    async def __call__(self, request: Request) -> Caller: ...
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class StaticKeys:
+    """Bearer keys from settings (``R1SERVE_API_KEYS``); no keys means the API is open."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    async def __call__(self, request: Request) -> Caller:
+        if not self._keys:
+            return Caller()
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+                "(Authorization: Bearer YOUR_KEY).",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        given = token.encode()
+        # Compare against every key without stopping early, so timing does not say which one is close.
+        matched = -1
+        for i, key in enumerate(self._keys):
+            if hmac.compare_digest(given, key):
+                matched = i
+        if matched < 0:
+            hint = token[-4:] if len(token) > 8 else ""
+            raise AuthenticationError(
+                f"Incorrect API key provided{': ...' + hint if hint else ''}.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return Caller(key_id=f"static-{matched}")
+
+
+async def authenticate(request: Request) -> Caller:
+    """FastAPI dependency for every protected route."""
+    authenticator: Authenticator = request.app.state.authenticator
+    caller = await authenticator(request)
+    request.state.caller = caller
+    return caller

@@ -1,0 +1,614 @@
+"""OpenAI requests in, engine requests out; engine deltas in, OpenAI responses and SSE chunks out.
+
+Routes (routes.py) stay thin: they parse, authenticate and resolve the model, then call
+:func:`serve_chat` / :func:`serve_completion`. The encoders here are pure (no I/O) so the SSE
+assembly is unit-tested with plain Delta sequences.
+
+Conventions, chosen once:
+
+* The first stream chunk is ``{"role": "assistant", "content": ""}``, as OpenAI sends it.
+* A reasoning chunk is ``{"reasoning_content": "...", "content": null}``, an answer chunk
+  ``{"content": "..."}``. A Delta holding both becomes two chunks, reasoning first: clients that
+  concatenate ``content`` must never see reasoning text in it, nor the reverse.
+* The finish chunk has an empty delta and the finish_reason (plus ``reasoning_truncated: true`` when
+  the engine closed the reasoning early). With ``stream_options.include_usage`` every chunk carries
+  ``"usage": null`` and one more chunk with ``"choices": []`` carries the usage, as OpenAI does.
+* An error once the stream has started: ``data: {"error": {...}}`` then ``data: [DONE]``.
+* Chunks are written with string templates and ``json.dumps`` of the text, not pydantic: this runs
+  once per token per stream.
+* Raw completions (``/v1/completions``) pass the model's text through as written: the engine does
+  not split reasoning for a raw prompt, so ``<think>`` tags, if any, stay in ``text``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from r1serve.engines.base import Delta, EngineUsage, GenerationRequest, SamplingParams
+from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.models.catalog import Prices
+from r1serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    TokenLogprob,
+    Usage,
+)
+from r1serve.reasoning import strip_reasoning_from_history
+from r1serve.router import Route
+from r1serve.settings import Settings
+
+log = logging.getLogger("r1serve.api")
+
+T = TypeVar("T")
+
+DONE_EVENT = "data: [DONE]\n\n"
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+_INTERNAL_ERROR = "The server had an error while processing your request."
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, defaults: dict[str, float]) -> SamplingParams:
+    # The model's recommended values (R1: temperature 0.6, top_p 0.95) fill what the client omitted.
+    chosen: dict[str, Any] = {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is None and name in defaults:
+            value = int(defaults[name]) if name == "top_k" else defaults[name]
+        chosen[name] = value
+    return SamplingParams(
+        **chosen,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+    )
+
+
+def _check_n(n: int) -> None:
+    if n != 1:
+        raise InvalidRequest(
+            f"n={n} is not supported: r1serve generates one choice per request; send n parallel requests instead.",
+            param="n",
+            code="unsupported_value",
+        )
+
+
+def reasoning_budget(req: ChatCompletionRequest, settings: Settings) -> int | None:
+    """``max_reasoning_tokens`` if given, else the budget for ``reasoning_effort``, else unlimited."""
+    if req.max_reasoning_tokens is not None:
+        return req.max_reasoning_tokens
+    if req.reasoning_effort is None:
+        return None
+    return {
+        "low": settings.reasoning_budget_low,
+        "medium": settings.reasoning_budget_medium,
+        "high": settings.reasoning_budget_high,
+    }[req.reasoning_effort]
+
+
+def chat_generation_request(
+    req: ChatCompletionRequest, route: Route, settings: Settings, request_id: str
+) -> GenerationRequest:
+    _check_n(req.n)
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs: true.", param="top_logprobs", code="invalid_value")
+    return GenerationRequest(
+        request_id=request_id,
+        # R1's multi-turn rule: earlier answers go back without their reasoning.
+        messages=strip_reasoning_from_history(req.messages),
+        # None: the engine uses settings.default_max_tokens, capped to what the context has left.
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        sampling=_sampling(req, route.entry.sampling_defaults),
+        stop=req.stop_list(),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        reasoning_budget=reasoning_budget(req, settings),
+        model=route.engine_model,
+        extra=dict(req.model_extra or {}),
+    )
+
+
+def completion_prompt(req: CompletionRequest) -> str:
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if len(req.prompt) != 1:
+        raise InvalidRequest(
+            f"prompt must be a string or a list of one string (got {len(req.prompt)}); send one request per prompt.",
+            param="prompt",
+            code="unsupported_value",
+        )
+    return req.prompt[0]
+
+
+def completion_generation_request(
+    req: CompletionRequest, route: Route, settings: Settings, request_id: str
+) -> GenerationRequest:
+    _check_n(req.n)
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=completion_prompt(req),
+        max_tokens=req.max_tokens,
+        sampling=_sampling(req, route.entry.sampling_defaults),
+        stop=req.stop_list(),
+        logprobs=req.logprobs,
+        model=route.engine_model,
+        extra=dict(req.model_extra or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- usage and cost
+
+
+def estimate_cost(usage: EngineUsage, prices: Prices) -> float:
+    """Dollars: uncached prompt tokens at the input price, cached ones at the cached-input price when
+    the model has one, completion tokens (reasoning included) at the output price."""
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    cached_price = prices.input if prices.cached_input is None else prices.cached_input
+    dollars = (
+        (usage.prompt_tokens - cached) * prices.input
+        + cached * cached_price
+        + usage.completion_tokens * prices.output
+    ) / 1_000_000
+    return round(dollars, 10)
+
+
+def usage_from_engine(usage: EngineUsage, prices: Prices) -> Usage:
+    return Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
+        estimated_cost=estimate_cost(usage, prices),
+        estimated=True if usage.estimated else None,
+    )
+
+
+def _usage_json(usage: EngineUsage | None, prices: Prices) -> str:
+    return usage_from_engine(usage or EngineUsage(), prices).model_dump_json(exclude_none=True)
+
+
+def _usage_dict(usage: EngineUsage | None, prices: Prices) -> dict[str, Any]:
+    return usage_from_engine(usage or EngineUsage(), prices).model_dump(mode="json", exclude_none=True)
+
+
+def _logprobs_json(items: list[TokenLogprob]) -> list[dict[str, Any]]:
+    return [lp.model_dump(mode="json") for lp in items]
+
+
+def legacy_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The Completions API's logprobs shape: parallel lists, text offsets counted from ``offset``."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for lp in items:
+        tokens.append(lp.token)
+        token_logprobs.append(lp.logprob)
+        top.append({t.token: t.logprob for t in lp.top_logprobs})
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+# ----------------------------------------------------------------------------- stream encoders
+
+
+def _event(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def error_event(exc: BaseException) -> str:
+    if isinstance(exc, R1ServeError):
+        body = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    else:
+        body = {"message": _INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}
+    return _event(json.dumps({"error": body}))
+
+
+class ChatChunkEncoder:
+    """Delta -> ``chat.completion.chunk`` SSE events for one stream."""
+
+    def __init__(
+        self,
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        prices: Prices,
+        include_usage: bool = False,
+        include_reasoning: bool = True,
+    ) -> None:
+        self._head = (
+            f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk","created":{created},'
+            f'"model":{json.dumps(model)},"choices":[{{"index":0,"delta":'
+        )
+        self._usage_head = (
+            f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk","created":{created},'
+            f'"model":{json.dumps(model)},"choices":[],"usage":'
+        )
+        self._tail = ',"usage":null}' if include_usage else "}"
+        self._prices = prices
+        self._include_usage = include_usage
+        self._include_reasoning = include_reasoning
+        self._pending_logprobs: list[TokenLogprob] = []
+
+    def _chunk(
+        self, delta: str, logprobs: list[TokenLogprob] | None = None, finish: str | None = None, extra: str = ""
+    ) -> str:
+        lp = json.dumps({"content": _logprobs_json(logprobs)}) if logprobs else "null"
+        fr = f'"{finish}"' if finish else "null"
+        return _event(f'{self._head}{delta},"logprobs":{lp},"finish_reason":{fr}{extra}}}]{self._tail}')
+
+    def start(self) -> list[str]:
+        return [self._chunk('{"role":"assistant","content":""}')]
+
+    def delta(self, d: Delta) -> list[str]:
+        """Text chunks for one delta (none for an empty one); never the finish chunk."""
+        reasoning = d.reasoning if self._include_reasoning else ""
+        if d.logprobs and (d.content or reasoning or not d.reasoning):
+            self._pending_logprobs.extend(d.logprobs)
+        texts: list[str] = []
+        if reasoning:
+            texts.append(f'{{"reasoning_content":{json.dumps(reasoning)},"content":null}}')
+        if d.content:
+            texts.append(f'{{"content":{json.dumps(d.content)}}}')
+        out = []
+        for i, text in enumerate(texts):
+            # Logprobs ride on the last chunk of the delta they belong to.
+            last = i == len(texts) - 1
+            out.append(self._chunk(text, self._take_logprobs() if last else None))
+        return out
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        if not self._pending_logprobs:
+            return None
+        taken, self._pending_logprobs = self._pending_logprobs, []
+        return taken
+
+    def finish(self, d: Delta) -> list[str]:
+        """The finish chunk, then the usage chunk when asked for. ``d`` is the final delta."""
+        extra = ',"reasoning_truncated":true' if d.reasoning_truncated else ""
+        out = [self._chunk("{}", self._take_logprobs(), d.finish_reason or "stop", extra)]
+        if self._include_usage:
+            out.append(_event(f"{self._usage_head}{_usage_json(d.usage, self._prices)}}}"))
+        return out
+
+
+class CompletionChunkEncoder:
+    """Delta -> ``text_completion`` SSE events. Reasoning, if an engine reported any, is passed through
+    as text in order: a raw completion shows the model's output as written."""
+
+    def __init__(
+        self,
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        prices: Prices,
+        include_usage: bool = False,
+        echo: str | None = None,
+        want_logprobs: bool = False,
+    ) -> None:
+        self._head = (
+            f'{{"id":{json.dumps(completion_id)},"object":"text_completion","created":{created},'
+            f'"model":{json.dumps(model)},"choices":'
+        )
+        self._tail = ',"usage":null}' if include_usage else "}"
+        self._prices = prices
+        self._include_usage = include_usage
+        self._echo = echo
+        self._want_logprobs = want_logprobs
+        self._offset = 0
+
+    def _chunk(self, text: str, logprobs: list[TokenLogprob] | None = None, finish: str | None = None) -> str:
+        lp = "null"
+        if self._want_logprobs:
+            lp = json.dumps(legacy_logprobs(logprobs or [], self._offset))
+        self._offset += len(text)
+        fr = f'"{finish}"' if finish else "null"
+        return _event(
+            f'{self._head}[{{"index":0,"text":{json.dumps(text)},"logprobs":{lp},"finish_reason":{fr}}}]{self._tail}'
+        )
+
+    def start(self) -> list[str]:
+        return [self._chunk(self._echo)] if self._echo else []
+
+    def delta(self, d: Delta) -> list[str]:
+        text = d.reasoning + d.content
+        if not text and not (self._want_logprobs and d.logprobs):
+            return []
+        return [self._chunk(text, d.logprobs)]
+
+    def finish(self, d: Delta) -> list[str]:
+        out = [self._chunk("", None, d.finish_reason or "stop")]
+        if self._include_usage:
+            out.append(_event(f'{self._head}[],"usage":{_usage_json(d.usage, self._prices)}}}'))
+        return out
+
+
+Encoder = ChatChunkEncoder | CompletionChunkEncoder
+
+
+async def sse_events(first: Delta, rest: AsyncIterator[Delta], encoder: Encoder) -> AsyncIterator[str]:
+    """The whole SSE body. ``first`` was already awaited (so errors before it became HTTP errors)."""
+    try:
+        for event in encoder.start():
+            yield event
+        delta: Delta | None = first
+        while delta is not None:
+            for event in encoder.delta(delta):
+                yield event
+            if delta.finish_reason is not None:
+                for event in encoder.finish(delta):
+                    yield event
+                break
+            delta = await anext(rest, None)
+        else:
+            raise R1ServeError("the engine ended the stream without a finish reason")
+    except Exception as exc:
+        if not isinstance(exc, R1ServeError) or exc.status >= 500:
+            log.error("stream failed: %s", exc, exc_info=not isinstance(exc, R1ServeError))
+        yield error_event(exc)
+    finally:
+        await _close(rest)
+    yield DONE_EVENT
+
+
+async def _close(it: AsyncIterator[Delta]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+# ----------------------------------------------------------------------------- whole responses
+
+
+class Collected:
+    """The deltas of one generation joined (non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.final = Delta()
+
+    def add(self, d: Delta) -> None:
+        if d.reasoning:
+            self.reasoning.append(d.reasoning)
+        if d.content:
+            self.content.append(d.content)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            self.final = d
+
+
+async def collect(first: Delta, rest: AsyncIterator[Delta]) -> Collected:
+    out = Collected()
+    try:
+        delta: Delta | None = first
+        while delta is not None:
+            out.add(delta)
+            if delta.finish_reason is not None:
+                return out
+            delta = await anext(rest, None)
+        raise R1ServeError("the engine ended the stream without a finish reason")
+    finally:
+        await _close(rest)
+
+
+def chat_completion_body(
+    c: Collected, *, completion_id: str, created: int, model: str, prices: Prices, include_reasoning: bool = True
+) -> dict[str, Any]:
+    # The reasoning module's rule: a part is null exactly when its text is empty.
+    reasoning = "".join(c.reasoning) or None
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {
+            "role": "assistant",
+            "content": "".join(c.content) or None,
+            "reasoning_content": reasoning if include_reasoning else None,
+        },
+        "logprobs": {"content": _logprobs_json(c.logprobs)} if c.logprobs else None,
+        "finish_reason": c.final.finish_reason,
+    }
+    if c.final.reasoning_truncated:
+        choice["reasoning_truncated"] = True
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage_dict(c.final.usage, prices),
+    }
+
+
+def completion_body(
+    c: Collected, *, completion_id: str, created: int, model: str, prices: Prices, echo: str | None, want_logprobs: bool
+) -> dict[str, Any]:
+    prefix = echo or ""
+    text = prefix + "".join(c.reasoning) + "".join(c.content)
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": legacy_logprobs(c.logprobs, len(prefix)) if want_logprobs else None,
+                "finish_reason": c.final.finish_reason,
+            }
+        ],
+        "usage": _usage_dict(c.final.usage, prices),
+    }
+
+
+# ----------------------------------------------------------------------------- HTTP glue
+
+
+class SSEResponse(StreamingResponse):
+    """Closes the body iterator (and so the engine generation) however the response ends.
+
+    Starlette cancels the sending task when the client disconnects; a generator suspended at a
+    ``yield`` would otherwise wait for garbage collection to be closed.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` unless the client hangs up first; then cancel it (which stops the generation).
+
+    The request body has been read already, so the next ASGI message can only be ``http.disconnect``.
+    Used for whole responses and for the wait before a stream's first delta; once streaming,
+    Starlette's own disconnect listener takes over.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves (server shutdown)
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let it close the generation; its outcome no longer matters
+    raise ClientDisconnected()
+
+
+def _headers(route: Route, unknown: list[str]) -> dict[str, str]:
+    headers = {"x-r1serve-model": route.entry.id}
+    if unknown:
+        headers["x-r1serve-unknown-fields"] = ",".join(unknown)
+    return headers
+
+
+async def _start(route: Route, gen: GenerationRequest) -> tuple[Delta, AsyncIterator[Delta]]:
+    """Begin generating and wait for the first delta, so that bad input (context too long, queue full)
+    becomes an HTTP error status rather than an error inside a 200 stream."""
+    stream = route.engine.generate(gen)
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await _close(stream)
+        raise
+    return first, stream
+
+
+def _json_response(body: dict[str, Any], headers: dict[str, str]) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json", headers=headers)
+
+
+async def serve_chat(
+    request: Request, req: ChatCompletionRequest, route: Route, settings: Settings, *, model_name: str
+) -> Response:
+    gen = chat_generation_request(req, route, settings, request.state.request_id)
+    completion_id, created = new_id("chatcmpl-"), int(time.time())
+    headers = _headers(route, req.unknown_fields())
+    prices = route.entry.prices
+    if req.stream:
+        first, rest = await until_disconnect(request, _start(route, gen))
+        encoder = ChatChunkEncoder(
+            completion_id=completion_id,
+            created=created,
+            model=model_name,
+            prices=prices,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            include_reasoning=req.include_reasoning,
+        )
+        return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
+
+    async def run() -> Collected:
+        first, rest = await _start(route, gen)
+        return await collect(first, rest)
+
+    collected = await until_disconnect(request, run())
+    body = chat_completion_body(
+        collected,
+        completion_id=completion_id,
+        created=created,
+        model=model_name,
+        prices=prices,
+        include_reasoning=req.include_reasoning,
+    )
+    return _json_response(body, headers)
+
+
+async def serve_completion(
+    request: Request, req: CompletionRequest, route: Route, settings: Settings, *, model_name: str
+) -> Response:
+    gen = completion_generation_request(req, route, settings, request.state.request_id)
+    completion_id, created = new_id("cmpl-"), int(time.time())
+    headers = _headers(route, req.unknown_fields())
+    prices = route.entry.prices
+    echo = gen.prompt if req.echo else None
+    want_logprobs = req.logprobs is not None
+    if req.stream:
+        first, rest = await until_disconnect(request, _start(route, gen))
+        encoder = CompletionChunkEncoder(
+            completion_id=completion_id,
+            created=created,
+            model=model_name,
+            prices=prices,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            echo=echo,
+            want_logprobs=want_logprobs,
+        )
+        return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
+
+    async def run() -> Collected:
+        first, rest = await _start(route, gen)
+        return await collect(first, rest)
+
+    collected = await until_disconnect(request, run())
+    body = completion_body(
+        collected,
+        completion_id=completion_id,
+        created=created,
+        model=model_name,
+        prices=prices,
+        echo=echo,
+        want_logprobs=want_logprobs,
+    )
+    return _json_response(body, headers)

@@ -1,0 +1,593 @@
+"""The embedded llama.cpp engine: one context, many sequences, one ``llama_decode`` per step.
+
+llama-cpp-python's high-level ``Llama`` object serves one request at a time. This engine drives the
+low-level batch API instead: each request owns a sequence (``seq_id``) in a shared context, and a
+scheduler thread builds one batch per step holding the next token of every running sequence plus a
+chunk of any prompt still being processed. Admission, cancellation and KV cleanup happen between steps.
+
+The scheduler thread is the only code that touches the llama context. The event loop talks to it
+through a locked queue of new sequences and per-sequence asyncio queues of deltas; ctypes releases the
+GIL during ``llama_decode``, so HTTP handlers keep running while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import llama_cpp._logger as llama_logger
+import numpy as np
+
+from r1serve.engines.base import Delta, Engine, EngineUsage, FinishReason, GenerationRequest
+from r1serve.engines.prompt import CHATML_TEMPLATE, ChatTemplate
+from r1serve.engines.text import StopMatcher
+from r1serve.errors import ContextLengthExceeded, InvalidRequest, Overloaded, R1ServeError
+from r1serve.models.catalog import LocalSource, ModelEntry, detect_reasoning_format
+from r1serve.protocol import TokenLogprob, TopLogprob
+from r1serve.reasoning import ReasoningParser, prompt_opens_reasoning
+from r1serve.settings import Settings
+
+log = logging.getLogger("r1serve.engine")
+
+# Appended to force the end of the reasoning when a thinking budget runs out.
+_CLOSE_REASONING = "\n</think>\n\n"
+# Penalties look back this far; OpenAI's presence/frequency penalties cover the whole completion.
+_PENALTY_WINDOW = 4096
+# While other sequences are decoding, a prompt is processed in chunks of at most this many tokens per
+# step, so that one long prompt does not freeze every running stream.
+_PREFILL_CHUNK_WHEN_BUSY = 256
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A llama.cpp sequence id and the tokens its KV cells currently hold (kept for prefix reuse)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    prompt: list[int]
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Delta | BaseException]
+    parser: ReasoningParser
+    stops: StopMatcher
+    sampler: Any = None
+    slot: _Slot | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to feed before the next sample
+    n_past: int = 0
+    generated: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    budget_spent: bool = False
+    reasoning_truncated: bool = False
+    cancelled: bool = False
+    stopped_by_string: bool = False
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class LlamaEngine(Engine):
+    def __init__(self, model_path: Path, entry: ModelEntry, settings: Settings) -> None:
+        self.name = f"llama.cpp:{entry.id}"
+        self.model_path = Path(model_path)
+        self.entry = entry
+        self.settings = settings
+        self.context_length = settings.n_ctx
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._n_vocab = 0
+        self._template: ChatTemplate | None = None
+        self._bos_text = ""
+        self._slots: list[_Slot] = []
+        self._running: list[_Sequence] = []
+        self._waiting: deque[_Sequence] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, bytes] = {}
+        self._close_tokens: list[int] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="r1serve-llama", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._free()
+
+    def _load(self) -> None:
+        llama_logger.set_verbose(self.settings.log_level == "debug")
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = self.settings.n_gpu_layers
+        mparams.use_extra_bufts = self.settings.repack_weights
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {self.model_path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+        n_train = llama_cpp.llama_model_n_ctx_train(model)
+        per_seq = min(self.settings.n_ctx, n_train) if n_train > 0 else self.settings.n_ctx
+        n_seq = self.settings.max_running
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = per_seq * n_seq
+        cparams.n_batch = self.settings.n_batch
+        cparams.n_ubatch = self.settings.n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = self.settings.n_threads
+        cparams.n_threads_batch = self.settings.n_threads
+        # One KV stream per sequence: attention then only spans a sequence's own cells, which is what
+        # makes many short independent chats fast. Prefix reuse works per slot (see _assign_slot).
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self._ctx = ctx
+        self.context_length = llama_cpp.llama_n_ctx_seq(ctx)
+        self._batch = llama_cpp.llama_batch_init(self.settings.n_batch, 0, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(n_seq)]
+
+        raw_template = llama_cpp.llama_model_chat_template(model, None)
+        gguf_template = raw_template.decode("utf-8", "replace") if raw_template else None
+        template = self.entry.chat_template or gguf_template or CHATML_TEMPLATE
+        self._bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
+        eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
+        self._template = ChatTemplate(template, bos_token=self._bos_text, eos_token=eos_text)
+        self._close_tokens = self.tokenize(_CLOSE_REASONING, add_special=False)
+
+        fmt = self.entry.reasoning_format
+        if isinstance(self.entry.source, LocalSource) and fmt == "none":
+            fmt = detect_reasoning_format(template, self.model_path.name)
+        if self.settings.reasoning_format != "auto":
+            fmt = self.settings.reasoning_format
+        self.entry = replace(self.entry, reasoning_format=fmt, context_length=self.context_length)
+        log.info(
+            "loaded %s: %d-token context per sequence, %d sequences, %d threads, reasoning format %s",
+            self.model_path.name, self.context_length, n_seq, self.settings.n_threads, fmt,
+        )
+
+    def _free(self) -> None:
+        for slot_seq in self._running:
+            if slot_seq.sampler:
+                llama_cpp.llama_sampler_free(slot_seq.sampler)
+        self._running.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # ----------------------------------------------------------------- tokens and text
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        return list(buf[:n])
+
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
+        cached = self._pieces.get(token) if not special else None
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        piece = buf.raw[:n]
+        if not special:
+            self._pieces[token] = piece
+        return piece
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    def render_prompt(self, request: GenerationRequest) -> tuple[str, bool]:
+        """The prompt text, and whether it already opened the reasoning (``<think>`` at its end)."""
+        assert self._template is not None
+        if request.messages is not None:
+            text = self._template.render(request.messages)
+            opened = self.entry.reasoning_format == "deepseek_r1" and prompt_opens_reasoning(text)
+            return text, opened
+        return request.prompt or "", False
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        # Chat templates usually write the BOS themselves; adding another would change the output.
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        return self.tokenize(text, add_special=add_bos)
+
+    # ----------------------------------------------------------------- the async side
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._ctx is None:
+            raise R1ServeError("the engine is not running")
+        text, opened = self.render_prompt(request)
+        prompt = self.prompt_tokens(text)
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="messages" if request.messages else "prompt")
+        room = self.context_length - len(prompt)
+        if request.max_tokens is not None:
+            if request.max_tokens > room:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.context_length} tokens. However, you "
+                    f"requested {len(prompt) + request.max_tokens} tokens ({len(prompt)} in the messages, "
+                    f"{request.max_tokens} in the completion). Please reduce the length of the messages "
+                    "or completion.",
+                    param="messages" if request.messages else "prompt",
+                )
+            max_tokens = request.max_tokens
+        else:
+            if room < 1:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.context_length} tokens. However, your "
+                    f"messages resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
+                    param="messages" if request.messages else "prompt",
+                )
+            max_tokens = min(self.settings.default_max_tokens, room)
+
+        fmt = self.entry.reasoning_format if request.messages is not None else "none"
+        seq = _Sequence(
+            request=request,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            loop=asyncio.get_running_loop(),
+            out=asyncio.Queue(),
+            parser=ReasoningParser(fmt, starts_in_reasoning=opened),
+            stops=StopMatcher(request.stop),
+        )
+        with self._lock:
+            if len(self._waiting) >= self.settings.max_queued:
+                raise Overloaded(
+                    "The server is at capacity; retry shortly.",
+                    headers={"Retry-After": "1"},
+                )
+            self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Client gone or stream finished: the scheduler frees the sequence at its next step.
+            seq.cancelled = True
+            self._wake.set()
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            waiting = len(self._waiting)
+        return {
+            "status": "ok" if self._ctx is not None else "loading",
+            "model": self.entry.id,
+            "running": len(self._running),
+            "queued": waiting,
+            "slots": len(self._slots),
+        }
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    # ----------------------------------------------------------------- the scheduler thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                self._drop_cancelled()
+                feeds = self._fill_batch()
+                if not feeds:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                rc = llama_cpp.llama_decode(self._ctx, self._batch)
+                if rc != 0:
+                    self._fail_batch(feeds, rc)
+                    continue
+                self._after_decode(feeds)
+        except BaseException as exc:  # the thread must never die silently: fail everyone waiting
+            log.exception("scheduler crashed")
+            for seq in list(self._running) + list(self._waiting):
+                self._emit(seq, R1ServeError(f"engine failure: {exc}"))
+        finally:
+            for seq in list(self._running) + list(self._waiting):
+                self._emit(seq, R1ServeError("the engine is shutting down"))
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                free = [s for s in self._slots if not s.busy]
+                if not free:
+                    return
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                continue
+            self._assign_slot(seq, free)
+            seq.sampler = self._make_sampler(seq.request)
+            self._running.append(seq)
+
+    def _assign_slot(self, seq: _Sequence, free: list[_Slot]) -> None:
+        """Pick the free slot whose cached tokens share the longest prefix with the prompt, else the
+        least recently used one; keep the shared prefix in the KV cache and drop the rest."""
+
+        def common(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, seq.prompt):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best = max(free, key=lambda s: (common(s), -s.last_used))
+        keep = common(best)
+        if keep == 0:
+            best = min(free, key=lambda s: s.last_used)
+        # At least the last prompt token is decoded again: its logits give the first sample.
+        keep = min(keep, len(seq.prompt) - 1)
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        llama_cpp.llama_memory_seq_rm(mem, best.seq_id, keep, -1)
+        best.tokens = best.tokens[:keep]
+        best.busy = True
+        seq.slot = best
+        seq.n_past = keep
+        seq.cached_tokens = keep
+        seq.pending = seq.prompt[keep:]
+
+    def _make_sampler(self, request: GenerationRequest) -> Any:
+        sp = request.sampling
+        defaults = self.entry.sampling_defaults
+        temperature = sp.temperature if sp.temperature is not None else defaults.get("temperature", 0.8)
+        top_p = sp.top_p if sp.top_p is not None else defaults.get("top_p", 1.0)
+        top_k = sp.top_k if sp.top_k is not None else int(defaults.get("top_k", 0))
+        min_p = sp.min_p if sp.min_p is not None else defaults.get("min_p", 0.0)
+        presence = sp.presence_penalty or 0.0
+        frequency = sp.frequency_penalty or 0.0
+        repeat = sp.repetition_penalty or 1.0
+
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        add = llama_cpp.llama_sampler_chain_add
+        if presence or frequency or repeat != 1.0:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, _PENALTY_WINDOW, repeat, frequency, presence))
+        if temperature <= 0.0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            add(chain, llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+        seed = sp.seed if sp.seed is not None else int.from_bytes(os.urandom(4), "little")
+        add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        if seq.sampler:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if seq.slot is not None:
+            seq.slot.busy = False
+            seq.slot.last_used = time.monotonic()
+
+    def _fill_batch(self) -> list[tuple[_Sequence, int, int]]:
+        """Fill the batch; returns (sequence, batch index of its logits or -1, tokens fed) per sequence."""
+        batch = self._batch
+        capacity = self.settings.n_batch
+        n = 0
+        feeds: list[tuple[_Sequence, int, int]] = []
+
+        def put(seq: _Sequence, tokens: list[int], want_logits: bool) -> int:
+            nonlocal n
+            assert seq.slot is not None
+            for i, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = seq.n_past + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot.seq_id
+                batch.logits[n] = 0
+                n += 1
+            if want_logits:
+                batch.logits[n - 1] = 1
+                return n - 1
+            return -1
+
+        # Decoding sequences first: one token each keeps every stream moving.
+        decoding = [s for s in self._running if len(s.pending) == 1 and s.generated > 0]
+        prefilling = [s for s in self._running if s not in decoding and s.pending]
+        for seq in decoding:
+            if n >= capacity:
+                break
+            feeds.append((seq, put(seq, seq.pending, True), 1))
+        chunk_cap = _PREFILL_CHUNK_WHEN_BUSY if decoding else capacity
+        for seq in prefilling:
+            room = min(capacity - n, chunk_cap)
+            if room <= 0:
+                break
+            chunk = seq.pending[:room]
+            done = len(chunk) == len(seq.pending)
+            feeds.append((seq, put(seq, chunk, done), len(chunk)))
+            chunk_cap -= len(chunk)
+        batch.n_tokens = n
+        return feeds
+
+    def _fail_batch(self, feeds: list[tuple[_Sequence, int, int]], rc: int) -> None:
+        log.error("llama_decode returned %d for a batch of %d sequences", rc, len(feeds))
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        for seq, _, _ in feeds:
+            assert seq.slot is not None
+            llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq_id, -1, -1)
+            seq.slot.tokens = []
+            self._emit(seq, R1ServeError(f"the engine failed to decode (llama_decode returned {rc})"))
+            self._release(seq)
+
+    def _after_decode(self, feeds: list[tuple[_Sequence, int, int]]) -> None:
+        for seq, logits_at, fed in feeds:
+            assert seq.slot is not None
+            seq.slot.tokens.extend(seq.pending[:fed])
+            seq.n_past += fed
+            seq.pending = seq.pending[fed:]
+            if logits_at < 0 or seq.cancelled:
+                continue
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, logits_at)
+            logprobs = self._logprobs(logits_at, token, seq.request.logprobs) if seq.request.logprobs is not None else []
+            self._advance(seq, token, logprobs)
+        for seq in [s for s in self._running if s.cancelled]:
+            self._release(seq)
+
+    def _advance(self, seq: _Sequence, token: int, logprobs: list[TokenLogprob]) -> None:
+        """Account for one sampled token: finish, or queue it to be fed in the next step."""
+        seq.generated += 1
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop", logprobs)
+            return
+        text = seq.decoder.decode(self._piece(token))
+        visible, hit_stop = seq.stops.feed(text)
+        was_reasoning = seq.parser.in_reasoning
+        reasoning, content = seq.parser.feed(visible)
+        if was_reasoning or seq.parser.in_reasoning:
+            seq.reasoning_tokens += 1
+        if hit_stop:
+            seq.stopped_by_string = True
+            self._finish(seq, "stop", logprobs, reasoning, content)
+            return
+        if seq.generated >= seq.max_tokens or seq.n_past + 1 >= self.context_length:
+            self._finish(seq, "length", logprobs, reasoning, content)
+            return
+        if reasoning or content or logprobs:
+            self._emit(seq, Delta(reasoning=reasoning, content=content, logprobs=logprobs))
+        seq.pending = [token]
+        budget = seq.request.reasoning_budget
+        if budget is not None and seq.parser.in_reasoning and seq.reasoning_tokens >= budget:
+            self._close_reasoning(seq)
+
+    def _close_reasoning(self, seq: _Sequence) -> None:
+        # The model is made to write "</think>" itself: the forced tokens are fed like a prompt
+        # chunk, recorded in the sampler's history, and parsed like generated text.
+        forced = self._close_tokens
+        room = self.context_length - seq.n_past - 2
+        if len(forced) > room:
+            return
+        for tok in forced:
+            llama_cpp.llama_sampler_accept(seq.sampler, tok)
+        seq.pending = seq.pending + forced
+        seq.generated += len(forced)
+        seq.reasoning_tokens += len(forced)
+        seq.reasoning_truncated = True
+        seq.budget_spent = True
+        reasoning, content = seq.parser.feed(_CLOSE_REASONING)
+        if reasoning or content:
+            self._emit(seq, Delta(reasoning=reasoning, content=content))
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        logprobs: list[TokenLogprob],
+        reasoning: str = "",
+        content: str = "",
+    ) -> None:
+        if not seq.stopped_by_string:
+            tail_r, tail_c = seq.parser.feed(seq.stops.flush() + seq.decoder.decode(b"", final=True))
+            reasoning, content = reasoning + tail_r, content + tail_c
+        end_r, end_c = seq.parser.finish()
+        reasoning, content = reasoning + end_r, content + end_c
+        if reason == "length" and seq.parser.in_reasoning:
+            seq.reasoning_truncated = True
+        usage = EngineUsage(
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=seq.generated,
+            reasoning_tokens=seq.reasoning_tokens,
+            cached_tokens=seq.cached_tokens,
+        )
+        self._emit(
+            seq,
+            Delta(
+                reasoning=reasoning,
+                content=content,
+                logprobs=logprobs,
+                finish_reason=reason,
+                reasoning_truncated=seq.reasoning_truncated,
+                usage=usage,
+            ),
+        )
+        seq.cancelled = True  # released after this step
+
+    def _logprobs(self, logits_at: int, token: int, top_n: int) -> list[TokenLogprob]:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, logits_at)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logsumexp = peak + np.log(np.exp(logits - peak).sum())
+        top: list[TopLogprob] = []
+        if top_n > 0:
+            ids = np.argpartition(-logits, top_n)[:top_n]
+            ids = ids[np.argsort(-logits[ids])]
+            top = [self._top_logprob(int(i), float(logits[i] - logsumexp)) for i in ids]
+        chosen = self._top_logprob(token, float(logits[token] - logsumexp))
+        return [TokenLogprob(**chosen.model_dump(), top_logprobs=top)]
+
+    def _top_logprob(self, token: int, logprob: float) -> TopLogprob:
+        piece = self._piece(token)
+        return TopLogprob(token=piece.decode("utf-8", "replace"), logprob=logprob, bytes=list(piece))
+
+    def _emit(self, seq: _Sequence, item: Delta | BaseException) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(seq.out.put_nowait, item)
+        except RuntimeError:  # the client's event loop is closed: nobody is listening
+            seq.cancelled = True
