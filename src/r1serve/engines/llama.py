@@ -32,6 +32,7 @@ import numpy as np
 from r1serve.engines.base import Delta, Engine, EngineUsage, FinishReason, GenerationRequest
 from r1serve.engines.prompt import CHATML_TEMPLATE, ChatTemplate
 from r1serve.engines.text import StopMatcher
+from r1serve.engines.vocab import Vocab
 from r1serve.errors import ContextLengthExceeded, InvalidRequest, Overloaded, R1ServeError
 from r1serve.models.catalog import LocalSource, ModelEntry, detect_reasoning_format
 from r1serve.protocol import TokenLogprob, TopLogprob
@@ -94,11 +95,9 @@ class LlamaEngine(Engine):
         self.context_length = settings.n_ctx
         self._model: Any = None
         self._ctx: Any = None
-        self._vocab: Any = None
+        self.vocab: Vocab  # set by start()
         self._batch: Any = None
-        self._n_vocab = 0
         self._template: ChatTemplate | None = None
-        self._bos_text = ""
         self._slots: list[_Slot] = []
         self._running: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
@@ -106,7 +105,6 @@ class LlamaEngine(Engine):
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._pieces: dict[int, bytes] = {}
         self._close_tokens: list[int] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -134,8 +132,7 @@ class LlamaEngine(Engine):
         if not model:
             raise RuntimeError(f"llama.cpp could not load {self.model_path}")
         self._model = model
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.vocab = Vocab(model)
 
         n_train = llama_cpp.llama_model_n_ctx_train(model)
         per_seq = min(self.settings.n_ctx, n_train) if n_train > 0 else self.settings.n_ctx
@@ -159,13 +156,9 @@ class LlamaEngine(Engine):
         self._batch = llama_cpp.llama_batch_init(self.settings.n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(n_seq)]
 
-        raw_template = llama_cpp.llama_model_chat_template(model, None)
-        gguf_template = raw_template.decode("utf-8", "replace") if raw_template else None
-        template = self.entry.chat_template or gguf_template or CHATML_TEMPLATE
-        self._bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
-        eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
-        self._template = ChatTemplate(template, bos_token=self._bos_text, eos_token=eos_text)
-        self._close_tokens = self.tokenize(_CLOSE_REASONING, add_special=False)
+        template = self.entry.chat_template or self.vocab.chat_template or CHATML_TEMPLATE
+        self._template = ChatTemplate(template, bos_token=self.vocab.bos_text, eos_token=self.vocab.eos_text)
+        self._close_tokens = self.vocab.tokenize(_CLOSE_REASONING, add_special=False)
 
         fmt = self.entry.reasoning_format
         if isinstance(self.entry.source, LocalSource) and fmt == "none":
@@ -193,37 +186,7 @@ class LlamaEngine(Engine):
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    # ----------------------------------------------------------------- tokens and text
-
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
-        if n < 0:
-            n_max = -n
-            buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
-        return list(buf[:n])
-
-    def _piece(self, token: int, *, special: bool = False) -> bytes:
-        cached = self._pieces.get(token) if not special else None
-        if cached is not None:
-            return cached
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        piece = buf.raw[:n]
-        if not special:
-            self._pieces[token] = piece
-        return piece
-
-    def _special_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._piece(token, special=True).decode("utf-8", "replace")
+    # ----------------------------------------------------------------- prompts
 
     def render_prompt(self, request: GenerationRequest) -> tuple[str, bool]:
         """The prompt text, and whether it already opened the reasoning (``<think>`` at its end)."""
@@ -234,18 +197,13 @@ class LlamaEngine(Engine):
             return text, opened
         return request.prompt or "", False
 
-    def prompt_tokens(self, text: str) -> list[int]:
-        # Chat templates usually write the BOS themselves; adding another would change the output.
-        add_bos = not (self._bos_text and text.startswith(self._bos_text))
-        return self.tokenize(text, add_special=add_bos)
-
     # ----------------------------------------------------------------- the async side
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._ctx is None:
             raise R1ServeError("the engine is not running")
         text, opened = self.render_prompt(request)
-        prompt = self.prompt_tokens(text)
+        prompt = self.vocab.prompt_tokens(text)
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="messages" if request.messages else "prompt")
         room = self.context_length - len(prompt)
@@ -398,7 +356,7 @@ class LlamaEngine(Engine):
         add = llama_cpp.llama_sampler_chain_add
         if presence or frequency or repeat != 1.0:
             add(chain, llama_cpp.llama_sampler_init_penalties(
-                self._n_vocab, _PENALTY_WINDOW, repeat, frequency, presence))
+                self.vocab.n_tokens, _PENALTY_WINDOW, repeat, frequency, presence))
         if temperature <= 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -494,10 +452,10 @@ class LlamaEngine(Engine):
     def _advance(self, seq: _Sequence, token: int, logprobs: list[TokenLogprob]) -> None:
         """Account for one sampled token: finish, or queue it to be fed in the next step."""
         seq.generated += 1
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if self.vocab.is_eog(token):
             self._finish(seq, "stop", logprobs)
             return
-        text = seq.decoder.decode(self._piece(token))
+        text = seq.decoder.decode(self.vocab.piece(token))
         visible, hit_stop = seq.stops.feed(text)
         was_reasoning = seq.parser.in_reasoning
         reasoning, content = seq.parser.feed(visible)
@@ -571,7 +529,7 @@ class LlamaEngine(Engine):
 
     def _logprobs(self, logits_at: int, token: int, top_n: int) -> list[TokenLogprob]:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, logits_at)
-        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.vocab.n_tokens,)).astype(np.float64)
         peak = logits.max()
         logsumexp = peak + np.log(np.exp(logits - peak).sum())
         top: list[TopLogprob] = []
@@ -583,7 +541,7 @@ class LlamaEngine(Engine):
         return [TokenLogprob(**chosen.model_dump(), top_logprobs=top)]
 
     def _top_logprob(self, token: int, logprob: float) -> TopLogprob:
-        piece = self._piece(token)
+        piece = self.vocab.piece(token)
         return TopLogprob(token=piece.decode("utf-8", "replace"), logprob=logprob, bytes=list(piece))
 
     def _emit(self, seq: _Sequence, item: Delta | BaseException) -> None:

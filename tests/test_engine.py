@@ -1,0 +1,232 @@
+"""The embedded llama.cpp engine, driven directly with the real default model (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
+from r1serve.engines.llama import LlamaEngine
+from r1serve.errors import ContextLengthExceeded, Overloaded
+from r1serve.models.catalog import DEFAULT_MODEL_ID, find_entry
+from r1serve.models.fetch import ensure_model
+from r1serve.protocol import ChatMessage
+from r1serve.settings import Settings
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+QUESTIONS = [
+    "Name one planet of the solar system.",
+    "What is 2 + 2? Answer with a number.",
+    "Write a Python function that returns the square of x.",
+    "Say hello in French.",
+    "Give one word that rhymes with cat.",
+    "What colour is the sky on a clear day?",
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(n_ctx=2048, max_running=4, max_queued=8, **overrides)  # type: ignore[arg-type]
+
+
+def _request(question: str, *, max_tokens: int = 32, **kw: object) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="test",
+        messages=[ChatMessage(role="user", content=question)],
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature=0.0, seed=7),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _collect(engine: LlamaEngine, request: GenerationRequest) -> list[Delta]:
+    return [d async for d in engine.generate(request)]
+
+
+def _text(deltas: list[Delta]) -> str:
+    return "".join(d.reasoning + d.content for d in deltas)
+
+
+def _token_texts(deltas: list[Delta]) -> list[tuple[str, float]]:
+    """(token text, margin between the best and second-best logprob) for every generated token."""
+    out = []
+    for d in deltas:
+        for lp in d.logprobs:
+            alts = sorted((t.logprob for t in lp.top_logprobs), reverse=True)
+            out.append((lp.token, alts[0] - alts[1] if len(alts) > 1 else float("inf")))
+    return out
+
+
+def assert_same_or_near_tie(reference: list[Delta], other: str, *, tie: float = 0.3) -> None:
+    """``other`` must equal the reference text, or first differ at a token the model nearly tied on.
+
+    llama.cpp's CPU kernels round differently depending on how many rows a batch holds, so a greedy
+    choice between two almost equally likely tokens can flip when a request shares a batch. A mix-up
+    between sequences would instead diverge at a confident token, which this rejects.
+    """
+    ref = _text(reference)
+    if other == ref:
+        return
+    diverge = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), min(len(ref), len(other)))
+    pos = 0
+    for token, margin in _token_texts(reference):
+        if pos + len(token) > diverge:
+            assert margin < tie, f"diverged at a confident token {token!r} (margin {margin:.3f}): {ref!r} vs {other!r}"
+            return
+        pos += len(token)
+    pytest.fail(f"outputs differ past the reference's end: {ref!r} vs {other!r}")
+
+
+@pytest.fixture(scope="module")
+async def engine():
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    eng = LlamaEngine(path, entry, _settings())
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+async def test_generates_real_text_with_usage(engine: LlamaEngine) -> None:
+    deltas = await _collect(engine, _request("What is the capital of France?", max_tokens=24))
+    final = deltas[-1]
+    assert final.finish_reason in ("stop", "length")
+    assert "Paris" in _text(deltas)
+    assert final.usage is not None
+    assert final.usage.prompt_tokens > 10
+    assert 0 < final.usage.completion_tokens <= 24
+    assert final.usage.reasoning_tokens == 0  # the default model has no reasoning format
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+async def test_max_tokens_gives_length(engine: LlamaEngine) -> None:
+    deltas = await _collect(engine, _request("Count from 1 to 100, separated by commas.", max_tokens=5))
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 5
+
+
+async def test_stop_string_cuts_output(engine: LlamaEngine) -> None:
+    full = _text(await _collect(engine, _request("Count from 1 to 20, separated by commas.", max_tokens=40)))
+    assert "5" in full
+    cut = await _collect(engine, _request("Count from 1 to 20, separated by commas.", max_tokens=40, stop=["5"]))
+    assert cut[-1].finish_reason == "stop"
+    assert _text(cut) == full[: full.index("5")]
+
+
+async def test_concurrent_requests_match_alone(engine: LlamaEngine) -> None:
+    alone = [await _collect(engine, _request(q, logprobs=2)) for q in QUESTIONS]
+    together = await asyncio.gather(*[_collect(engine, _request(q)) for q in QUESTIONS])
+    for ref, got in zip(alone, together):
+        assert_same_or_near_tie(ref, _text(got))
+    # The engine really ran them together: more requests than slots, all served, none lost.
+    assert len(together) > engine.settings.max_running
+
+
+async def test_prefix_reuse_reports_cached_tokens_and_same_text(engine: LlamaEngine) -> None:
+    system = ChatMessage(role="system", content="You are a terse assistant. " * 20)
+    first = _request("Name a primary colour.", logprobs=2)
+    first.messages = [system, ChatMessage(role="user", content="Name a primary colour.")]
+    cold = await _collect(engine, first)
+    again = _request("Name a primary colour.")
+    again.messages = list(first.messages)
+    warm = await _collect(engine, again)
+    assert warm[-1].usage is not None and cold[-1].usage is not None
+    assert warm[-1].usage.cached_tokens >= cold[-1].usage.prompt_tokens - 1
+    assert_same_or_near_tie(cold, _text(warm))
+    # Another question with the same system prompt reuses the system prompt's tokens.
+    other = _request("Name a fruit.")
+    other.messages = [system, ChatMessage(role="user", content="Name a fruit.")]
+    shared = await _collect(engine, other)
+    assert shared[-1].usage is not None and shared[-1].usage.cached_tokens > 100
+
+
+async def test_seeded_sampling_is_reproducible(engine: LlamaEngine) -> None:
+    req = _request("Invent a name for a cat.", max_tokens=16)
+    req.sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    a = _text(await _collect(engine, req))
+    b = _text(await _collect(engine, req))
+    assert a == b
+
+
+async def test_cancelled_stream_frees_its_sequence(engine: LlamaEngine) -> None:
+    stream = engine.generate(_request("Write a very long story about a dragon.", max_tokens=1500))
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.aclose()
+    for _ in range(100):  # each step is tens of milliseconds; this waits at most a few seconds
+        if engine.health()["running"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.health()["running"] == 0
+    deltas = await _collect(engine, _request("Say yes.", max_tokens=4))
+    assert deltas[-1].finish_reason is not None
+
+
+async def test_context_length_exceeded(engine: LlamaEngine) -> None:
+    with pytest.raises(ContextLengthExceeded) as err:
+        await _collect(engine, _request("hello", max_tokens=engine.context_length))
+    assert err.value.code == "context_length_exceeded"
+    long_prompt = "word " * (engine.context_length + 100)
+    with pytest.raises(ContextLengthExceeded):
+        await _collect(engine, GenerationRequest(request_id="t", prompt=long_prompt))
+
+
+async def test_queue_limit_refuses_with_retry_after() -> None:
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    eng = LlamaEngine(path, entry, Settings(n_ctx=1024, max_running=1, max_queued=1))
+    await eng.start()
+    try:
+        running = eng.generate(_request("Write a long poem about the sea.", max_tokens=400))
+        await running.__anext__()  # admitted and decoding
+        queued = asyncio.ensure_future(_collect(eng, _request("Say hi.", max_tokens=2)))
+        for _ in range(100):
+            if eng.health()["queued"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as err:
+            await _collect(eng, _request("Say hi.", max_tokens=2))
+        assert err.value.status == 503
+        assert err.value.headers.get("Retry-After")
+        await running.aclose()
+        assert (await queued)[-1].finish_reason is not None
+    finally:
+        await eng.close()
+
+
+async def test_thinking_budget_closes_reasoning_and_answer_follows() -> None:
+    """A template that opens ``<think>`` (as new R1 templates do) makes the whole output reasoning
+    until ``</think>``; the budget makes the engine write that tag, and the model then answers."""
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    thinking_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n<think>\n"
+    )
+    r1_like = replace(entry, chat_template=thinking_template, reasoning_format="deepseek_r1")
+    eng = LlamaEngine(path, r1_like, Settings(n_ctx=1024, max_running=2))
+    await eng.start()
+    try:
+        deltas = await _collect(eng, _request("Explain in detail why the sky is blue.", max_tokens=60, reasoning_budget=6))
+        final = deltas[-1]
+        reasoning = "".join(d.reasoning for d in deltas)
+        content = "".join(d.content for d in deltas)
+        assert reasoning.strip(), "the output before the forced </think> is reasoning"
+        assert content.strip(), "an answer follows the closed reasoning"
+        assert "</think>" not in reasoning + content
+        assert final.reasoning_truncated is True
+        assert final.usage is not None and final.usage.reasoning_tokens >= 6
+        # Without a budget (and with few tokens) the reasoning never closes: all reasoning, no content.
+        unbounded = await _collect(eng, _request("Explain in detail why the sky is blue.", max_tokens=8))
+        assert "".join(d.content for d in unbounded) == ""
+        assert unbounded[-1].finish_reason == "length" and unbounded[-1].reasoning_truncated is True
+    finally:
+        await eng.close()
