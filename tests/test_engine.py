@@ -191,8 +191,13 @@ async def test_queue_limit_refuses_with_retry_after() -> None:
             if eng.health()["queued"] == 1:
                 break
             await asyncio.sleep(0.01)
+        from prometheus_client import REGISTRY
+
+        refused_before = REGISTRY.get_sample_value("r1serve_engine_admissions_refused_total", {"model": entry.id}) or 0
         with pytest.raises(Overloaded) as err:
             await _collect(eng, _request("Say hi.", max_tokens=2))
+        refused_after = REGISTRY.get_sample_value("r1serve_engine_admissions_refused_total", {"model": entry.id})
+        assert refused_after == refused_before + 1
         assert err.value.status == 503
         assert err.value.headers.get("Retry-After")
         await running.aclose()
@@ -230,3 +235,25 @@ async def test_thinking_budget_closes_reasoning_and_answer_follows() -> None:
         assert unbounded[-1].finish_reason == "length" and unbounded[-1].reasoning_truncated is True
     finally:
         await eng.close()
+
+
+async def test_metrics_follow_the_work(engine: LlamaEngine) -> None:
+    from prometheus_client import REGISTRY
+
+    model = {"model": engine.entry.id}
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, model) or 0.0
+
+    before_tokens = sample("r1serve_engine_generated_tokens_total")
+    before_ttft = sample("r1serve_engine_time_to_first_token_seconds_count")
+    before_hits = sample("r1serve_engine_prefix_cache_hits_total")
+    deltas = await _collect(engine, _request("Name a planet.", max_tokens=6))
+    await _collect(engine, _request("Name a planet.", max_tokens=6))  # same prompt: prefix hit
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert sample("r1serve_engine_generated_tokens_total") - before_tokens >= 2 * usage.completion_tokens - 1
+    assert sample("r1serve_engine_time_to_first_token_seconds_count") - before_ttft == 2
+    assert sample("r1serve_engine_prefix_cache_hits_total") - before_hits >= 1
+    assert sample("r1serve_engine_inter_token_latency_seconds_count") > 0
+    assert 0 < sample("r1serve_engine_kv_cache_usage_ratio") <= 1

@@ -30,6 +30,7 @@ import llama_cpp._logger as llama_logger
 import numpy as np
 
 from r1serve.engines.base import Delta, Engine, EngineUsage, FinishReason, GenerationRequest
+from r1serve.engines import metrics
 from r1serve.engines.prompt import CHATML_TEMPLATE, ChatTemplate
 from r1serve.engines.text import StopMatcher
 from r1serve.engines.vocab import Vocab
@@ -84,6 +85,8 @@ class _Sequence:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
     submitted: float = field(default_factory=time.monotonic)
+    last_token_at: float = 0.0
+    answered: bool = False
 
 
 class LlamaEngine(Engine):
@@ -238,6 +241,7 @@ class LlamaEngine(Engine):
         )
         with self._lock:
             if len(self._waiting) >= self.settings.max_queued:
+                metrics.REFUSED.labels(self.entry.id).inc()
                 raise Overloaded(
                     "The server is at capacity; retry shortly.",
                     headers={"Retry-After": "1"},
@@ -279,6 +283,7 @@ class LlamaEngine(Engine):
             while not self._stopping:
                 self._admit()
                 self._drop_cancelled()
+                self._observe_load()
                 feeds = self._fill_batch()
                 if not feeds:
                     self._wake.wait(timeout=0.5)
@@ -296,6 +301,13 @@ class LlamaEngine(Engine):
         finally:
             for seq in list(self._running) + list(self._waiting):
                 self._emit(seq, R1ServeError("the engine is shutting down"))
+
+    def _observe_load(self) -> None:
+        model = self.entry.id
+        metrics.RUNNING.labels(model).set(len(self._running))
+        metrics.QUEUED.labels(model).set(len(self._waiting))
+        held = sum(len(slot.tokens) for slot in self._slots)
+        metrics.KV_USED.labels(model).set(held / (self.context_length * len(self._slots)))
 
     def _admit(self) -> None:
         while True:
@@ -338,6 +350,11 @@ class LlamaEngine(Engine):
         seq.n_past = keep
         seq.cached_tokens = keep
         seq.pending = seq.prompt[keep:]
+        model = self.entry.id
+        metrics.PROMPT_TOKENS.labels(model).inc(len(seq.prompt))
+        if keep:
+            metrics.PREFIX_HITS.labels(model).inc()
+            metrics.CACHED_TOKENS.labels(model).inc(keep)
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         sp = request.sampling
@@ -452,6 +469,7 @@ class LlamaEngine(Engine):
     def _advance(self, seq: _Sequence, token: int, logprobs: list[TokenLogprob]) -> None:
         """Account for one sampled token: finish, or queue it to be fed in the next step."""
         seq.generated += 1
+        self._observe_token(seq)
         if self.vocab.is_eog(token):
             self._finish(seq, "stop", logprobs)
             return
@@ -461,6 +479,10 @@ class LlamaEngine(Engine):
         reasoning, content = seq.parser.feed(visible)
         if was_reasoning or seq.parser.in_reasoning:
             seq.reasoning_tokens += 1
+            metrics.REASONING_TOKENS.labels(self.entry.id).inc()
+        if content and not seq.answered:
+            seq.answered = True
+            metrics.TTFAT.labels(self.entry.id).observe(time.monotonic() - seq.submitted)
         if hit_stop:
             seq.stopped_by_string = True
             self._finish(seq, "stop", logprobs, reasoning, content)
@@ -474,6 +496,16 @@ class LlamaEngine(Engine):
         budget = seq.request.reasoning_budget
         if budget is not None and seq.parser.in_reasoning and seq.reasoning_tokens >= budget:
             self._close_reasoning(seq)
+
+    def _observe_token(self, seq: _Sequence) -> None:
+        now = time.monotonic()
+        model = self.entry.id
+        metrics.GENERATED_TOKENS.labels(model).inc()
+        if seq.last_token_at:
+            metrics.ITL.labels(model).observe(now - seq.last_token_at)
+        else:
+            metrics.TTFT.labels(model).observe(now - seq.submitted)
+        seq.last_token_at = now
 
     def _close_reasoning(self, seq: _Sequence) -> None:
         # The model is made to write "</think>" itself: the forced tokens are fed like a prompt
