@@ -10,6 +10,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -31,7 +32,11 @@ log = logging.getLogger("r1serve.cli")
 
 def _settings(**overrides: Any) -> Settings:
     # Flags win over R1SERVE_* variables and .env; a flag left out keeps what they say.
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise _fail(f"invalid settings (flags, R1SERVE_* variables or .env): {problems}") from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -65,15 +70,19 @@ def serve(
         resolved = resolve_model(settings, progress=True)
     except ModelFetchError as exc:
         raise _fail(str(exc)) from None
-    auth = f"on ({len(settings.api_keys)} key(s))" if settings.api_keys else "off (set R1SERVE_API_KEYS to require keys)"
+    keys = len(settings.api_keys)
+    auth = f"on ({keys} key{'s' if keys > 1 else ''})" if keys else "off (set R1SERVE_API_KEYS to require keys)"
     log.info("r1serve %s", r1serve.__version__)
     log.info("model: %s (%s)", resolved.entry.id, resolved.path)
     log.info(
         "engine: llama.cpp, %d threads, %d-token context per sequence, %d parallel sequences",
-        settings.n_threads, settings.n_ctx, settings.max_running,
+        settings.n_threads,
+        settings.n_ctx,
+        settings.max_running,
     )
     log.info("auth: %s", auth)
-    log.info("API: http://%s:%d/v1   docs: http://%s:%d/docs", settings.host, settings.port, settings.host, settings.port)
+    url = f"http://{settings.host}:{settings.port}"
+    log.info("API: %s/v1   docs: %s/docs", url, url)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

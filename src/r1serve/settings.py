@@ -56,6 +56,19 @@ class Settings(BaseSettings):
     database_url: str | None = None
     admin_key: str | None = None
     providers_file: Path | None = None
+    # --- Accounts (r1serve.accounts)
+    # Server secret for the keyed hashes of API keys; default: a random one in data_dir/key-secret.
+    # Every process sharing one database must use the same secret.
+    key_secret: str | None = None
+    # Prices per model, versioned (JSON; see r1serve.accounts.prices), inline or in a JSON/TOML file.
+    prices: str | None = None
+    prices_file: Path | None = None
+    # Where limit counters live: "memory" (one process), "database" (shared by every process on one
+    # database), "auto": memory for SQLite, database otherwise.
+    limits_backend: Literal["auto", "memory", "database"] = "auto"
+    reservation_ttl: float = 3600.0  # seconds before a crashed process's budget reservation is released
+    ledger_flush_interval: float = 0.5
+    keys_refresh_interval: float = 2.0
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -77,9 +77,7 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Validation failures are 400s with OpenAI's error body here, never FastAPI's 422.
         for path in schema.get("paths", {}).values():

@@ -75,9 +75,7 @@ class RequestContextMiddleware:
             route = scope.get("route")
             route_label = getattr(route, "path", None) or "unmatched"
             observe(route_label, scope["method"], status, elapsed)
-            access_log.info(
-                "%s %s %d %.0fms", scope["method"], scope["path"], status, elapsed * 1000
-            )
+            access_log.info("%s %s %d %.0fms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:

@@ -96,9 +96,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     router = router_of(request)
     route = router.resolve(body.model)
-    return await serve_chat(
-        request, body, route, settings_of(request), model_name=body.model or route.entry.id
-    )
+    return await serve_chat(request, body, route, settings_of(request), model_name=body.model or route.entry.id)
 
 
 @api.post(
@@ -110,9 +108,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     route = router_of(request).resolve(body.model)
-    return await serve_completion(
-        request, body, route, settings_of(request), model_name=body.model or route.entry.id
-    )
+    return await serve_completion(request, body, route, settings_of(request), model_name=body.model or route.entry.id)
 
 
 @api.get(
@@ -154,10 +150,9 @@ async def _deepseek_prompt(request: Request) -> str:
         if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             form = await request.form()
             value = form.get("prompt")
-            if value is None and content_type == "application/x-www-form-urlencoded":
-                # `curl -d '{"prompt": ...}'` labels JSON as a form.
-                if raw.startswith(b"{"):
-                    value = (await _json_object(request)).get("prompt")
+            # `curl -d '{"prompt": ...}'` labels JSON as a form.
+            if value is None and content_type == "application/x-www-form-urlencoded" and raw.startswith(b"{"):
+                value = (await _json_object(request)).get("prompt")
         elif raw:
             value = (await _json_object(request)).get("prompt")
     # R's jsonlite without auto_unbox sends a scalar as a one-element array.
@@ -165,7 +160,7 @@ async def _deepseek_prompt(request: Request) -> str:
         value = value[0]
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(
-            "Missing prompt: send {\"prompt\": \"...\"} as JSON, or prompt as a query or form field.",
+            'Missing prompt: send {"prompt": "..."} as JSON, or prompt as a query or form field.',
             param="prompt",
             code="missing_required_parameter",
         )
@@ -186,9 +181,7 @@ plumber = APIRouter(dependencies=[Depends(authenticate)], responses=_ERRORS)
         "requestBody": {
             "required": False,
             "content": {
-                "application/json": {
-                    "schema": {"type": "object", "properties": {"prompt": {"type": "string"}}}
-                },
+                "application/json": {"schema": {"type": "object", "properties": {"prompt": {"type": "string"}}}},
                 "application/x-www-form-urlencoded": {
                     "schema": {"type": "object", "properties": {"prompt": {"type": "string"}}}
                 },

@@ -162,9 +162,7 @@ def estimate_cost(usage: EngineUsage, prices: Prices) -> float:
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cached_price = prices.input if prices.cached_input is None else prices.cached_input
     dollars = (
-        (usage.prompt_tokens - cached) * prices.input
-        + cached * cached_price
-        + usage.completion_tokens * prices.output
+        (usage.prompt_tokens - cached) * prices.input + cached * cached_price + usage.completion_tokens * prices.output
     ) / 1_000_000
     return round(dollars, 10)
 
@@ -206,6 +204,10 @@ def legacy_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- stream encoders
+
+
+def _hidden_reasoning_only(d: Delta, include_reasoning: bool) -> bool:
+    return not include_reasoning and bool(d.reasoning) and not d.content
 
 
 def _event(payload: str) -> str:
@@ -260,7 +262,9 @@ class ChatChunkEncoder:
     def delta(self, d: Delta) -> list[str]:
         """Text chunks for one delta (none for an empty one); never the finish chunk."""
         reasoning = d.reasoning if self._include_reasoning else ""
-        if d.logprobs and (d.content or reasoning or not d.reasoning):
+        # A token with no text yet (half a character) has its logprob wait for the next chunk; the
+        # tokens of hidden reasoning are dropped, they would show it.
+        if d.logprobs and not _hidden_reasoning_only(d, self._include_reasoning):
             self._pending_logprobs.extend(d.logprobs)
         texts: list[str] = []
         if reasoning:
@@ -381,7 +385,8 @@ async def _close(it: AsyncIterator[Delta]) -> None:
 class Collected:
     """The deltas of one generation joined (non-streaming responses)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, include_reasoning: bool = True) -> None:
+        self.include_reasoning = include_reasoning
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.logprobs: list[TokenLogprob] = []
@@ -392,14 +397,14 @@ class Collected:
             self.reasoning.append(d.reasoning)
         if d.content:
             self.content.append(d.content)
-        if d.logprobs:
+        if d.logprobs and not _hidden_reasoning_only(d, self.include_reasoning):
             self.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
             self.final = d
 
 
-async def collect(first: Delta, rest: AsyncIterator[Delta]) -> Collected:
-    out = Collected()
+async def collect(first: Delta, rest: AsyncIterator[Delta], *, include_reasoning: bool = True) -> Collected:
+    out = Collected(include_reasoning=include_reasoning)
     try:
         delta: Delta | None = first
         while delta is not None:
@@ -413,7 +418,7 @@ async def collect(first: Delta, rest: AsyncIterator[Delta]) -> Collected:
 
 
 def chat_completion_body(
-    c: Collected, *, completion_id: str, created: int, model: str, prices: Prices, include_reasoning: bool = True
+    c: Collected, *, completion_id: str, created: int, model: str, prices: Prices
 ) -> dict[str, Any]:
     # The reasoning module's rule: a part is null exactly when its text is empty.
     reasoning = "".join(c.reasoning) or None
@@ -422,7 +427,7 @@ def chat_completion_body(
         "message": {
             "role": "assistant",
             "content": "".join(c.content) or None,
-            "reasoning_content": reasoning if include_reasoning else None,
+            "reasoning_content": reasoning if c.include_reasoning else None,
         },
         "logprobs": {"content": _logprobs_json(c.logprobs)} if c.logprobs else None,
         "finish_reason": c.final.finish_reason,
@@ -561,16 +566,11 @@ async def serve_chat(
 
     async def run() -> Collected:
         first, rest = await _start(route, gen)
-        return await collect(first, rest)
+        return await collect(first, rest, include_reasoning=req.include_reasoning)
 
     collected = await until_disconnect(request, run())
     body = chat_completion_body(
-        collected,
-        completion_id=completion_id,
-        created=created,
-        model=model_name,
-        prices=prices,
-        include_reasoning=req.include_reasoning,
+        collected, completion_id=completion_id, created=created, model=model_name, prices=prices
     )
     return _json_response(body, headers)
 

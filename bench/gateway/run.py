@@ -1,0 +1,396 @@
+"""Gateway overhead benchmark: what r1serve adds in front of an upstream, next to a floor proxy and LiteLLM.
+
+    .venv/bin/python bench/gateway/run.py                 # every path, c=1/16/64, JSON and streaming
+    .venv/bin/python bench/gateway/run.py --write BENCHMARKS.md --soak 300
+    .venv/bin/python bench/gateway/run.py --paths direct,r1serve --duration 4 --profile
+
+Paths (servers.py has the code of each):
+  direct        wrk -> mock upstream (raw ASGI, uvicorn + uvloop + httptools)
+  floor         wrk -> raw ASGI proxy + aiohttp client, no logic -> mock   (the floor)
+  floor-httpx   the same proxy with an httpx client                         (client library choice)
+  r1serve       wrk -> r1serve (real app: key auth, routing, normalisation, usage, cost) -> mock
+  litellm       wrk -> LiteLLM proxy (master key, no database) -> mock
+
+Load: ``wrk -t1 -cC -dDs --latency`` with a Lua script POSTing a chat body (``stream`` false or true).
+wrk comes from Debian (installed with apt-get when missing); LiteLLM (``litellm[proxy]``) is installed
+into its own venv under ~/.cache/r1serve/bench/litellm-venv on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PY = sys.executable
+CACHE = Path(os.environ.get("R1SERVE_BENCH_CACHE", Path.home() / ".cache" / "r1serve" / "bench"))
+LITELLM_VENV = CACHE / "litellm-venv"
+KEY = "sk-bench"
+MODEL = "deepseek-reasoner"
+ALL_PATHS = ("direct", "floor", "floor-httpx", "r1serve", "litellm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(port: int, path: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path, headers=headers or {})
+            if conn.getresponse().status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answered on port {port}{path} within {timeout}s")
+
+
+def post(port: int, path: str, body: dict[str, object]) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode()
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = open(log_dir / f"{name}.log", "wb")
+        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def rss_mb(self) -> float:
+        """RSS of the process (and its children: LiteLLM forks a worker)."""
+        total = 0
+        pids = [self.p.pid]
+        try:
+            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.p.pid)], capture_output=True, text=True)
+            pids += [int(x) for x in out.stdout.split()]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGINT)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    print("installing wrk (apt-get)...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "update"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, capture_output=True)
+    return shutil.which("wrk") or "wrk"
+
+
+def ensure_litellm() -> Path:
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    print(f"installing litellm[proxy] into {LITELLM_VENV} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+    subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return exe
+
+
+def litellm_version() -> str:
+    out = subprocess.run(
+        [str(LITELLM_VENV / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return out.stdout.strip() or "?"
+
+
+# ----------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class Result:
+    path: str
+    mode: str
+    conc: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+
+def lua_script(tmp: Path, stream: bool) -> Path:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 64, "stream": stream}
+    script = tmp / f"post_{'stream' if stream else 'json'}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+    )
+    return script
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def run_wrk(wrk: str, port: int, script: Path, conc: int, duration: int, timeout: int = 10) -> tuple[float, float, float, int, int]:
+    cmd = [wrk, "-t1", f"-c{conc}", f"-d{duration}s", "--latency", f"--timeout={timeout}s", "-s", str(script),
+           f"http://127.0.0.1:{port}/v1/chat/completions"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return rps, p50, p99, errors, requests
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def start_path(name: str, mock_port: int, log_dir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    upstream = f"http://127.0.0.1:{mock_port}/v1"
+    if name == "floor":
+        proc = Proc(name, [PY, str(HERE / "servers.py"), "floor", "--port", str(port), "--upstream", upstream], log_dir)
+    elif name == "floor-httpx":
+        proc = Proc(name, [PY, str(HERE / "servers.py"), "floor", "--port", str(port), "--upstream", upstream,
+                           "--client", "httpx"], log_dir)  # fmt: skip
+    elif name == "r1serve":
+        proc = Proc(name, [PY, str(HERE / "servers.py"), "r1serve", "--port", str(port), "--upstream", upstream,
+                           "--log-file", str(log_dir / "r1serve-app.log")], log_dir)  # fmt: skip
+    elif name == "litellm":
+        exe = ensure_litellm()
+        config = log_dir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            f"  - model_name: {MODEL}\n"
+            "    litellm_params:\n"
+            "      model: openai/mock-r1\n"
+            f"      api_base: {upstream}\n"
+            "      api_key: sk-mock\n"
+            "general_settings:\n"
+            f"  master_key: {KEY}\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "LITELLM_"))}
+        proc = Proc(name, [str(exe), "--config", str(config), "--port", str(port), "--host", "127.0.0.1"], log_dir, env)
+        wait_http(port, "/health/liveliness", 120)
+        return proc, port
+    else:
+        raise ValueError(name)
+    wait_http(port, "/health" if name == "r1serve" else "/v1/models", 60)
+    return proc, port
+
+
+def check(name: str, port: int) -> None:
+    """One request each way, before timing: the path must really work."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 64}
+    status, text = post(port, "/v1/chat/completions", body)
+    assert status == 200, f"{name}: {status} {text[:300]}"
+    assert "Hello! How can I help?" in text, f"{name}: unexpected body {text[:300]}"
+    if name == "r1serve":
+        data = json.loads(text)
+        assert data["choices"][0]["message"]["reasoning_content"] == "Okay, the user says hello. I should greet back."
+        assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 9
+    status, text = post(port, "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200 and "[DONE]" in text, f"{name}: {status} {text[:300]}"
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+    return f"{cpu}, {os.cpu_count()} cores, {mem} GB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    import aiohttp
+    import fastapi
+    import httpx
+    import uvicorn
+
+    return f"uvicorn {uvicorn.__version__}, fastapi {fastapi.__version__}, aiohttp {aiohttp.__version__}, httpx {httpx.__version__}"
+
+
+def table(results: list[Result], concs: list[int]) -> str:
+    direct = {(r.mode, r.conc): r for r in results if r.path == "direct"}
+    floor = {(r.mode, r.conc): r for r in results if r.path == "floor"}
+    lines = [
+        "| path | mode | concurrency | requests/s | p50 | p99 | added p50 vs direct | x floor req/s | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d, f = direct.get((r.mode, r.conc)), floor.get((r.mode, r.conc))
+        added = f"{r.p50_ms - d.p50_ms:.2f} ms" if d and r.path != "direct" else "-"
+        ratio = f"{r.rps / f.rps:.2f}" if f and f.rps else "-"
+        lines.append(
+            f"| {r.path} | {r.mode} | {r.conc} | {r.rps:,.0f} | {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {added} | {ratio} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms * 1000:.0f} us" if ms < 1 else f"{ms:.2f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def soak(wrk: str, port: int, proc: Proc, tmp: Path, seconds: int) -> list[tuple[float, float]]:
+    """Load r1serve for ``seconds`` (c=16, JSON then streaming halves), sampling RSS."""
+    samples = [(0.0, proc.rss_mb())]
+    started = time.time()
+    half = max(1, seconds // 2)
+    for stream in (False, True):
+        p = subprocess.Popen([wrk, "-t1", "-c16", f"-d{half}s", "-s", str(lua_script(tmp, stream)),
+                              f"http://127.0.0.1:{port}/v1/chat/completions"], stdout=subprocess.DEVNULL)  # fmt: skip
+        while p.poll() is None:
+            time.sleep(min(15, half))
+            samples.append((time.time() - started, proc.rss_mb()))
+    samples.append((time.time() - started, proc.rss_mb()))
+    return samples
+
+
+def profile(port: int, proc: Proc, tmp: Path, wrk: str, log_dir: Path) -> str:
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        subprocess.run([PY, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    out = log_dir / "r1serve-profile.txt"
+    load = subprocess.Popen([wrk, "-t1", "-c64", "-d12s", "-s", str(lua_script(tmp, False)),
+                             f"http://127.0.0.1:{port}/v1/chat/completions"], stdout=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1)
+    subprocess.run([spy, "record", "-p", str(proc.p.pid), "-d", "8", "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"],
+                   capture_output=True)  # fmt: skip
+    load.wait()
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paths", default=",".join(ALL_PATHS))
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--modes", default="json,stream")
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--soak", type=int, default=0, help="seconds of load on r1serve, RSS sampled (0: none)")
+    ap.add_argument("--profile", action="store_true", help="py-spy r1serve under c=64 JSON load")
+    ap.add_argument("--write", type=Path, help="append the results as a section of this markdown file")
+    args = ap.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    concs = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    wrk = ensure_wrk()
+    log_dir = Path(tempfile.mkdtemp(prefix="r1serve-bench-"))
+    tmp = log_dir
+    results: list[Result] = []
+    soak_samples: list[tuple[float, float]] = []
+    profile_path = None
+    mock = Proc("mock", [PY, str(HERE / "servers.py"), "mock", "--port", str(mock_port := free_port())], log_dir)
+    try:
+        wait_http(mock_port, "/v1/models", 30)
+        for name in paths:
+            if name == "direct":
+                proc, port = None, mock_port
+            else:
+                proc, port = start_path(name, mock_port, log_dir)
+            try:
+                if name != "direct":
+                    check(name, port)
+                for mode in modes:
+                    script = lua_script(tmp, mode == "stream")
+                    run_wrk(wrk, port, script, 16, 2)  # warm-up: connections, caches, JIT-free Python paths
+                    for conc in concs:
+                        rps, p50, p99, errors, requests = run_wrk(wrk, port, script, conc, args.duration)
+                        r = Result(name, mode, conc, rps, p50, p99, errors, requests)
+                        results.append(r)
+                        print(f"{name:12s} {mode:6s} c={conc:<3d} {rps:9.0f} req/s  p50 {fmt_ms(p50):>9s}  "
+                              f"p99 {fmt_ms(p99):>9s}  errors {errors}", flush=True)  # fmt: skip
+                if name == "r1serve" and proc is not None:
+                    if args.profile:
+                        profile_path = profile(port, proc, tmp, wrk, log_dir)
+                        print("profile:", profile_path, flush=True)
+                    if args.soak:
+                        soak_samples = soak(wrk, port, proc, tmp, args.soak)
+                        print("soak RSS (s, MB):", [(round(t), round(m, 1)) for t, m in soak_samples], flush=True)
+            finally:
+                if proc is not None:
+                    proc.stop()
+    finally:
+        mock.stop()
+    md = table(results, concs)
+    print()
+    print(md)
+    print(f"\nlogs: {log_dir}")
+    if args.write:
+        cmd = "python bench/gateway/run.py " + " ".join(sys.argv[1:])
+        section = [
+            "",
+            f"## Gateway overhead ({time.strftime('%Y-%m-%d %H:%M %Z')})",
+            "",
+            f"Command: `{cmd.strip()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
+            f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
+            "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 9 SSE events + [DONE].",
+            "r1serve runs its real app (key auth, routing, reasoning normalisation, usage, cost, request ids, "
+            "access log to a file) and always streams from the upstream, also for JSON clients.",
+            "All rows from the same run; the machine's 2 cores are shared by wrk, the mock and the path under test.",
+            "",
+            md,
+        ]
+        if soak_samples:
+            start, end = soak_samples[0][1], soak_samples[-1][1]
+            section += ["", f"Soak: {args.soak} s of load on r1serve (c=16, JSON then streaming): RSS {start:.1f} MB at "
+                            f"start, {end:.1f} MB at end; samples (s, MB): "
+                            + ", ".join(f"({t:.0f}, {m:.1f})" for t, m in soak_samples)]  # fmt: skip
+        with open(args.write, "a") as f:
+            f.write("\n".join(section) + "\n")
+        print(f"appended to {args.write}")
+
+
+if __name__ == "__main__":
+    main()

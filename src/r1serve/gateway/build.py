@@ -1,0 +1,203 @@
+"""From configuration to a running :class:`~r1serve.router.Router` of gateway routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from r1serve.engines.base import Engine
+from r1serve.engines.upstream import HttpClient, UpstreamConfig, UpstreamEngine
+from r1serve.gateway.config import (
+    GatewayConfig,
+    GatewayOptions,
+    ProviderConfig,
+    RouteConfig,
+    load_gateway_config,
+    options_from_settings,
+)
+from r1serve.gateway.group import CircuitBreaker, Member, RetryPolicy, RouteEngine, Target
+from r1serve.gateway.tokens import token_counter
+from r1serve.models.catalog import ModelEntry, Prices
+from r1serve.router import Route, Router
+
+log = logging.getLogger("r1serve.gateway")
+
+# DeepSeek's usage recommendation for R1, applied when the client leaves them out (as on the embedded path).
+R1_SAMPLING: dict[str, float] = {"temperature": 0.6, "top_p": 0.95}
+
+EmbeddedFactory = Callable[[], Awaitable[Engine]]
+
+
+@dataclass(frozen=True)
+class UpstreamSource:
+    """Where a gateway route's model lives: not on this machine (``ModelEntry.source`` for a route)."""
+
+    description: str
+
+
+def gateway_plan(settings: Any, options: GatewayOptions | None = None) -> GatewayConfig | None:
+    """The gateway ``settings`` ask for, validated (raises GatewayConfigError), or None for none."""
+    return load_gateway_config(options or options_from_settings(settings))
+
+
+async def build_gateway_router(
+    settings: Any,
+    *,
+    options: GatewayOptions | None = None,
+    config: GatewayConfig | None = None,
+    embedded: EmbeddedFactory | None = None,
+    router: Router | None = None,
+) -> Router | None:
+    """A router serving the configured gateway routes, engines started; None when none is configured.
+
+    ``embedded`` starts the local engine; it is called (once) only when a route has an embedded target.
+    The router's engines are :class:`RouteEngine` s: closing them (``close_router``) closes everything,
+    the shared HTTP session included.
+    """
+    if config is None:
+        config = gateway_plan(settings, options)
+    if config is None:
+        return None
+    return await build_from_config(
+        config, embedded=embedded, models_dir=getattr(settings, "models_dir", None), router=router
+    )
+
+
+async def build_from_config(
+    config: GatewayConfig,
+    *,
+    embedded: EmbeddedFactory | None = None,
+    models_dir: Path | None = None,
+    router: Router | None = None,
+    client: HttpClient | None = None,
+) -> Router:
+    router = router if router is not None else Router()
+    connect = max((p.timeouts.connect for p in config.providers.values()), default=10.0)
+    client = client or HttpClient(limit=config.max_connections, connect_timeout=connect)
+    targets: dict[str | None, Target] = {}
+    started: list[RouteEngine] = []
+
+    async def target_for(provider: str | None) -> Target:
+        if provider in targets:
+            return targets[provider]
+        breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        if provider is None:
+            if embedded is None:
+                raise ValueError("a route has an embedded target but no embedded engine was provided")
+            engine = await embedded()
+            target = Target("embedded", engine, breaker=breaker, health_interval=0)
+        else:
+            p = config.providers[provider]
+            tokens = await asyncio.to_thread(token_counter, p.tokenizer, models_dir=models_dir)
+            engine = UpstreamEngine(_upstream_config(p), client, tokens=tokens)
+            target = Target(provider, engine, breaker=breaker, health_interval=config.health_interval)
+        targets[provider] = target
+        return target
+
+    retry = RetryPolicy(
+        retries=config.retries,
+        backoff=config.backoff,
+        max_backoff=config.max_backoff,
+        max_retry_wait=config.max_retry_wait,
+    )
+    try:
+        for rc in config.routes:
+            members = []
+            for tc in rc.targets:
+                target = await target_for(tc.provider)
+                model = tc.model
+                if model is None and tc.provider is not None:
+                    model = config.providers[tc.provider].models.get(rc.name)
+                members.append(Member(target, model=model, weight=tc.weight, priority=tc.priority))
+            engine = RouteEngine(rc.name, members, policy=rc.policy, retry=retry)  # type: ignore[arg-type]
+            await engine.start()
+            started.append(engine)
+            await _discover_models(members)
+            entry = _route_entry(rc, members, config)
+            router.add(Route(entry=entry, engine=engine), default=rc.default)
+            for m in members:  # a discovered upstream model id is a name clients may send too
+                if isinstance(m.target.engine, UpstreamEngine) and m.target.engine.config.model:
+                    name = m.target.engine.config.model
+                    if name != entry.id and name not in entry.aliases:
+                        router.alias(name, entry.id)
+            log.info(
+                "route %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), rc.policy
+            )
+    except BaseException:
+        for engine in started:
+            await engine.close()
+        raise
+    router.add_r1_aliases()
+    return router
+
+
+def _upstream_config(p: ProviderConfig) -> UpstreamConfig:
+    return UpstreamConfig(
+        name=p.name,
+        base_url=p.base_url,
+        model=p.model,
+        api_key=p.api_key,
+        api_key_env=p.api_key_env,
+        headers=dict(p.headers),
+        dialect=p.dialect,  # type: ignore[arg-type]
+        timeouts=p.timeouts,
+        include_usage=p.include_usage,
+        eos_markers=p.eos_markers,
+        drop_params=p.drop_params,
+    )
+
+
+async def _discover_models(members: list[Member]) -> None:
+    """Upstreams configured without a model (``--upstream`` to a vLLM box): ask ``/models`` once."""
+    for m in members:
+        engine = m.target.engine
+        if isinstance(engine, UpstreamEngine) and engine.config.model is None and m.model is None:
+            try:
+                models = await engine.list_models()
+            except Exception as exc:
+                log.warning(
+                    "%s: could not list models (%s); requests go without a model name",
+                    engine.config.name, getattr(exc, "message", type(exc).__name__),
+                )
+                continue
+            if models:
+                engine.set_model(models[0])
+                log.info("%s serves %s", engine.config.name, models[0])
+
+
+def _route_entry(rc: RouteConfig, members: list[Member], config: GatewayConfig) -> ModelEntry:
+    prices: Prices | None = rc.prices
+    context = rc.context_length
+    fmt = "none"
+    for m in members:
+        engine = m.target.engine
+        if isinstance(engine, UpstreamEngine):
+            p = config.providers[m.target.name]
+            prices = prices or p.prices
+            context = context or p.context_length
+            if engine.dialect != "none":
+                fmt = "deepseek_r1"
+        else:
+            own = getattr(engine, "entry", None)
+            if isinstance(own, ModelEntry):
+                prices = prices or own.prices
+                context = context or own.context_length
+                if own.reasoning_format == "deepseek_r1":
+                    fmt = "deepseek_r1"
+    where = ", ".join(
+        f"{m.target.name}" + (f" ({m.model})" if m.model else "") for m in members
+    )
+    return ModelEntry(
+        id=rc.name,
+        source=UpstreamSource(where),  # type: ignore[arg-type]
+        aliases=tuple(a for a in rc.aliases if a != rc.name),
+        reasoning_format=fmt,  # type: ignore[arg-type]
+        sampling_defaults=dict(R1_SAMPLING) if fmt == "deepseek_r1" else {},
+        context_length=context or 65536,
+        prices=prices or Prices(),
+        description=f"gateway route ({rc.policy}): {where}",
+    )

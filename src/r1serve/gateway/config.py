@@ -1,0 +1,466 @@
+"""Gateway configuration: a providers file (TOML or JSON), the ``serve`` flags, and the environment.
+
+The providers file (``R1SERVE_PROVIDERS_FILE``)::
+
+    [gateway]                      # all optional
+    retries = 1                    # extra tries on the same target (connect error, timeout, 5xx)
+    health_interval = 15           # seconds between GET {base}/models checks; 0: off
+    breaker_threshold = 5          # consecutive failures that open a target's circuit
+    breaker_cooldown = 15          # seconds before a half-open trial
+    max_retry_wait = 5             # longest Retry-After honoured by waiting (else fail over / 429)
+    connect_timeout = 10
+    first_byte_timeout = 120
+    idle_timeout = 60
+
+    [providers.deepinfra]          # a preset's name: everything has a default
+    prices = { input = 0.7, output = 2.4 }
+
+    [providers.gpu]                # anything else: base_url required, a preset optional
+    preset = "vllm"
+    base_url = "http://10.0.0.5:8000/v1"
+    model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
+    api_key_env = "GPU_BOX_KEY"    # the NAME of the variable; the key never goes in this file
+    dialect = "think_in_content"   # auto | think_in_content | think_tags | reasoning_content | reasoning | none
+    headers = { "X-Team" = "ml" }
+    models = { "deepseek-r1-32b" = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" }  # route name -> upstream id
+    tokenizer = "/models/r1-vocab.gguf"  # for local token counts when upstream sends no usage
+
+    [[routes]]
+    name = "deepseek-r1"
+    aliases = ["deepseek-reasoner", "deepseek/deepseek-r1", "deepseek-ai/DeepSeek-R1"]
+    policy = "priority"            # priority | weighted | least_outstanding
+    default = true
+    targets = [
+      { provider = "gpu" },
+      { provider = "deepinfra", priority = 1 },
+      { embedded = true, priority = 2 },   # the local llama.cpp model as the last resort
+    ]
+
+With providers but no ``[[routes]]``: one route ``deepseek-r1`` (plus R1's aliases) over every provider
+in file order, priority policy. ``r1serve serve --provider huggingface`` (comma-separate several for a
+fallback chain) needs no file at all; ``--upstream URL`` makes a one-off provider ``upstream``.
+
+Keys are read from the process environment, then from ``.env`` in the working directory (the Plumber
+tutorial's ``HUGGINGFACE_ACCESS_TOKEN="..."`` file works as is). ``os.environ`` is not modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1serve.engines.upstream import DIALECTS, Timeouts
+from r1serve.gateway.presets import find_preset
+from r1serve.models.catalog import R1_ALIASES, Prices
+
+POLICIES = ("priority", "weighted", "least_outstanding")
+DEFAULT_ROUTE = "deepseek-r1"
+# DeepSeek-R1's context window at the hosted providers (64K at DeepSeek, up to 160K elsewhere).
+DEFAULT_CONTEXT = 65536
+
+
+class GatewayConfigError(ValueError):
+    """A providers file or flag that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    base_url: str
+    model: str | None = None
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    requires_key: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    dialect: str = "auto"
+    timeouts: Timeouts = Timeouts()
+    include_usage: bool = True
+    eos_markers: tuple[str, ...] = ()
+    drop_params: tuple[str, ...] = ()
+    prices: Prices = Prices()
+    context_length: int = DEFAULT_CONTEXT
+    tokenizer: Path | None = None
+    models: dict[str, str] = field(default_factory=dict)  # route name -> upstream model id
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    provider: str | None  # None: the embedded engine
+    model: str | None = None
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    targets: tuple[TargetConfig, ...]
+    aliases: tuple[str, ...] = ()
+    policy: str = "priority"
+    default: bool = False
+    prices: Prices | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    providers: dict[str, ProviderConfig]
+    routes: tuple[RouteConfig, ...]
+    retries: int = 1
+    backoff: float = 0.1  # seconds, doubled per retry, with jitter
+    max_backoff: float = 2.0
+    max_retry_wait: float = 5.0
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 15.0
+    health_interval: float = 15.0
+    max_connections: int = 0  # 0: unlimited
+
+    @property
+    def uses_embedded(self) -> bool:
+        return any(t.provider is None for r in self.routes for t in r.targets)
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """What ``serve`` and Settings say about the gateway (see :func:`options_from_settings`)."""
+
+    providers_file: Path | None = None
+    provider: tuple[str, ...] = ()
+    upstream: str | None = None
+    upstream_key_env: str | None = None
+    upstream_model: str | None = None
+    reasoning_dialect: str = "auto"
+    timeouts: Timeouts | None = None  # None: the file's [gateway] values, else Timeouts()
+    served_name: str | None = None  # the default model name (settings.model), an alias of a one-off route
+    env_file: Path | None = Path(".env")
+    health_interval: float | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.providers_file or self.provider or self.upstream)
+
+
+def options_from_settings(settings: Any) -> GatewayOptions:
+    """Settings fields, read with defaults so this works before every field exists."""
+    provider = getattr(settings, "provider", None) or ()
+    if isinstance(provider, str):
+        provider = tuple(p.strip() for p in provider.split(",") if p.strip())
+    timeouts = None
+    fields = ("upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_idle_timeout")
+    if any(getattr(settings, f, None) is not None for f in fields):
+        d = Timeouts()
+        timeouts = Timeouts(
+            connect=getattr(settings, fields[0], None) or d.connect,
+            first_byte=getattr(settings, fields[1], None) or d.first_byte,
+            idle=getattr(settings, fields[2], None) or d.idle,
+        )
+    env_file = settings.model_config.get("env_file") if hasattr(settings, "model_config") else ".env"
+    return GatewayOptions(
+        providers_file=getattr(settings, "providers_file", None),
+        provider=tuple(provider),
+        upstream=getattr(settings, "upstream", None),
+        upstream_key_env=getattr(settings, "upstream_key_env", None),
+        upstream_model=getattr(settings, "upstream_model", None),
+        reasoning_dialect=getattr(settings, "reasoning_dialect", None) or "auto",
+        timeouts=timeouts,
+        served_name=getattr(settings, "model", None),
+        env_file=Path(env_file) if isinstance(env_file, (str, Path)) else None,
+    )
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def load_environment(env_file: Path | None) -> dict[str, str]:
+    """``.env`` values overlaid by the process environment (the process wins, as with pydantic-settings)."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values  # python-dotenv: a dependency of pydantic-settings
+
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ)
+    return values
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GatewayConfigError(f"cannot read providers file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            data = tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayConfigError(f"providers file {path} is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise GatewayConfigError(f"providers file {path}: expected a table/object at the top level")
+    return data
+
+
+def _prices(raw: Any, where: str) -> Prices | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise GatewayConfigError(f"{where}: prices must be a table like {{ input = 0.5, output = 2.0 }}")
+    try:
+        cached = raw.get("cached_input")
+        return Prices(
+            input=float(raw.get("input", 0.0)),
+            output=float(raw.get("output", 0.0)),
+            cached_input=None if cached is None else float(cached),
+        )
+    except (TypeError, ValueError):
+        raise GatewayConfigError(f"{where}: prices must be numbers (dollars per million tokens)") from None
+
+
+def _str_map(raw: Any, where: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise GatewayConfigError(f"{where} must be a table of strings")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _resolve_key(env_names: tuple[str, ...], env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(value, the variable it came from); the first name set wins; (None, first name) when none is."""
+    for name in env_names:
+        value = env.get(name, "").strip()
+        if value:
+            return value, name
+    return None, (env_names[0] if env_names else None)
+
+
+def provider_config(
+    name: str, raw: Mapping[str, Any], env: Mapping[str, str], timeouts: Timeouts
+) -> ProviderConfig:
+    where = f"provider {name!r}"
+    preset = find_preset(str(raw.get("preset", name)))
+    if "preset" in raw and preset is None:
+        raise GatewayConfigError(f"{where}: unknown preset {raw['preset']!r}")
+    base_url = raw.get("base_url") or (preset.base_url if preset else None)
+    if not base_url:
+        raise GatewayConfigError(f"{where}: base_url is required (or name a preset with preset = \"...\")")
+    if raw.get("api_key") is not None:
+        raise GatewayConfigError(
+            f"{where}: put the key in an environment variable and name it with api_key_env, not api_key"
+        )
+    if "api_key_env" in raw:
+        env_names: tuple[str, ...] = (str(raw["api_key_env"]),) if raw["api_key_env"] else ()
+    else:
+        env_names = preset.api_key_env if preset else ()
+    key, key_env = _resolve_key(env_names, env)
+    dialect = str(raw.get("dialect") or (preset.dialect if preset else "auto"))
+    if dialect not in DIALECTS:
+        raise GatewayConfigError(f"{where}: dialect must be one of {', '.join(DIALECTS)} (got {dialect!r})")
+    headers = dict(preset.headers) if preset else {}
+    headers.update(_str_map(raw.get("headers"), f"{where}: headers"))
+    t = Timeouts(
+        connect=float(raw.get("connect_timeout", timeouts.connect)),
+        first_byte=float(raw.get("first_byte_timeout", timeouts.first_byte)),
+        idle=float(raw.get("idle_timeout", timeouts.idle)),
+    )
+    eos = raw.get("eos_markers", preset.eos_markers if preset else ())
+    tokenizer = raw.get("tokenizer")
+    return ProviderConfig(
+        name=name,
+        base_url=str(base_url),
+        model=raw.get("model") or (preset.model if preset else None),
+        api_key_env=key_env,
+        api_key=key,
+        requires_key=bool(raw.get("requires_key", preset.requires_key if preset else False)),
+        headers=headers,
+        dialect=dialect,
+        timeouts=t,
+        include_usage=bool(raw.get("include_usage", preset.include_usage if preset else True)),
+        eos_markers=tuple(str(m) for m in eos),
+        drop_params=tuple(str(p) for p in raw.get("drop_params", ())),
+        prices=_prices(raw.get("prices"), where) or Prices(),
+        context_length=int(raw.get("context_length", DEFAULT_CONTEXT)),
+        tokenizer=Path(tokenizer).expanduser() if tokenizer else None,
+        models=_str_map(raw.get("models"), f"{where}: models"),
+    )
+
+
+def _target(raw: Any, where: str) -> TargetConfig:
+    if isinstance(raw, str):
+        return TargetConfig(provider=None if raw == "embedded" else raw)
+    if not isinstance(raw, Mapping):
+        raise GatewayConfigError(f"{where}: a target is a provider name or a table {{ provider = \"...\" }}")
+    embedded = bool(raw.get("embedded", False))
+    provider = raw.get("provider")
+    if embedded == bool(provider):
+        raise GatewayConfigError(f"{where}: a target has either provider = \"NAME\" or embedded = true")
+    weight = float(raw.get("weight", 1.0))
+    if weight <= 0:
+        raise GatewayConfigError(f"{where}: weight must be positive")
+    return TargetConfig(
+        provider=None if embedded else str(provider),
+        model=raw.get("model"),
+        weight=weight,
+        priority=int(raw.get("priority", 0)),
+    )
+
+
+def _route(raw: Any, index: int) -> RouteConfig:
+    if not isinstance(raw, Mapping) or not raw.get("name"):
+        raise GatewayConfigError(f"routes[{index}]: a route needs a name")
+    where = f"route {raw['name']!r}"
+    targets = raw.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise GatewayConfigError(f"{where}: targets must be a non-empty list")
+    policy = str(raw.get("policy", "priority"))
+    if policy not in POLICIES:
+        raise GatewayConfigError(f"{where}: policy must be one of {', '.join(POLICIES)} (got {policy!r})")
+    ctx = raw.get("context_length")
+    return RouteConfig(
+        name=str(raw["name"]),
+        targets=tuple(_target(t, where) for t in targets),
+        aliases=tuple(str(a) for a in raw.get("aliases", ())),
+        policy=policy,
+        default=bool(raw.get("default", False)),
+        prices=_prices(raw.get("prices"), where),
+        context_length=int(ctx) if ctx is not None else None,
+    )
+
+
+def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None = None) -> GatewayConfig | None:
+    """The gateway to build, or None when nothing asks for one (the embedded engine alone)."""
+    if not options.configured:
+        return None
+    if env is None:
+        env = load_environment(options.env_file)
+    data: dict[str, Any] = read_file(Path(options.providers_file)) if options.providers_file else {}
+    gw = data.get("gateway", {}) or {}
+    if not isinstance(gw, Mapping):
+        raise GatewayConfigError("[gateway] must be a table")
+    timeouts = options.timeouts or Timeouts(
+        connect=float(gw.get("connect_timeout", Timeouts.connect)),
+        first_byte=float(gw.get("first_byte_timeout", Timeouts.first_byte)),
+        idle=float(gw.get("idle_timeout", Timeouts.idle)),
+    )
+    raw_providers = data.get("providers", {}) or {}
+    if not isinstance(raw_providers, Mapping):
+        raise GatewayConfigError("[providers] must be a table of providers")
+    providers: dict[str, ProviderConfig] = {
+        str(name): provider_config(str(name), raw or {}, env, timeouts) for name, raw in raw_providers.items()
+    }
+    routes = [_route(r, i) for i, r in enumerate(data.get("routes", []) or [])]
+
+    # --provider NAME[,NAME...]: a preset or a provider from the file, as one fallback chain.
+    chain: list[TargetConfig] = []
+    for name in options.provider:
+        if name not in providers:
+            if find_preset(name) is None:
+                raise GatewayConfigError(
+                    f"unknown provider {name!r}: not in the providers file and not a preset "
+                    f"(presets: {', '.join(sorted(_preset_names()))})"
+                )
+            providers[name] = provider_config(name, {}, env, timeouts)
+        chain.append(TargetConfig(provider=name, priority=len(chain)))
+
+    # --upstream URL: a one-off provider.
+    if options.upstream:
+        if options.reasoning_dialect not in DIALECTS:
+            raise GatewayConfigError(
+                f"--reasoning-dialect must be one of {', '.join(DIALECTS)} (got {options.reasoning_dialect!r})"
+            )
+        raw_up: dict[str, Any] = {"base_url": options.upstream, "dialect": options.reasoning_dialect}
+        raw_up["api_key_env"] = options.upstream_key_env or ""
+        if options.upstream_model:
+            raw_up["model"] = options.upstream_model
+        up = provider_config("upstream", raw_up, env, timeouts)
+        if options.upstream_key_env and not up.api_key:
+            raise GatewayConfigError(f"--upstream-key-env {options.upstream_key_env}: that variable is not set")
+        providers["upstream"] = replace_requires(up)
+        chain.append(TargetConfig(provider="upstream", priority=len(chain)))
+
+    if chain:
+        aliases = list(R1_ALIASES)
+        if options.served_name:
+            aliases.append(options.served_name)
+            from r1serve.models.catalog import find_entry
+
+            entry = find_entry(options.served_name)
+            if entry is not None:
+                aliases.extend([entry.id, *entry.aliases])
+        for t in chain:
+            model = providers[t.provider or ""].model
+            if model:
+                aliases.append(model)
+        name = _chain_name(chain, providers)
+        routes = [RouteConfig(name=name, targets=tuple(chain), aliases=_unique(aliases), default=True), *routes]
+    elif not routes and providers:
+        names = list(providers)
+        routes = [
+            RouteConfig(
+                name=DEFAULT_ROUTE,
+                targets=tuple(TargetConfig(provider=n, priority=i) for i, n in enumerate(names)),
+                aliases=_unique([*R1_ALIASES, *(p.model for p in providers.values() if p.model)]),
+                default=True,
+            )
+        ]
+    if not routes:
+        raise GatewayConfigError("the providers file defines no providers and no routes")
+
+    used = {t.provider for r in routes for t in r.targets if t.provider is not None}
+    for name in used:
+        if name not in providers:
+            raise GatewayConfigError(f"a route names provider {name!r}, which is not defined")
+        p = providers[name]
+        if p.requires_key and not p.api_key:
+            preset = find_preset(name)
+            names = preset.api_key_env if preset and p.api_key_env in preset.api_key_env else (p.api_key_env,)
+            raise GatewayConfigError(
+                f"provider {name!r} needs an API key: set {' or '.join(n for n in names if n)} in the environment "
+                "or in .env"
+            )
+    return GatewayConfig(
+        providers=providers,
+        routes=tuple(routes),
+        retries=int(gw.get("retries", 1)),
+        backoff=float(gw.get("backoff", 0.1)),
+        max_backoff=float(gw.get("max_backoff", 2.0)),
+        max_retry_wait=float(gw.get("max_retry_wait", 5.0)),
+        breaker_threshold=int(gw.get("breaker_threshold", 5)),
+        breaker_cooldown=float(gw.get("breaker_cooldown", 15.0)),
+        health_interval=float(
+            options.health_interval if options.health_interval is not None else gw.get("health_interval", 15.0)
+        ),
+        max_connections=int(gw.get("max_connections", 0)),
+    )
+
+
+def replace_requires(p: ProviderConfig) -> ProviderConfig:
+    from dataclasses import replace
+
+    return replace(p, requires_key=False)
+
+
+def _chain_name(chain: list[TargetConfig], providers: Mapping[str, ProviderConfig]) -> str:
+    first = providers[chain[0].provider or ""]
+    if len(chain) == 1 and first.model:
+        return f"{first.model}@{first.name}"
+    return DEFAULT_ROUTE if any(p.model for p in providers.values()) else first.name
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for item in items:
+        seen.setdefault(item, None)
+    return tuple(seen)
+
+
+def _preset_names() -> list[str]:
+    from r1serve.gateway.presets import PRESETS
+
+    return list(PRESETS)

@@ -1,0 +1,118 @@
+"""Live servers for the API tests: the real ``r1serve serve`` on loopback with the real default model.
+
+Each server is a subprocess started once per session (loading the 0.5B model takes a second or two;
+if it is not in the cache yet, the first start fetches it, which ``scripts/setup.sh`` normally did).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from r1serve.models.catalog import DEFAULT_MODEL_ID
+
+DEFAULT_MODEL = DEFAULT_MODEL_ID
+API_KEYS = ("sk-test-9f8e7d6c5b4a", "sk-second-key-0000")
+_START_TIMEOUT = float(os.environ.get("R1SERVE_TEST_START_TIMEOUT", "900"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    def __init__(self, workdir: Path, name: str, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")}
+        # Only what the test needs from the developer's environment: where the models are cached.
+        for key in ("R1SERVE_MODELS_DIR", "R1SERVE_N_THREADS"):
+            if key in os.environ:
+                base_env[key] = os.environ[key]
+        cmd = [
+            sys.executable, "-m", "r1serve", "serve",
+            "--model", DEFAULT_MODEL,
+            "--port", str(self.port),
+            "--parallel", "4",
+            "--ctx", "4096",
+        ]  # fmt: skip
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the server's whole life
+        # cwd: a fresh directory, so a developer's .env cannot change the server under test.
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env={**base_env, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"r1serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"r1serve did not become healthy in {_START_TIMEOUT:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path_factory.mktemp(name), name, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """An open server (no API keys)."""
+    yield from _serve(tmp_path_factory, "open", {})
+
+
+@pytest.fixture(scope="session")
+def server_url(live_server: LiveServer) -> str:
+    return live_server.url
+
+
+@pytest.fixture(scope="session")
+def api_keys() -> tuple[str, ...]:
+    return API_KEYS
+
+
+@pytest.fixture(scope="session")
+def auth_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that requires ``Authorization: Bearer KEY`` with one of ``api_keys``."""
+    for server in _serve(tmp_path_factory, "auth", {"R1SERVE_API_KEYS": ",".join(API_KEYS)}):
+        yield server.url
