@@ -116,3 +116,20 @@ def auth_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server that requires ``Authorization: Bearer KEY`` with one of ``api_keys``."""
     for server in _serve(tmp_path_factory, "auth", {"R1SERVE_API_KEYS": ",".join(API_KEYS)}):
         yield server.url
+
+
+# A ChatML template that opens <think> at the end of the prompt, as newer DeepSeek-R1 templates do:
+# with it, the real default model's output is reasoning until </think>, which the thinking budget
+# (or the model) writes. It puts the whole reasoning path through a real model over HTTP.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n<think>\n"
+)
+
+
+@pytest.fixture(scope="session")
+def reasoning_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The default model served as an R1-format model with a template that opens the reasoning."""
+    env = {"R1SERVE_CHAT_TEMPLATE": THINKING_TEMPLATE, "R1SERVE_REASONING_FORMAT": "deepseek_r1"}
+    for server in _serve(tmp_path_factory, "reasoning", env):
+        yield server.url

@@ -286,6 +286,18 @@ async def test_sse_events_end_with_done_and_close_the_engine_stream() -> None:
     assert closed
 
 
+async def test_sse_heartbeats_become_keep_alive_comments() -> None:
+    async def queued_then_served() -> Any:
+        yield Delta()  # still queued
+        yield Delta(content="hi")
+        yield Delta(finish_reason="stop", usage=USAGE)
+
+    chunks = [c async for c in sse_events(Delta(), queued_then_served(), _encoder())]
+    assert chunks[1] == ": keep-alive\n\n" and chunks[2] == ": keep-alive\n\n"
+    assert chunks[-1] == "data: [DONE]\n\n"
+    assert sum(c.startswith(":") for c in chunks) == 2
+
+
 async def test_sse_error_after_start_is_an_error_event_then_done() -> None:
     async def failing() -> Any:
         yield Delta(content="partial")

@@ -181,7 +181,7 @@ async def test_queue_limit_refuses_with_retry_after() -> None:
     entry = find_entry(DEFAULT_MODEL_ID)
     assert entry is not None
     path = ensure_model(entry, Settings().models_dir, progress=False)
-    eng = LlamaEngine(path, entry, Settings(n_ctx=1024, max_running=1, max_queued=1))
+    eng = LlamaEngine(path, entry, Settings(n_ctx=1024, max_running=1, max_queued=1, queue_keepalive_seconds=0.2))
     await eng.start()
     try:
         running = eng.generate(_request("Write a long poem about the sea.", max_tokens=400))
@@ -200,8 +200,12 @@ async def test_queue_limit_refuses_with_retry_after() -> None:
         assert refused_after == refused_before + 1
         assert err.value.status == 503
         assert err.value.headers.get("Retry-After")
+        await asyncio.sleep(0.5)  # the queued request sends heartbeats while it waits
         await running.aclose()
-        assert (await queued)[-1].finish_reason is not None
+        served = await queued
+        assert served[-1].finish_reason is not None
+        heartbeats = [d for d in served if d == Delta()]
+        assert heartbeats and served[0] == Delta(), "a queued request yields empty deltas while waiting"
     finally:
         await eng.close()
 

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_running: int = 8  # sequences decoded together
     max_queued: int = 64  # requests waiting for a free sequence; past that, 503
     default_max_tokens: int = 2048
+    # A Jinja chat template (the text, or a path to a file holding it) used instead of the GGUF's.
+    chat_template: str | None = None
+    # Queued streaming requests get an SSE keep-alive comment this often while they wait.
+    queue_keepalive_seconds: float = 5.0
     # "auto": from the catalog, or detected from the chat template for a GGUF given by path.
     reasoning_format: Literal["auto", "deepseek_r1", "none"] = "auto"
     # Thinking budgets for reasoning_effort low / medium / high (tokens of reasoning).

@@ -3,6 +3,7 @@
 An engine takes a :class:`GenerationRequest` and yields :class:`Delta` objects. Deltas are already split
 into reasoning and answer text (engines own the reasoning parser because the thinking budget and the
 reasoning-token count need it at token level), and the last delta carries ``finish_reason`` and ``usage``.
+An empty delta (no text, no logprobs, no finish) is a heartbeat: the request is accepted but waiting.
 """
 
 from __future__ import annotations

@@ -51,6 +51,15 @@ _PENALTY_WINDOW = 4096
 _PREFILL_CHUNK_WHEN_BUSY = 256
 
 
+def _read_template(value: str | None) -> str | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return value
+
+
 @dataclass(eq=False)
 class _Slot:
     """A llama.cpp sequence id and the tokens its KV cells currently hold (kept for prefix reuse)."""
@@ -159,7 +168,12 @@ class LlamaEngine(Engine):
         self._batch = llama_cpp.llama_batch_init(self.settings.n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(n_seq)]
 
-        template = self.entry.chat_template or self.vocab.chat_template or CHATML_TEMPLATE
+        template = (
+            _read_template(self.settings.chat_template)
+            or self.entry.chat_template
+            or self.vocab.chat_template
+            or CHATML_TEMPLATE
+        )
         self._template = ChatTemplate(template, bos_token=self.vocab.bos_text, eos_token=self.vocab.eos_text)
         self._close_tokens = self.vocab.tokenize(_CLOSE_REASONING, add_special=False)
 
@@ -248,9 +262,18 @@ class LlamaEngine(Engine):
                 )
             self._waiting.append(seq)
         self._wake.set()
+        keepalive = self.settings.queue_keepalive_seconds
         try:
             while True:
-                item = await seq.out.get()
+                if seq.slot is None and keepalive > 0:
+                    # Still queued: an empty delta lets a streaming client know it is not forgotten.
+                    try:
+                        item = await asyncio.wait_for(seq.out.get(), keepalive)
+                    except TimeoutError:
+                        yield Delta()
+                        continue
+                else:
+                    item = await seq.out.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -357,12 +380,13 @@ class LlamaEngine(Engine):
             metrics.CACHED_TOKENS.labels(model).inc(keep)
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
+        # The API has already filled in the model's recommended values; what is still unset gets
+        # OpenAI's defaults (temperature 1, no truncation).
         sp = request.sampling
-        defaults = self.entry.sampling_defaults
-        temperature = sp.temperature if sp.temperature is not None else defaults.get("temperature", 0.8)
-        top_p = sp.top_p if sp.top_p is not None else defaults.get("top_p", 1.0)
-        top_k = sp.top_k if sp.top_k is not None else int(defaults.get("top_k", 0))
-        min_p = sp.min_p if sp.min_p is not None else defaults.get("min_p", 0.0)
+        temperature = 1.0 if sp.temperature is None else sp.temperature
+        top_p = 1.0 if sp.top_p is None else sp.top_p
+        top_k = sp.top_k or 0
+        min_p = sp.min_p or 0.0
         presence = sp.presence_penalty or 0.0
         frequency = sp.frequency_penalty or 0.0
         repeat = sp.repetition_penalty or 1.0

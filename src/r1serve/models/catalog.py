@@ -6,7 +6,7 @@ Entries are data only; fetch.py turns a source into a local GGUF path.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -185,11 +185,21 @@ def entry_for_path(path: Path) -> ModelEntry:
     model and calls :func:`detect_reasoning_format`.
     """
     path = Path(path).expanduser()
+    for entry in CATALOG:
+        # A catalog model's own file (e.g. one pulled earlier) keeps its id, defaults and prices.
+        if _filename(entry.source) == path.name:
+            return replace(entry, source=LocalSource(path=path))
     return ModelEntry(
         id=path.stem.lower(),
         source=LocalSource(path=path),
         description=f"Local GGUF {path}",
     )
+
+
+def _filename(source: ModelSource) -> str | None:
+    if isinstance(source, PypiChunksSource | HubSource):
+        return source.filename
+    return None
 
 
 # Markers that only DeepSeek-R1-style templates contain: the thinking tags, or DeepSeek's full-width
