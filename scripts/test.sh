@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install-test-services.sh  # PostgreSQL for the accounts tests (Debian package)
 exec .venv/bin/python -m pytest "$@"

@@ -52,7 +52,8 @@ class LiveServer:
         self.proc = subprocess.Popen(
             cmd,
             cwd=workdir,
-            env={**base_env, **env},
+            # Its own data dir: the accounts database and key secret never touch the developer's.
+            env={**base_env, "R1SERVE_DATA_DIR": str(workdir / "data"), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -70,8 +70,6 @@ def serve(
         resolved = resolve_model(settings, progress=True)
     except ModelFetchError as exc:
         raise _fail(str(exc)) from None
-    keys = len(settings.api_keys)
-    auth = f"on ({keys} key{'s' if keys > 1 else ''})" if keys else "off (set R1SERVE_API_KEYS to require keys)"
     log.info("r1serve %s", r1serve.__version__)
     log.info("model: %s (%s)", resolved.entry.id, resolved.path)
     log.info(
@@ -80,7 +78,6 @@ def serve(
         settings.n_ctx,
         settings.max_running,
     )
-    log.info("auth: %s", auth)
     url = f"http://{settings.host}:{settings.port}"
     log.info("API: %s/v1   docs: %s/docs", url, url)
     uvicorn.run(
@@ -255,3 +252,15 @@ async def _chat_turn(session: Any, base: str, model: str | None, history: list[d
 
 if __name__ == "__main__":
     app()
+
+
+# Accounts: API keys, usage, the database (r1serve.accounts.commands).
+def _register_accounts() -> None:
+    from r1serve.accounts.commands import db_app, keys_app, usage_command
+
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(db_app, name="db")
+    app.command("usage")(usage_command)
+
+
+_register_accounts()

@@ -54,12 +54,15 @@ class Meta(Base):
 
 
 class UsageRow(Base):
-    """The ledger: one row per request. ``request_id`` is unique, so a retried flush never doubles."""
+    """The ledger: one row per request. ``response_id`` (server-generated, the response's ``id``) is
+    unique, so a retried flush never doubles a row; ``request_id`` is the log correlation id, which a
+    client may choose (``x-request-id``) and so is not trusted to be unique."""
 
     __tablename__ = "usage_ledger"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(160), unique=True, nullable=False)
+    response_id: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(160))
     key_id: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     model_requested: Mapped[str | None] = mapped_column(String(200))

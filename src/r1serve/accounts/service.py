@@ -204,7 +204,8 @@ class Accounts:
         self,
         admission: Admission | None,
         *,
-        request_id: str,
+        response_id: str,
+        request_id: str | None = None,
         principal: Principal,
         model_served: str,
         usage: EngineUsage,
@@ -225,6 +226,7 @@ class Accounts:
             self.limiter.settle_local(admission, usage.prompt_tokens + usage.completion_tokens, cost)
         self.ledger.submit(
             UsageRecord(
+                response_id=response_id,
                 request_id=request_id,
                 key_id=principal.key_id,
                 model_served=model_served,

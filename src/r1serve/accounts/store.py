@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
 
 from r1serve.errors import AuthenticationError, InvalidRequest
 
@@ -205,8 +206,8 @@ class KeyStore:
         stamp = self._read_stamp()
         if not force and stamp == self._stamp:
             return False
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(ApiKey)).scalars().all()
+        with Session(self._engine) as session:
+            rows = session.scalars(select(ApiKey)).all()
         cache = {r.prefix: _Cached(key_hash=r.key_hash, principal=_principal(r), revoked=r.revoked_at is not None) for r in rows}
         with self._lock:
             self._cache, self._stamp = cache, stamp
@@ -214,11 +215,12 @@ class KeyStore:
 
     @property
     def has_managed_keys(self) -> bool:
-        return any(not c.revoked for c in self._cache.values())
+        # Revoked keys count: revoking the last key must not open the server again.
+        return bool(self._cache)
 
     @property
     def auth_configured(self) -> bool:
-        """True when any key exists: managed (not revoked), static, or the admin key."""
+        """True when any key exists: managed (even if revoked or expired), static, or the admin key."""
         return bool(self._static) or self._admin_hash is not None or self.has_managed_keys
 
     # ------------------------------------------------------------------ request path (memory only)
@@ -297,8 +299,8 @@ class KeyStore:
         return new.key, _info(row)
 
     def list(self, *, include_revoked: bool = True) -> list[KeyInfo]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(ApiKey).order_by(ApiKey.created_at)).scalars().all()
+        with Session(self._engine) as session:
+            rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
         infos = [_info(r) for r in rows]
         return infos if include_revoked else [i for i in infos if i.revoked_at is None]
 
@@ -311,10 +313,8 @@ class KeyStore:
         ident = ident.strip().rstrip("…").rstrip(".")
         prefix = ident[len("r1-") :] if ident.startswith("r1-") else ident
         prefix = prefix.split("_", 1)[0]
-        with self._engine.connect() as conn:
-            return conn.execute(
-                select(ApiKey).where((ApiKey.id == ident) | (ApiKey.prefix == prefix))
-            ).scalars().first()
+        with Session(self._engine) as session:
+            return session.scalars(select(ApiKey).where((ApiKey.id == ident) | (ApiKey.prefix == prefix))).first()
 
     def revoke(self, ident: str) -> KeyInfo | None:
         row = self._find(ident)

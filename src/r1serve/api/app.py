@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +13,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 import r1serve
+from r1serve.accounts import Accounts
+from r1serve.api.accounts_routes import accounts_api, open_accounts, use_accounts
 from r1serve.api.auth import StaticKeys
 from r1serve.api.errors import install_error_handlers
 from r1serve.api.metrics import metrics_endpoint
@@ -27,12 +30,16 @@ from r1serve.settings import Settings
 _BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
 
 
-def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
+def create_app(settings: Settings, router: Router | None = None, accounts: Accounts | None = None) -> FastAPI:
     """The server for ``settings``.
 
     Without ``router`` the app owns its engines: startup fetches ``settings.model`` if needed and loads
     it into the embedded engine, shutdown closes it. A given router is used as it is: its engines must
     be running already and whoever built it closes them.
+
+    Accounts (keys, limits, ledger): a given ``accounts`` is used as it is (its owner starts and closes
+    it); without one, an app that owns its engines opens the accounts database at startup and closes
+    it (flushing the ledger) at shutdown. An app with neither checks only ``R1SERVE_API_KEYS``.
     """
 
     @asynccontextmanager
@@ -40,12 +47,17 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
         if router is not None:
             yield
             return
-        built = await build_router(settings)
-        app.state.router = built
+        owned = await asyncio.to_thread(open_accounts, settings)
+        use_accounts(app, owned)
         try:
-            yield
+            built = await build_router(settings)
+            app.state.router = built
+            try:
+                yield
+            finally:
+                await close_router(built)  # generations end and settle before the ledger's last flush
         finally:
-            await close_router(built)
+            await asyncio.to_thread(owned.close)
 
     app = FastAPI(
         title="r1serve",
@@ -57,9 +69,12 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
     if router is not None:
         app.state.router = router
     app.state.authenticator = StaticKeys(settings.api_keys)
+    if accounts is not None:
+        use_accounts(app, accounts)
 
     app.include_router(api)
     app.include_router(plumber)
+    app.include_router(accounts_api)
     app.include_router(ops)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
@@ -72,6 +87,9 @@ def create_app(settings: Settings, router: Router | None = None) -> FastAPI:
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
     # Nobody reads this; 499 (nginx's "client closed request") keeps it apart in logs and metrics.
+    meter = getattr(request.state, "meter", None)
+    if meter is not None:
+        meter.finish("cancelled")  # idempotent: settles a reservation whose generation never started
     return Response(status_code=499)
 
 

@@ -13,6 +13,7 @@ Conventions, chosen once:
 * The finish chunk has an empty delta and the finish_reason (plus ``reasoning_truncated: true`` when
   the engine closed the reasoning early). With ``stream_options.include_usage`` every chunk carries
   ``"usage": null`` and one more chunk with ``"choices": []`` carries the usage, as OpenAI does.
+* A queued request's heartbeats (empty deltas) become ``: keep-alive`` SSE comments.
 * An error once the stream has started: ``data: {"error": {...}}`` then ``data: [DONE]``.
 * Chunks are written with string templates and ``json.dumps`` of the text, not pydantic: this runs
   once per token per stream.
@@ -34,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from r1serve.api.billing import Meter
 from r1serve.engines.base import Delta, EngineUsage, GenerationRequest, SamplingParams
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.models.catalog import Prices
@@ -54,6 +56,7 @@ log = logging.getLogger("r1serve.api")
 T = TypeVar("T")
 
 DONE_EVENT = "data: [DONE]\n\n"
+KEEPALIVE_EVENT = ": keep-alive\n\n"
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
 _INTERNAL_ERROR = "The server had an error while processing your request."
 
@@ -355,7 +358,11 @@ async def sse_events(first: Delta, rest: AsyncIterator[Delta], encoder: Encoder)
             yield event
         delta: Delta | None = first
         while delta is not None:
-            for event in encoder.delta(delta):
+            events = encoder.delta(delta)
+            if not events and delta.finish_reason is None and not (delta.reasoning or delta.content):
+                # A heartbeat from a queued request: an SSE comment keeps proxies and clients waiting.
+                events = [KEEPALIVE_EVENT]
+            for event in events:
                 yield event
             if delta.finish_reason is not None:
                 for event in encoder.finish(delta):
@@ -529,10 +536,13 @@ def _headers(route: Route, unknown: list[str]) -> dict[str, str]:
     return headers
 
 
-async def _start(route: Route, gen: GenerationRequest) -> tuple[Delta, AsyncIterator[Delta]]:
+async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = None) -> tuple[Delta, AsyncIterator[Delta]]:
     """Begin generating and wait for the first delta, so that bad input (context too long, queue full)
-    becomes an HTTP error status rather than an error inside a 200 stream."""
+    becomes an HTTP error status rather than an error inside a 200 stream. The meter (accounts) sees
+    every delta and settles the request however the stream ends."""
     stream = route.engine.generate(gen)
+    if meter is not None:
+        stream = meter.wrap(stream)
     try:
         first = await anext(stream)
     except BaseException:
@@ -551,9 +561,11 @@ async def serve_chat(
     gen = chat_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     headers = _headers(route, req.unknown_fields())
-    prices = route.entry.prices
+    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
+    await meter.admit()  # scope and limits (429) before any generation
+    prices = meter.prices(route.entry.prices)
     if req.stream:
-        first, rest = await until_disconnect(request, _start(route, gen))
+        first, rest = await until_disconnect(request, _start(route, gen, meter))
         encoder = ChatChunkEncoder(
             completion_id=completion_id,
             created=created,
@@ -565,7 +577,7 @@ async def serve_chat(
         return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
 
     async def run() -> Collected:
-        first, rest = await _start(route, gen)
+        first, rest = await _start(route, gen, meter)
         return await collect(first, rest, include_reasoning=req.include_reasoning)
 
     collected = await until_disconnect(request, run())
@@ -581,11 +593,13 @@ async def serve_completion(
     gen = completion_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("cmpl-"), int(time.time())
     headers = _headers(route, req.unknown_fields())
-    prices = route.entry.prices
+    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
+    await meter.admit()  # scope and limits (429) before any generation
+    prices = meter.prices(route.entry.prices)
     echo = gen.prompt if req.echo else None
     want_logprobs = req.logprobs is not None
     if req.stream:
-        first, rest = await until_disconnect(request, _start(route, gen))
+        first, rest = await until_disconnect(request, _start(route, gen, meter))
         encoder = CompletionChunkEncoder(
             completion_id=completion_id,
             created=created,
@@ -598,7 +612,7 @@ async def serve_completion(
         return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
 
     async def run() -> Collected:
-        first, rest = await _start(route, gen)
+        first, rest = await _start(route, gen, meter)
         return await collect(first, rest)
 
     collected = await until_disconnect(request, run())

@@ -45,7 +45,8 @@ def upgrade() -> None:
     op.create_table(
         "usage_ledger",
         sa.Column("id", _ID, primary_key=True, autoincrement=True),
-        sa.Column("request_id", sa.String(160), nullable=False, unique=True),
+        sa.Column("response_id", sa.String(64), nullable=False, unique=True),
+        sa.Column("request_id", sa.String(160)),
         sa.Column("key_id", sa.String(64), nullable=False),
         sa.Column("created_at", _TS, nullable=False),
         sa.Column("model_requested", sa.String(200)),

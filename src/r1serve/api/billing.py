@@ -1,0 +1,210 @@
+"""The API's side of accounts: who is calling (managed keys) and metering each generation.
+
+Thin on purpose: every decision (key checks, limits, prices, the ledger) is in r1serve.accounts.
+
+* :class:`AccountsAuth` replaces ``StaticKeys`` as ``app.state.authenticator`` once the accounts
+  database is open (see app.py's lifespan); ``R1SERVE_API_KEYS`` keep working through it.
+* :class:`Meter` wraps an engine's delta stream: :meth:`Meter.admit` reserves the worst case before
+  generation (429 when a limit says no); the wrapper watches the deltas and, however the stream
+  ends (finished, failed, or closed early because the client hung up), settles once and queues
+  the ledger row. A cut stream is billed for the prompt and the text handed to the client: the
+  prompt tokens and the received text are counted with the model's own tokenizer when the engine
+  has one (the embedded engine), else estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from r1serve.accounts import Accounts, Principal, estimate_prompt_tokens
+from r1serve.accounts.limiter import Admission
+from r1serve.accounts.prices import PriceVersion
+from r1serve.api.auth import Caller, bearer_token
+from r1serve.engines.base import Delta, EngineUsage, GenerationRequest
+from r1serve.models.catalog import Prices
+from r1serve.router import Route
+
+log = logging.getLogger("r1serve.api")
+
+
+@dataclass(frozen=True)
+class AccountCaller(Caller):
+    principal: Principal | None = None
+
+
+class AccountsAuth:
+    """Managed keys, static keys and the admin key, all checked in memory."""
+
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
+
+    async def __call__(self, request: Request) -> Caller:
+        principal = self.accounts.authenticate(bearer_token(request))
+        request.state.principal = principal
+        return AccountCaller(key_id=None if principal.kind == "open" else principal.key_id, principal=principal)
+
+
+def accounts_of(request: Request) -> Accounts | None:
+    return getattr(request.app.state, "accounts", None)
+
+
+def principal_of(request: Request) -> Principal | None:
+    return getattr(request.state, "principal", None)
+
+
+def _texts(gen: GenerationRequest) -> tuple[list[str], int]:
+    if gen.prompt is not None:
+        return [gen.prompt], 1
+    texts: list[str] = []
+    for m in gen.messages or []:
+        content: Any = m.content
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(getattr(p, "text", "") or "" for p in content)
+    return texts, len(gen.messages or [])
+
+
+class Meter:
+    """One request's accounting. Create, ``await admit()``, then ``wrap()`` the engine's stream."""
+
+    def __init__(self, request: Request, route: Route, gen: GenerationRequest, *, model_name: str, response_id: str):
+        self.accounts = accounts_of(request)
+        self.principal = principal_of(request)
+        self.route = route
+        self.gen = gen
+        self.model_name = model_name
+        self.response_id = response_id
+        self.request_id = getattr(request.state, "request_id", None)
+        self.price: PriceVersion | None = None
+        self.admission: Admission | None = None
+        self._started = time.monotonic()
+        self._ttft: float | None = None
+        self._received: list[str] = []
+        self._usage: EngineUsage | None = None
+        self._done = False
+        # The app's ClientDisconnected handler settles through this when the client left before the
+        # generation even started (the wrapper never ran, so its finally cannot).
+        request.state.meter = self
+
+    @property
+    def active(self) -> bool:
+        return self.accounts is not None and self.principal is not None
+
+    def prices(self, default: Prices) -> Prices:
+        return self.price.prices if self.price is not None else default
+
+    async def admit(self) -> None:
+        if not self.active:
+            return
+        assert self.accounts is not None and self.principal is not None
+        entry = self.route.entry
+        self.accounts.check_model(self.principal, self.model_name, entry.id)
+        self.price = self.accounts.price(entry.id, entry.prices, requested=self.model_name)
+        if not self.principal.limited:
+            return
+        prompt = self._prompt_tokens()
+        room = max(0, entry.context_length - prompt)
+        max_tokens = self.gen.max_tokens if self.gen.max_tokens is not None else self._default_max_tokens()
+        self.admission = await self.accounts.admit(
+            self.principal, prompt_tokens=prompt, max_tokens=min(max_tokens, room) or max_tokens, price=self.price.prices
+        )
+
+    def _default_max_tokens(self) -> int:
+        settings = getattr(getattr(self.route.engine, "settings", None), "default_max_tokens", None)
+        return int(settings or self.route.entry.context_length)
+
+    def _prompt_tokens(self) -> int:
+        """Exact with the embedded engine's tokenizer, else an upper bound from the text."""
+        engine: Any = self.route.engine
+        try:
+            if self.gen.messages is not None and hasattr(engine, "render_prompt"):
+                return len(engine.vocab.prompt_tokens(engine.render_prompt(self.gen)[0]))
+            if self.gen.prompt is not None and hasattr(engine, "vocab"):
+                return len(engine.vocab.prompt_tokens(self.gen.prompt))
+        except Exception:
+            log.debug("prompt token count fell back to an estimate", exc_info=True)
+        texts, n = _texts(self.gen)
+        return estimate_prompt_tokens(texts, n)
+
+    def _count(self, text: str) -> int:
+        engine: Any = self.route.engine
+        if not text:
+            return 0
+        try:
+            return len(engine.vocab.tokenize(text, add_special=False))
+        except Exception:
+            return max(1, len(text.encode()) // 4)
+
+    async def wrap(self, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        status = "error"
+        try:
+            async for delta in stream:
+                if (delta.reasoning or delta.content) and self._ttft is None:
+                    self._ttft = time.monotonic() - self._started
+                if delta.reasoning:
+                    self._received.append(delta.reasoning)
+                if delta.content:
+                    self._received.append(delta.content)
+                if delta.finish_reason is not None:
+                    self._usage = delta.usage or EngineUsage()
+                    status = "ok"
+                yield delta
+                if status == "ok":
+                    return
+        except GeneratorExit:
+            status = "cancelled"
+            raise
+        except BaseException:
+            status = "cancelled" if self._received else "error"
+            raise
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if status == "error" and self._received:
+                status = "cancelled"
+            self.finish(status)
+
+    def finish(self, status: str) -> None:
+        if self._done or not self.active:
+            return
+        self._done = True
+        assert self.accounts is not None and self.principal is not None
+        usage = self._usage
+        if usage is None:
+            # Cut or failed before the final delta: bill the prompt (if any text came, it was read)
+            # and the text the client was handed.
+            usage = EngineUsage(
+                prompt_tokens=self._prompt_tokens() if self._received else 0,
+                completion_tokens=sum(self._count(t) for t in self._received),
+                estimated=True,
+            )
+        try:
+            self.accounts.finish(
+                self.admission,
+                response_id=self.response_id,
+                request_id=self.request_id,
+                principal=self.principal,
+                model_served=self.route.entry.id,
+                model_requested=self.model_name,
+                target=self.route.engine_model or getattr(self.route.engine, "name", None),
+                usage=usage,
+                price=self.price or self.accounts.price(self.route.entry.id, self.route.entry.prices),
+                status=status,
+                latency_ms=(time.monotonic() - self._started) * 1000,
+                ttft_ms=None if self._ttft is None else self._ttft * 1000,
+            )
+        except Exception:
+            log.exception("recording usage failed")
+
+
+def new_response_id() -> str:
+    return uuid.uuid4().hex
