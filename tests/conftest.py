@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, workdir: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, name: str, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
@@ -46,6 +46,7 @@ class LiveServer:
             "--port", str(self.port),
             "--parallel", "4",
             "--ctx", "4096",
+            *args,
         ]  # fmt: skip
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the server's whole life
         # cwd: a fresh directory, so a developer's .env cannot change the server under test.
@@ -87,8 +88,10 @@ class LiveServer:
         self._log.close()
 
 
-def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path_factory.mktemp(name), name, env)
+def _serve(
+    tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str], args: tuple[str, ...] = ()
+) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path_factory.mktemp(name), name, env, args)
     try:
         server.wait_ready()
         yield server
@@ -133,4 +136,17 @@ def reasoning_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     """The default model served as an R1-format model with a template that opens the reasoning."""
     env = {"R1SERVE_CHAT_TEMPLATE": THINKING_TEMPLATE, "R1SERVE_REASONING_FORMAT": "deepseek_r1"}
     for server in _serve(tmp_path_factory, "reasoning", env):
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def fronting_server_url(tmp_path_factory: pytest.TempPathFactory, reasoning_server_url: str) -> Iterator[str]:
+    """``r1serve serve --upstream``: a second r1serve fronting the reasoning server as its upstream, the
+    way a user fronts their own vLLM or llama-server. The upstream's key comes from the environment."""
+    args = (
+        "--upstream", f"{reasoning_server_url}/v1",
+        "--upstream-key-env", "FRONTED_KEY",
+        "--reasoning-dialect", "reasoning_content",
+    )  # fmt: skip
+    for server in _serve(tmp_path_factory, "fronting", {"FRONTED_KEY": "sk-upstream-secret"}, args):
         yield server.url

@@ -175,7 +175,8 @@ class FakeUpstream:
             body = json.loads(raw)
         except ValueError:
             body = {"_raw": raw.decode("utf-8", "replace")}
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body, "peer": peer})
         reply = self.script.popleft() if self.script else self.default
         if self.api_key is not None:
             auth = request.headers.get("Authorization", "")

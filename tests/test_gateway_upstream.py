@@ -267,6 +267,25 @@ async def test_request_body_history_and_options() -> None:
     assert sent["headers"]["X-Team"] == "ml" and sent["headers"]["Authorization"] == "Bearer sk-abc"
 
 
+@pytest.mark.parametrize(
+    ("effort", "budget", "expected"),
+    [
+        ("low", 256, {"reasoning_effort": "low"}),
+        (None, 64, {"max_reasoning_tokens": 64}),
+        (None, None, {}),
+    ],
+)
+async def test_thinking_budget_is_passed_on(effort: str | None, budget: int | None, expected: dict[str, object]) -> None:
+    async with FakeUpstream() as up:
+        request = GenerationRequest(
+            request_id="r", messages=[ChatMessage(role="user", content="hi")],
+            reasoning_effort=effort, reasoning_budget=budget,
+        )  # fmt: skip
+        await run(engine_for(up, dialect="reasoning_content"), request)
+        body = up.requests[0]["body"]
+    assert {k: body[k] for k in ("reasoning_effort", "max_reasoning_tokens") if k in body} == expected
+
+
 async def test_raw_completion_passes_text_through() -> None:
     async with FakeUpstream(default=Reply(fields=[("content", "<think>x</think> y")])) as up:
         request = GenerationRequest(request_id="r", prompt="Once upon", max_tokens=5)
@@ -427,3 +446,15 @@ async def test_client_going_away_closes_the_upstream_connection() -> None:
         await engine.close()
     # Nothing hangs, and the session is closed with the last user.
     assert engine._client._session is None
+
+
+async def test_connections_are_kept_alive_and_pooled() -> None:
+    async with FakeUpstream() as up:
+        engine = engine_for(up, dialect="reasoning_content")
+        await engine.start()
+        for _ in range(5):
+            async for _ in engine.generate(chat()):
+                pass
+            await asyncio.sleep(0.01)  # the chunked terminator is read in the background
+        await engine.close()
+        assert len({r["peer"] for r in up.requests}) == 1, [r["peer"] for r in up.requests]

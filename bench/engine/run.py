@@ -523,7 +523,9 @@ def server_specs(args: argparse.Namespace, model: Path) -> list[ServerSpec]:
             specs.append(ServerSpec(
                 "llama-cpp-python server",
                 [str(args.lcpp_python), "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                 "--port", str(port), "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(ctx)],
+                 "--port", str(port), "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(ctx),
+                 # queue concurrent requests (its default cuts a running stream short when another arrives)
+                 "--interrupt_requests", "False"],
                 # its streaming chunks carry no usage: tokens are counted as text chunks
                 port, False, args.concurrency,
             ))
@@ -537,7 +539,9 @@ async def bench_model(args: argparse.Namespace, model: Path, log_dir: Path) -> d
     if not args.skip_ceilings:
         print(f"[{model.name}] ceilings", file=sys.stderr, flush=True)
         result["ceilings"] = ceilings(args.llama_bin_dir, model, args.threads, args.max_tokens)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    # A fresh connection per request: a pooled keep-alive connection the server has since closed
+    # would otherwise surface as a spurious client error.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         for spec in server_specs(args, model):
             result["server_commands"][spec.name] = shlex.join(spec.argv)

@@ -375,7 +375,7 @@ def main() -> None:
             "",
             f"Command: `{cmd.strip()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
             f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
-            "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 9 SSE events + [DONE].",
+            "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 11 SSE events (role, 5 reasoning_content, 3 content, finish, usage) + [DONE].",
             "r1serve runs its real app (key auth, routing, reasoning normalisation, usage, cost, request ids, "
             "access log to a file) and always streams from the upstream, also for JSON clients.",
             "All rows from the same run; the machine's 2 cores are shared by wrk, the mock and the path under test.",

@@ -1,6 +1,6 @@
 """The processes the gateway benchmark runs, one per subcommand (see run.py):
 
-* ``mock``: a fast OpenAI-compatible upstream, raw ASGI (no framework). ``stream: true`` gets nine SSE
+* ``mock``: a fast OpenAI-compatible upstream, raw ASGI (no framework). ``stream: true`` gets eleven SSE
   events sent one by one (role, reasoning_content pieces, content pieces, finish, usage) and ``[DONE]``,
   the shape of vLLM with a reasoning parser; anything else gets the same answer as one JSON body.
 * ``floor``: the thinnest possible proxy: raw ASGI, one pooled client (aiohttp or httpx), bytes passed

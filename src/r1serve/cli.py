@@ -53,31 +53,62 @@ def serve(
     ctx: Annotated[int | None, typer.Option(help="Context length per sequence, in tokens.")] = None,
     parallel: Annotated[int | None, typer.Option(help="Sequences decoded together (batch size).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    provider: Annotated[
+        str | None,
+        typer.Option(help="Serve through a provider preset (deepinfra, together, huggingface, aimlapi, deepseek, "
+                     "openrouter, vllm, sglang, llama-server, ollama); comma-separated for a fallback chain."),
+    ] = None,
+    upstream: Annotated[
+        str | None, typer.Option(help="Front any OpenAI-compatible server, e.g. http://HOST:PORT/v1.")
+    ] = None,
+    upstream_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable (or .env entry) holding the upstream's API key.")
+    ] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="Model name to ask the upstream for.")] = None,
+    reasoning_dialect: Annotated[
+        str | None,
+        typer.Option(help="How the upstream returns reasoning: auto, think_in_content, think_tags, "
+                     "reasoning_content, reasoning or none."),
+    ] = None,
+    providers_file: Annotated[
+        str | None, typer.Option(help="A TOML or JSON file of providers and routes.")
+    ] = None,
 ) -> None:
-    """Serve a model over the OpenAI API (fetching it first if needed)."""
+    """Serve a model over the OpenAI API (fetching it first if needed), or front upstream providers."""
     import uvicorn
 
     from r1serve.api import create_app
     from r1serve.api.context import configure_logging
     from r1serve.api.state import resolve_model
 
+    from r1serve.gateway import GatewayConfigError, gateway_plan
+
     settings = _settings(
-        model=model, host=host, port=port, n_threads=threads, n_ctx=ctx, max_running=parallel, log_level=log_level
-    )
+        model=model, host=host, port=port, n_threads=threads, n_ctx=ctx, max_running=parallel, log_level=log_level,
+        provider=provider, upstream=upstream, upstream_key_env=upstream_key_env, upstream_model=upstream_model,
+        reasoning_dialect=reasoning_dialect, providers_file=providers_file,
+    )  # fmt: skip
     configure_logging(settings.log_level)
     try:
-        # Fetched here rather than in the app's startup so the progress bar has the terminal.
-        resolved = resolve_model(settings, progress=True)
-    except ModelFetchError as exc:
+        plan = gateway_plan(settings)
+    except GatewayConfigError as exc:
         raise _fail(str(exc)) from None
     log.info("r1serve %s", r1serve.__version__)
-    log.info("model: %s (%s)", resolved.entry.id, resolved.path)
-    log.info(
-        "engine: llama.cpp, %d threads, %d-token context per sequence, %d parallel sequences",
-        settings.n_threads,
-        settings.n_ctx,
-        settings.max_running,
-    )
+    if plan is None or plan.uses_embedded:
+        try:
+            # Fetched here rather than in the app's startup so the progress bar has the terminal.
+            resolved = resolve_model(settings, progress=True)
+        except ModelFetchError as exc:
+            raise _fail(str(exc)) from None
+        log.info("model: %s (%s)", resolved.entry.id, resolved.path)
+        log.info(
+            "engine: llama.cpp, %d threads, %d-token context per sequence, %d parallel sequences",
+            settings.n_threads,
+            settings.n_ctx,
+            settings.max_running,
+        )
+    if plan is not None:
+        log.info("gateway: %s", ", ".join(sorted(plan.providers)) or "routes from the providers file")
     url = f"http://{settings.host}:{settings.port}"
     log.info("API: %s/v1   docs: %s/docs", url, url)
     uvicorn.run(

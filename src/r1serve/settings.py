@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     reasoning_budget_medium: int = 1024
     reasoning_budget_high: int = 4096
 
+    # --- Gateway: upstream OpenAI-compatible providers (see r1serve.gateway)
+    provider: str | None = None  # preset name(s), comma-separated: a fallback chain
+    upstream: str | None = None  # base URL of any OpenAI-compatible server, e.g. http://host:8000/v1
+    upstream_key_env: str | None = None  # the environment variable holding the upstream's API key
+    upstream_model: str | None = None
+    reasoning_dialect: Literal[
+        "auto", "think_in_content", "think_tags", "reasoning_content", "reasoning", "none"
+    ] = "auto"
+    upstream_connect_timeout: float | None = None
+    upstream_first_byte_timeout: float | None = None
+    upstream_idle_timeout: float | None = None
+
     # --- Platform
     database_url: str | None = None
     admin_key: str | None = None

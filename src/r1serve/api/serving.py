@@ -123,6 +123,7 @@ def chat_generation_request(
         stop=req.stop_list(),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         reasoning_budget=reasoning_budget(req, settings),
+        reasoning_effort=req.reasoning_effort,
         model=route.engine_model,
         extra=dict(req.model_extra or {}),
     )

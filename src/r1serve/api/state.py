@@ -10,11 +10,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
 from r1serve.models.fetch import ModelFetchError, ensure_model
 from r1serve.router import Route, Router
 from r1serve.settings import Settings
+
+if TYPE_CHECKING:
+    from r1serve.engines.llama import LlamaEngine
 
 log = logging.getLogger("r1serve.api")
 
@@ -44,20 +48,36 @@ def resolve_model(settings: Settings, *, progress: bool = False) -> ResolvedMode
     return ResolvedModel(entry, ensure_model(entry, settings.models_dir, progress=progress))
 
 
-async def build_router(settings: Settings, *, progress: bool = False) -> Router:
-    """Fetch the model if needed, start the embedded engine on it, route the R1 aliases to it."""
+async def start_embedded(settings: Settings, *, progress: bool = False) -> LlamaEngine:
+    """Fetch the model if needed and start the embedded engine on it."""
     # Imported here: loading llama.cpp's shared library is only needed when serving a local model.
     from r1serve.engines.llama import LlamaEngine
 
     resolved = await asyncio.to_thread(resolve_model, settings, progress=progress)
     engine = LlamaEngine(resolved.path, resolved.entry, settings)
     await engine.start()
+    log.info("serving %s from %s", engine.entry.id, resolved.path)
+    return engine
+
+
+async def build_router(settings: Settings, *, progress: bool = False) -> Router:
+    """The gateway's routes when providers are configured (the embedded engine started only if a route
+    uses it), else the embedded engine alone with the R1 aliases routed to it."""
+    from r1serve.gateway import build_gateway_router, gateway_plan
+
+    plan = gateway_plan(settings)
+    if plan is not None:
+        gateway = await build_gateway_router(
+            settings, config=plan, embedded=lambda: start_embedded(settings, progress=progress)
+        )
+        assert gateway is not None
+        return gateway
+    engine = await start_embedded(settings, progress=progress)
     router = Router()
     # The engine's entry, not the catalog's: it carries the detected reasoning format and the real
     # per-sequence context length.
     router.add(Route(entry=engine.entry, engine=engine), default=True)
     router.add_r1_aliases()
-    log.info("serving %s from %s", engine.entry.id, resolved.path)
     return router
 
 

@@ -45,6 +45,8 @@ class GenerationRequest:
     logprobs: int | None = None
     # Reasoning tokens allowed before the engine closes the reasoning itself; None: unlimited.
     reasoning_budget: int | None = None
+    # What the client asked for, kept for engines that pass it on (upstreams) rather than enforce it.
+    reasoning_effort: str | None = None
     # The engine-side model name (an upstream provider's id); None: the engine's own model.
     model: str | None = None
     # Extra request fields for an upstream engine to forward verbatim.

@@ -470,6 +470,13 @@ class UpstreamEngine(Engine):
                 body[key] = value
         if request.stop:
             body["stop"] = request.stop
+        # The upstream enforces the thinking budget, if it can: OpenAI's reasoning_effort, or r1serve's
+        # (and compatible servers') max_reasoning_tokens. Servers ignore what they do not know;
+        # a strict one can be given drop_params.
+        if request.reasoning_effort is not None:
+            body["reasoning_effort"] = request.reasoning_effort
+        elif request.reasoning_budget is not None:
+            body["max_reasoning_tokens"] = request.reasoning_budget
         if request.logprobs is not None:
             if request.messages is not None:
                 body["logprobs"] = True
@@ -660,15 +667,14 @@ class UpstreamEngine(Engine):
             # A finished response goes back to the pool (after reading the chunked terminator, which
             # usually arrived with [DONE]); a half-read one is closed, dropping the connection: that is
             # how a client that went away stops the upstream generation.
-            if complete and not resp.content.at_eof():
-                try:
-                    async with asyncio.timeout(0.1):
-                        while await resp.content.readany():
-                            pass
-                except (TimeoutError, aiohttp.ClientError, ConnectionError):
-                    pass
             if complete and resp.content.at_eof():
                 resp.release()
+            elif complete:
+                # The terminator is usually one more TCP segment away: read it in the background rather
+                # than make the client wait for it (a whole JSON answer is sent only after this runs).
+                task = asyncio.get_running_loop().create_task(_drain_and_release(resp))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
             else:
                 resp.close()
 
@@ -734,6 +740,21 @@ class UpstreamEngine(Engine):
             "model": self.config.model,
             "dialect": self._dialect,
         }
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _drain_and_release(resp: aiohttp.ClientResponse) -> None:
+    """Read what is left of a finished response (the chunked terminator) so its connection is reused."""
+    try:
+        async with asyncio.timeout(1.0):
+            while await resp.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
+        resp.close()
+        return
+    resp.release()
 
 
 def _error_text(err: Any) -> str:
