@@ -1,0 +1,67 @@
+"""The layers import in one direction only: protocol -> reasoning -> engines -> router -> accounts -> api, cli.
+
+A module may import from its own layer and the layers below it, never above. The check reads the
+source (no imports run), so it also catches imports inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import r1serve
+
+PACKAGE = Path(r1serve.__file__).parent
+
+# Lower numbers sit below higher ones. Shared leaves (errors, settings) are at the bottom.
+LAYERS: dict[str, int] = {
+    "errors": 0,
+    "settings": 0,
+    "protocol": 0,
+    "reasoning": 1,
+    "models": 1,  # the catalog and fetching weights: data the engines read
+    "engines": 2,
+    "router": 3,
+    "gateway": 3,  # routes over several engines; builds a Router
+    "accounts": 4,
+    "api": 5,
+    "cli": 6,
+    "__main__": 6,
+    "__init__": 0,
+}
+
+
+def _layer_of(module_path: Path) -> str:
+    rel = module_path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imported_layers(tree: ast.AST) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "r1serve" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_every_top_level_module_has_a_layer() -> None:
+    tops = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert tops <= set(LAYERS), f"assign a layer to: {sorted(tops - set(LAYERS))}"
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = _layer_of(path)
+        for target in _imported_layers(ast.parse(path.read_text(encoding="utf-8"))):
+            if LAYERS[target] > LAYERS[own]:
+                violations.append(f"{path.relative_to(PACKAGE)} ({own}) imports r1serve.{target}")
+    assert not violations, "\n".join(violations)
