@@ -5,6 +5,7 @@ Generation itself is tested against the live server (test_api_live.py); these ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -127,3 +128,135 @@ async def test_metrics_count_requests_by_route() -> None:
         text = (await client.get("/metrics")).text
     assert 'r1serve_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
     assert "r1serve_http_request_duration_seconds_bucket" in text
+
+
+# ----------------------------------------------------------------------------- the fast path (api/fastpath.py)
+
+
+class _Scripted:
+    """An engine that answers from a script, or hangs until cancelled; it records how each generation ended."""
+
+    name = "scripted"
+
+    def __init__(self, hang: bool = False) -> None:
+        self.hang = hang
+        self.requests: list[Any] = []
+        self.ended: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    async def generate(self, request: Any) -> Any:
+        from r1serve.engines.base import Delta, EngineUsage
+
+        self.requests.append(request)
+        how = "finished"
+        try:
+            if self.hang is True:
+                await asyncio.sleep(3600)
+            yield Delta(reasoning="Think.")
+            if self.hang == "mid-stream":
+                await asyncio.sleep(3600)
+            yield Delta(content="Hi.", finish_reason="stop", usage=EngineUsage(prompt_tokens=3, completion_tokens=4, reasoning_tokens=2))
+        except BaseException as exc:
+            how = type(exc).__name__
+            raise
+        finally:
+            self.ended.append(how)
+
+
+def _scripted_app(engine: Any, **settings: Any) -> Any:
+    from r1serve.models.catalog import LocalSource, ModelEntry
+    from r1serve.router import Route
+
+    router = Router()
+    entry = ModelEntry(id="m", source=LocalSource(path=__import__("pathlib").Path("m.gguf")))
+    router.add(Route(entry=entry, engine=engine), default=True)
+    return create_app(Settings(**settings), router=router)
+
+
+async def test_fast_path_serves_chat_and_completions_with_ids_usage_and_headers() -> None:
+    engine = _Scripted()
+    app = _scripted_app(engine, api_keys=["sk-a"])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    auth = {"Authorization": "Bearer sk-a", "x-request-id": "abc-1"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        resp = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "foo": 1})
+        stream = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        text = await client.post("/v1/completions", headers=auth, json={"prompt": "2+2="})
+        missing = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        bad = await client.post("/v1/chat/completions", headers=auth, json={"messages": []})
+        metrics = (await client.get("/metrics")).text
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "abc-1"
+    assert resp.headers["x-r1serve-unknown-fields"] == "foo" and resp.headers["x-r1serve-model"] == "m"
+    body = resp.json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi.", "reasoning_content": "Think."}
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 2 and "estimated_cost" in body["usage"]
+    assert engine.requests[0].stream is False and engine.requests[1].stream is True  # the client's choice reaches the engine
+    assert stream.headers["content-type"].startswith("text/event-stream") and stream.text.endswith("data: [DONE]\n\n")
+    assert '"reasoning_content":"Think."' in stream.text and stream.headers["x-request-id"] == "abc-1"
+    assert missing.headers["x-request-id"].startswith("req_")
+    assert text.status_code == 200 and text.json()["choices"][0]["text"] == "Think.Hi."
+    error = _assert_error(missing, 401)
+    assert error["code"] == "invalid_api_key" and missing.headers["www-authenticate"] == "Bearer"
+    assert _assert_error(bad, 400)["param"] == "messages"
+    assert 'r1serve_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in metrics
+    assert 'r1serve_http_requests_total{method="POST",route="/v1/completions",status="200"}' in metrics
+
+
+async def _disconnect_after(app: Any, body: dict[str, Any], delay: float) -> list[dict[str, Any]]:
+    """Drive the app like a server whose client hangs up ``delay`` seconds after sending the request."""
+    import json as _json
+
+    raw = _json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(delay)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_fast_path_client_disconnect_cancels_the_generation(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+    engine = _Scripted(hang=True)
+    app = _scripted_app(engine)
+    with caplog.at_level(logging.INFO, logger="r1serve.access"):
+        sent = await _disconnect_after(app, {"messages": [{"role": "user", "content": "hi"}], "stream": stream}, 0.2)
+    assert sent == []  # nothing to send to a client that left
+    assert engine.ended == ["CancelledError"]
+    assert any("POST /v1/chat/completions 499" in r.getMessage() for r in caplog.records)
+
+
+async def test_fast_path_client_disconnect_mid_stream_closes_the_generation() -> None:
+    engine = _Scripted(hang="mid-stream")  # type: ignore[arg-type]
+    app = _scripted_app(engine)
+    sent = await _disconnect_after(app, {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 0.2)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert b"Think." in b"".join(m.get("body", b"") for m in sent)
+    assert engine.ended and engine.ended[0] in ("CancelledError", "GeneratorExit")
+
+
+async def test_fast_path_leaves_other_methods_to_fastapi() -> None:
+    client, _ = _client()
+    async with client:
+        resp = await client.get("/v1/chat/completions")
+    assert _assert_error(resp, 405)["code"] == "method_not_allowed"

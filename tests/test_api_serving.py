@@ -465,3 +465,36 @@ def test_validation_errors_name_the_field(body: dict[str, Any], param: str) -> N
     error = validation_error(info.value.errors())
     assert error.status == 400 and error.param == param
     assert param in error.message
+
+
+async def test_meter_records_a_finished_generation_as_ok_even_when_closed_after_the_finish() -> None:
+    # The API stops reading at the final delta and closes the stream; that is a finished request.
+    from r1serve.api.billing import Meter
+
+    statuses: list[str] = []
+
+    class _Meter(Meter):
+        def __init__(self) -> None:  # no request, route or accounts: only the wrapper is under test
+            self._started = 0.0
+            self._ttft = None
+            self._received = []
+            self._usage = None
+
+        def finish(self, status: str) -> None:
+            statuses.append(status)
+
+    async def finished() -> Any:
+        yield Delta(content="a")
+        yield Delta(finish_reason="stop", usage=USAGE)
+
+    async def cut() -> Any:
+        yield Delta(content="a")
+        yield Delta(content="b")
+
+    for source, stop_at_first, expected in ((finished, False, "ok"), (cut, True, "cancelled")):
+        wrapped = _Meter().wrap(source())
+        async for d in wrapped:
+            if d.finish_reason is not None or stop_at_first:
+                break
+        await wrapped.aclose()
+        assert statuses.pop() == expected

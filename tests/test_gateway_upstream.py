@@ -458,3 +458,70 @@ async def test_connections_are_kept_alive_and_pooled() -> None:
             await asyncio.sleep(0.01)  # the chunked terminator is read in the background
         await engine.close()
         assert len({r["peer"] for r in up.requests}) == 1, [r["peer"] for r in up.requests]
+
+
+# ----------------------------------------------------------------------------- JSON clients: JSON upstream
+
+
+@pytest.mark.parametrize(
+    ("dialect", "fields"),
+    [
+        ("reasoning_content", [("reasoning_content", REASONING), ("content", "\n\n" + ANSWER)]),
+        ("reasoning", [("reasoning", REASONING), ("content", ANSWER)]),
+        ("think_in_content", think_content(REASONING, ANSWER)),
+        ("think_in_content", think_content(REASONING, ANSWER, open_tag=True)),
+        ("think_tags", think_content(REASONING, ANSWER, open_tag=True)),
+        ("none", [("content", ANSWER)]),
+    ],
+)
+async def test_json_client_asks_upstream_for_json_and_normalises_identically(
+    dialect: str, fields: list[tuple[str, str]]
+) -> None:
+    async with FakeUpstream(default=Reply(fields=fields, chunk=4)) as up:
+        streamed = await run(engine_for(up, dialect=dialect), chat(stream=True))
+        whole = await run(engine_for(up, dialect=dialect), chat(stream=False))
+        sent_stream, sent_json = up.requests[0]["body"], up.requests[1]["body"]
+    assert sent_stream["stream"] is True and sent_stream["stream_options"] == {"include_usage": True}
+    assert sent_json["stream"] is False and "stream_options" not in sent_json
+    # Same reasoning split, same answer, same usage (upstream's), whichever way upstream answered.
+    assert whole[:2] == streamed[:2]
+    assert whole[2].usage == streamed[2].usage and whole[2].finish_reason == streamed[2].finish_reason
+    assert len(whole[3]) == 1  # one whole answer: one delta
+
+
+async def test_json_request_without_upstream_usage_is_estimated_like_a_stream() -> None:
+    reply = Reply(fields=[("reasoning_content", REASONING), ("content", ANSWER)], usage=False)
+    async with FakeUpstream(default=reply) as up:
+        _, _, streamed, _ = await run(engine_for(up, dialect="reasoning_content"), chat(stream=True))
+        _, _, whole, _ = await run(engine_for(up, dialect="reasoning_content"), chat(stream=False))
+    assert whole.usage is not None and whole.usage.estimated
+    assert whole.usage == streamed.usage
+
+
+async def test_json_request_waits_for_the_whole_timeout_not_the_first_byte_one() -> None:
+    # Upstreams answer a non-streaming request only when the generation is done: first_byte cannot apply.
+    async with FakeUpstream(default=Reply(first_byte_delay=0.6)) as up:
+        slow_ok = engine_for(up, timeouts=Timeouts(connect=1, first_byte=0.2, idle=0.2, whole=3))
+        reasoning, content, _, _ = await run(slow_ok, chat(stream=False))
+        assert reasoning == "Thinking." and content == "Answer."
+        too_slow = engine_for(up, timeouts=Timeouts(connect=1, first_byte=0.1, idle=0.1, whole=0.3))
+        await too_slow.start()
+        started = time.perf_counter()
+        with pytest.raises(AttemptFailed) as info:
+            async for _ in too_slow.generate(chat(stream=False)):
+                pass
+        elapsed = time.perf_counter() - started
+        await too_slow.close()
+    assert info.value.kind == "timeout" and info.value.retryable
+    assert 0.25 < elapsed < 0.6
+
+
+def test_whole_timeout_is_configurable(tmp_path: Any) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        '[gateway]\nwhole_timeout = 900\n[providers.a]\nbase_url = "http://127.0.0.1:1/v1"\nmodel = "m"\n'
+        '[providers.b]\nbase_url = "http://127.0.0.1:2/v1"\nmodel = "m"\nwhole_timeout = 30\n'
+    )
+    config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
+    assert config is not None
+    assert config.providers["a"].timeouts.whole == 900 and config.providers["b"].timeouts.whole == 30

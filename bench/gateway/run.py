@@ -377,7 +377,7 @@ def main() -> None:
             f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
             "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 11 SSE events (role, 5 reasoning_content, 3 content, finish, usage) + [DONE].",
             "r1serve runs its real app (key auth, routing, reasoning normalisation, usage, cost, request ids, "
-            "access log to a file) and always streams from the upstream, also for JSON clients.",
+            "access log to a file); it asks the upstream for the shape the client asked for (JSON or a stream).",
             "All rows from the same run; the machine's 2 cores are shared by wrk, the mock and the path under test.",
             "",
             md,

@@ -160,7 +160,10 @@ class Meter:
                 if status == "ok":
                     return
         except GeneratorExit:
-            status = "cancelled"
+            # Closed by the consumer: after the final delta that is the normal end (the API stops
+            # reading at the finish and closes the stream), before it the client went away.
+            if status != "ok":
+                status = "cancelled"
             raise
         except BaseException:
             status = "cancelled" if self._received else "error"

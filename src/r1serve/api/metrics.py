@@ -23,9 +23,20 @@ HTTP_LATENCY = Histogram(
 )
 
 
+# Children by label values: ``labels()`` validates and locks on every call, and this runs per request.
+_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def observe(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    HTTP_LATENCY.labels(route, method).observe(seconds)
+    key = (route, method, status)
+    children = _children.get(key)
+    if children is None:
+        children = _children[key] = (
+            HTTP_REQUESTS.labels(route, method, str(status)),
+            HTTP_LATENCY.labels(route, method),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 async def metrics_endpoint(request: Request) -> Response:

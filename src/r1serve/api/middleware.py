@@ -13,6 +13,7 @@ import logging
 import time
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r1serve.api.context import accept_request_id, request_id_var
@@ -81,34 +82,15 @@ class RequestContextMiddleware:
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """The whole body, enforcing the limit; returns a receive that replays it, or None when a
         response (413) was already sent or the client left."""
-        limit = self.max_body_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    await _send_too_large(send, limit)
-                    return None
-                break
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+        except BodyTooLarge as exc:
+            await _send_too_large(send, exc.limit)
+            return None
+        if body is None:
+            return None
 
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                await _send_too_large(send, limit)
-                return None
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-
-        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> Message:
             # After the body, the app's next receive waits for http.disconnect, as with the raw server.
@@ -119,15 +101,67 @@ class RequestContextMiddleware:
         return replay
 
 
-async def _send_too_large(send: Send, limit: int) -> None:
-    body = error_body(
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body; None when the client left first. Raises BodyTooLarge past ``limit``
+    (declared in content-length, or counted while reading)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0
+            if declared > limit:
+                raise BodyTooLarge(limit)
+            break
+
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    body: bytes = message.get("body", b"")
+    if len(body) > limit:
+        raise BodyTooLarge(limit)
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(body)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large_body(limit: int) -> dict[str, object]:
+    return error_body(
         f"Request body too large: the limit is {limit} bytes (R1SERVE_MAX_BODY_BYTES).",
         "invalid_request_error",
         None,
         "request_too_large",
     )
+
+
+def too_large_response(limit: int) -> Response:
     # The unread rest of the body makes the connection unusable for another request.
-    await _send_json(send, 413, body, extra_headers=[(b"connection", b"close")])
+    return Response(
+        json.dumps(_too_large_body(limit)), status_code=413, media_type="application/json", headers={"connection": "close"}
+    )
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    # The unread rest of the body makes the connection unusable for another request.
+    await _send_json(send, 413, _too_large_body(limit), extra_headers=[(b"connection", b"close")])
 
 
 async def _send_json(

@@ -49,8 +49,7 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def _json_from(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request has no body; send a JSON object.", code="missing_required_parameter")
     try:
@@ -65,12 +64,27 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    data = await _json_object(request)
+async def _json_object(request: Request) -> dict[str, Any]:
+    return _json_from(await request.body())
+
+
+def parse_raw(raw: bytes, model: type[M]) -> M:
+    """A request body (bytes) as ``model``; any failure is an InvalidRequest (400) naming the field."""
+    try:
+        # pydantic parses and validates the bytes in one pass, a little more than twice as fast as
+        # json.loads + model_validate; a body it refuses takes the path below, which words the error.
+        return model.model_validate_json(raw)
+    except ValidationError:
+        pass
+    data = _json_from(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    return parse_raw(await request.body(), model)
 
 
 def router_of(request: Request) -> Router:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -62,7 +62,7 @@ _INTERNAL_ERROR = "The server had an error while processing your request."
 
 
 def new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex
+    return prefix + os.urandom(16).hex()  # uuid4().hex's 32 hex digits, without building a UUID
 
 
 # ----------------------------------------------------------------------------- requests
@@ -126,6 +126,7 @@ def chat_generation_request(
         reasoning_effort=req.reasoning_effort,
         model=route.engine_model,
         extra=dict(req.model_extra or {}),
+        stream=req.stream,
     )
 
 
@@ -154,6 +155,7 @@ def completion_generation_request(
         logprobs=req.logprobs,
         model=route.engine_model,
         extra=dict(req.model_extra or {}),
+        stream=req.stream,
     )
 
 
@@ -352,23 +354,45 @@ class CompletionChunkEncoder:
 Encoder = ChatChunkEncoder | CompletionChunkEncoder
 
 
-async def sse_events(first: Delta, rest: AsyncIterator[Delta], encoder: Encoder) -> AsyncIterator[str]:
-    """The whole SSE body. ``first`` was already awaited (so errors before it became HTTP errors)."""
+async def sse_events(
+    first: Delta, rest: AsyncIterator[Delta], encoder: Encoder, *, batch: bool = False
+) -> AsyncIterator[str]:
+    """The whole SSE body. ``first`` was already awaited (so errors before it became HTTP errors).
+
+    One event per item; with ``batch`` the events of one delta come as one item (one write to the
+    socket instead of several; the bytes on the wire are the same)."""
+    done_sent = False
     try:
-        for event in encoder.start():
-            yield event
+        start = encoder.start()
+        if not batch:
+            for event in start:
+                yield event
+            start = []
         delta: Delta | None = first
         while delta is not None:
             events = encoder.delta(delta)
             if not events and delta.finish_reason is None and not (delta.reasoning or delta.content):
                 # A heartbeat from a queued request: an SSE comment keeps proxies and clients waiting.
                 events = [KEEPALIVE_EVENT]
-            for event in events:
-                yield event
+            if start:
+                events = start + events
+                start = []
             if delta.finish_reason is not None:
-                for event in encoder.finish(delta):
-                    yield event
+                events += encoder.finish(delta)
+                if batch:
+                    events.append(DONE_EVENT)
+                    done_sent = True
+                    yield "".join(events)
+                else:
+                    for event in events:
+                        yield event
                 break
+            if batch:
+                if events:
+                    yield "".join(events)
+            else:
+                for event in events:
+                    yield event
             delta = await anext(rest, None)
         else:
             raise R1ServeError("the engine ended the stream without a finish reason")
@@ -378,7 +402,8 @@ async def sse_events(first: Delta, rest: AsyncIterator[Delta], encoder: Encoder)
         yield error_event(exc)
     finally:
         await _close(rest)
-    yield DONE_EVENT
+    if not done_sent:
+        yield DONE_EVENT
 
 
 async def _close(it: AsyncIterator[Delta]) -> None:
@@ -530,6 +555,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
+async def _guarded(request: Request, work: Awaitable[T], watch: bool) -> T:
+    """``work`` under :func:`until_disconnect`, or awaited directly when the caller (the API's fast path,
+    api/fastpath.py) already watches for the client hanging up and cancels the whole request itself."""
+    if watch:
+        return await until_disconnect(request, work)
+    return await work
+
+
 def _headers(route: Route, unknown: list[str]) -> dict[str, str]:
     headers = {"x-r1serve-model": route.entry.id}
     if unknown:
@@ -542,7 +575,7 @@ async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = Non
     becomes an HTTP error status rather than an error inside a 200 stream. The meter (accounts) sees
     every delta and settles the request however the stream ends."""
     stream = route.engine.generate(gen)
-    if meter is not None:
+    if meter is not None and meter.active:  # an inactive meter (no accounts) would only pass deltas on
         stream = meter.wrap(stream)
     try:
         first = await anext(stream)
@@ -557,7 +590,13 @@ def _json_response(body: dict[str, Any], headers: dict[str, str]) -> Response:
 
 
 async def serve_chat(
-    request: Request, req: ChatCompletionRequest, route: Route, settings: Settings, *, model_name: str
+    request: Request,
+    req: ChatCompletionRequest,
+    route: Route,
+    settings: Settings,
+    *,
+    model_name: str,
+    watch: bool = True,
 ) -> Response:
     gen = chat_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
@@ -566,7 +605,7 @@ async def serve_chat(
     await meter.admit()  # scope and limits (429) before any generation
     prices = meter.prices(route.entry.prices)
     if req.stream:
-        first, rest = await until_disconnect(request, _start(route, gen, meter))
+        first, rest = await _guarded(request, _start(route, gen, meter), watch)
         encoder = ChatChunkEncoder(
             completion_id=completion_id,
             created=created,
@@ -575,13 +614,13 @@ async def serve_chat(
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             include_reasoning=req.include_reasoning,
         )
-        return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
+        return SSEResponse(sse_events(first, rest, encoder, batch=not watch), headers={**headers, **_SSE_HEADERS})
 
     async def run() -> Collected:
         first, rest = await _start(route, gen, meter)
         return await collect(first, rest, include_reasoning=req.include_reasoning)
 
-    collected = await until_disconnect(request, run())
+    collected = await _guarded(request, run(), watch)
     body = chat_completion_body(
         collected, completion_id=completion_id, created=created, model=model_name, prices=prices
     )
@@ -589,7 +628,13 @@ async def serve_chat(
 
 
 async def serve_completion(
-    request: Request, req: CompletionRequest, route: Route, settings: Settings, *, model_name: str
+    request: Request,
+    req: CompletionRequest,
+    route: Route,
+    settings: Settings,
+    *,
+    model_name: str,
+    watch: bool = True,
 ) -> Response:
     gen = completion_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("cmpl-"), int(time.time())
@@ -600,7 +645,7 @@ async def serve_completion(
     echo = gen.prompt if req.echo else None
     want_logprobs = req.logprobs is not None
     if req.stream:
-        first, rest = await until_disconnect(request, _start(route, gen, meter))
+        first, rest = await _guarded(request, _start(route, gen, meter), watch)
         encoder = CompletionChunkEncoder(
             completion_id=completion_id,
             created=created,
@@ -610,13 +655,13 @@ async def serve_completion(
             echo=echo,
             want_logprobs=want_logprobs,
         )
-        return SSEResponse(sse_events(first, rest, encoder), headers={**headers, **_SSE_HEADERS})
+        return SSEResponse(sse_events(first, rest, encoder, batch=not watch), headers={**headers, **_SSE_HEADERS})
 
     async def run() -> Collected:
         first, rest = await _start(route, gen, meter)
         return await collect(first, rest)
 
-    collected = await until_disconnect(request, run())
+    collected = await _guarded(request, run(), watch)
     body = completion_body(
         collected,
         completion_id=completion_id,

@@ -51,6 +51,9 @@ class GenerationRequest:
     model: str | None = None
     # Extra request fields for an upstream engine to forward verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whether the client reads a stream; False (a whole JSON answer) lets an upstream engine ask for one too.
+    # The engine interface streams deltas either way.
+    stream: bool = True
 
 
 @dataclass

@@ -10,10 +10,13 @@ turns it into an error event followed by ``[DONE]``).
 
 Wire choices
 ------------
-* Chat requests always go upstream with ``stream: true`` and ``stream_options.include_usage`` (turn the
-  latter off per provider with ``include_usage = false`` for servers that reject it): the engine
-  interface streams anyway, idle timeouts need chunks, and it is the only way to ask for usage on a
-  stream. An upstream that answers a streaming request with a plain JSON body is accepted too.
+* A streaming client's request goes upstream with ``stream: true`` and ``stream_options.include_usage``
+  (turn the latter off per provider with ``include_usage = false`` for servers that reject it): it is
+  the only way to ask for usage on a stream, and idle timeouts need chunks. A client that wants one
+  JSON answer (``GenerationRequest.stream`` False) gets it asked for as one JSON answer (``stream:
+  false``): half the work on both sides, and the same normalisation (the whole text goes through the
+  same parser as one piece). Such a request has no chunks to time: headers and body must arrive within
+  ``Timeouts.whole``. An upstream that answers either way with the other shape is accepted too.
 * The body is read as it arrives (``readany``), split into SSE lines, and every read becomes at most
   one delta: events that arrived in the same read are merged, nothing waits for more.
 * Reasoning is split with :class:`r1serve.reasoning.ReasoningParser`, so the result is identical to the
@@ -102,11 +105,18 @@ _PER_PROMPT_TOKENS = 3
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds. ``first_byte``: from sending the request to the first body bytes (headers included);
-    ``idle``: the longest gap between two reads of the body."""
+    ``idle``: the longest gap between two reads of the body; ``whole``: a non-streaming answer, all of it."""
 
     connect: float = 10.0
     first_byte: float = 120.0
     idle: float = 60.0
+    # A non-streaming request (the client wants one JSON answer): the whole answer, from sending the
+    # request; upstreams send nothing until the generation is done, so first_byte cannot apply.
+    whole: float = 600.0
+
+    def first_deadline(self, stream: bool) -> float:
+        """Seconds allowed before the response headers."""
+        return self.first_byte if stream else max(self.first_byte, self.whole)
 
 
 @dataclass(frozen=True)
@@ -455,8 +465,8 @@ class UpstreamEngine(Engine):
             body["messages"] = [message_dict(m) for m in request.messages]
         else:
             body["prompt"] = request.prompt or ""
-        body["stream"] = True
-        if self.config.include_usage:
+        body["stream"] = request.stream
+        if request.stream and self.config.include_usage:
             body["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
@@ -555,13 +565,14 @@ class UpstreamEngine(Engine):
         url = self._chat_url if chat else self._completions_url
         session = self._client.session
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + t.first_byte
+        first_wait = t.first_deadline(request.stream)
+        deadline = loop.time() + first_wait
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await session.post(url, data=body, headers=self._headers)
         except TimeoutError:
             raise AttemptFailed(
-                f"upstream {cfg.name} sent no response within {t.first_byte:g}s", kind="timeout", retryable=True
+                f"upstream {cfg.name} sent no response within {first_wait:g}s", kind="timeout", retryable=True
             ) from None
         except aiohttp.ClientError as exc:
             raise AttemptFailed(
@@ -595,7 +606,7 @@ class UpstreamEngine(Engine):
                     if finish is not None:
                         break  # finished but never said [DONE]: what we have is complete
                     phase = "idle" if yielded or buf else "first-byte"
-                    secs = t.idle if phase == "idle" else t.first_byte
+                    secs = t.idle if phase == "idle" else first_wait
                     raise self._failure(
                         f"upstream {cfg.name} sent nothing for {secs:g}s ({phase} timeout)", "timeout", yielded
                     ) from None

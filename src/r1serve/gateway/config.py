@@ -11,6 +11,7 @@ The providers file (``R1SERVE_PROVIDERS_FILE``)::
     connect_timeout = 10
     first_byte_timeout = 120
     idle_timeout = 60
+    whole_timeout = 600            # a non-streaming answer (JSON client), all of it
 
     [providers.deepinfra]          # a preset's name: everything has a default
     prices = { input = 0.7, output = 2.4 }
@@ -268,6 +269,7 @@ def provider_config(
         connect=float(raw.get("connect_timeout", timeouts.connect)),
         first_byte=float(raw.get("first_byte_timeout", timeouts.first_byte)),
         idle=float(raw.get("idle_timeout", timeouts.idle)),
+        whole=float(raw.get("whole_timeout", timeouts.whole)),
     )
     eos = raw.get("eos_markers", preset.eos_markers if preset else ())
     tokenizer = raw.get("tokenizer")
@@ -347,6 +349,7 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
         connect=float(gw.get("connect_timeout", Timeouts.connect)),
         first_byte=float(gw.get("first_byte_timeout", Timeouts.first_byte)),
         idle=float(gw.get("idle_timeout", Timeouts.idle)),
+        whole=float(gw.get("whole_timeout", Timeouts.whole)),
     )
     raw_providers = data.get("providers", {}) or {}
     if not isinstance(raw_providers, Mapping):
