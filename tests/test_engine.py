@@ -143,6 +143,26 @@ async def test_prefix_reuse_reports_cached_tokens_and_same_text(engine: LlamaEng
     assert shared[-1].usage is not None and shared[-1].usage.cached_tokens > 100
 
 
+async def test_prefix_in_another_slot_is_copied_not_recomputed(engine: LlamaEngine) -> None:
+    """Requests arriving together with the same long system prompt each get it from the cache, even
+    though only one of them can take the slot that holds it."""
+    system = ChatMessage(role="system", content="You answer in one short sentence, politely. " * 15)
+    questions = ["Name a river.", "Name a mountain.", "Name a desert."]
+
+    def ask(q: str, **kw: object) -> GenerationRequest:
+        req = _request(q, max_tokens=12, **kw)
+        req.messages = [system, ChatMessage(role="user", content=q)]
+        return req
+
+    alone = [await _collect(engine, ask(q, logprobs=2)) for q in questions]
+    together = await asyncio.gather(*[_collect(engine, ask(q)) for q in questions])
+    system_tokens = len(engine.vocab.tokenize(system.text(), add_special=False))
+    for ref, got in zip(alone, together):
+        assert got[-1].usage is not None
+        assert got[-1].usage.cached_tokens >= system_tokens, got[-1].usage
+        assert_same_or_near_tie(ref, _text(got))
+
+
 async def test_seeded_sampling_is_reproducible(engine: LlamaEngine) -> None:
     req = _request("Invent a name for a cat.", max_tokens=16)
     req.sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -174,6 +175,8 @@ class RequestResult:
     gaps: list[float] = field(default_factory=list)  # seconds between text chunks
     chunks: int = 0  # SSE chunks carrying text
     usage_tokens: int | None = None  # usage.completion_tokens from the final chunk, when sent
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when sent
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when sent
     end: float = 0.0
     finish_reason: str | None = None
 
@@ -245,6 +248,8 @@ async def stream_chat(
                 usage = chunk.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     res.usage_tokens = int(usage["completion_tokens"])
+                    res.prompt_tokens = usage.get("prompt_tokens")
+                    res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.end = time.perf_counter()
@@ -278,12 +283,69 @@ def loadavg() -> list[float]:
         return list(os.getloadavg())
 
 
+# The machine is shared and has few cores; llama.cpp's threads spin at barriers, so a single foreign
+# busy process can slow decoding several-fold. Every run therefore records how much CPU *other*
+# processes used while it ran (all CPU time from /proc/stat minus the server's and this process's).
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy_jiffies() -> int:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle  # guest time is already counted in user
+
+
+def proc_jiffies(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    rest = stat.rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])  # utime + stime
+
+
+class ForeignCpu:
+    """CPU (in cores) used by processes other than `pids` and this one between start() and stop()."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = [*pids, os.getpid()]
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = cpu_busy_jiffies()
+        self.ours0 = sum(proc_jiffies(p) for p in self.pids)
+
+    def stop(self) -> float:
+        wall = time.monotonic() - self.t0
+        foreign = (cpu_busy_jiffies() - self.busy0) - (sum(proc_jiffies(p) for p in self.pids) - self.ours0)
+        return max(0.0, foreign / CLK_TCK / wall) if wall > 0 else 0.0
+
+
+async def wait_quiet(pids: list[int], max_wait: float, threshold: float) -> float:
+    """Wait (up to max_wait s) until other processes use < threshold cores over 3 s; returns the last sample."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        probe = ForeignCpu(pids)
+        probe.start()
+        await asyncio.sleep(3.0)
+        used = probe.stop()
+        if used < threshold or time.monotonic() >= deadline:
+            return used
+        print(f"    waiting for a quieter machine: other processes use {used:.2f} cores", file=sys.stderr, flush=True)
+
+
 async def measure(
-    session: aiohttp.ClientSession, server: Server, clients: int, rounds: int, max_tokens: int
+    session: aiohttp.ClientSession, server: Server, clients: int, rounds: int, max_tokens: int,
+    quiet_wait: float = 0.0, quiet_threshold: float = 0.25,
 ) -> dict[str, Any]:
     # Warm-up (not measured): loads weights into the page cache, primes the shared system prompt.
     warm = await stream_chat(session, server, WARMUP_MESSAGES, max_tokens)
+    assert server.proc is not None
+    foreign_before = await wait_quiet([server.proc.pid], quiet_wait, quiet_threshold) if quiet_wait else None
     load = loadavg()
+    foreign = ForeignCpu([server.proc.pid])
+    foreign.start()
 
     async def client(k: int) -> list[RequestResult]:
         out = []
@@ -294,6 +356,7 @@ async def measure(
     t0 = time.perf_counter()
     per_client = await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - t0
+    foreign_during = foreign.stop()
     results = [r for rs in per_client for r in rs]
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
@@ -309,10 +372,15 @@ async def measure(
         "error_samples": sorted({r.error for r in results if not r.ok})[:3],
         "warmup_ok": warm.ok,
         "loadavg_start": load,
+        "foreign_cpu_before": foreign_before,
+        "foreign_cpu_during": foreign_during,
         "wall_s": wall,
         "completion_tokens": tokens,
         "tokens_counted_by": counted,
         "text_chunks": sum(r.chunks for r in ok),
+        "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
+        "cached_prompt_tokens": (sum(r.cached_tokens for r in ok if r.cached_tokens is not None)
+                                 if any(r.cached_tokens is not None for r in ok) else None),
         "tokens_per_request_min": min((r.tokens for r in ok), default=0),
         "tokens_per_request_max": max((r.tokens for r in ok), default=0),
         "agg_tps": tokens / wall if wall > 0 else 0.0,
@@ -328,19 +396,27 @@ async def measure(
 # Ceilings: llama-bench and llama-batched-bench from the same llama.cpp source
 
 
-def run_tool(argv: list[str], timeout: float = 3600) -> str:
+def run_tool(argv: list[str], timeout: float = 3600) -> tuple[str, float]:
+    """Runs a llama.cpp tool; returns its stdout and the CPU (cores) other processes used meanwhile."""
     print("  $", shlex.join(argv), file=sys.stderr, flush=True)
+    t0, busy0 = time.monotonic(), cpu_busy_jiffies()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.monotonic() - t0
+    tool_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    foreign = max(0.0, ((cpu_busy_jiffies() - busy0) / CLK_TCK - tool_s) / wall)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return proc.stdout
+    return proc.stdout, foreign
 
 
 def ceilings(bin_dir: Path, model: Path, threads: int, max_tokens: int) -> dict[str, Any]:
     out: dict[str, Any] = {"loadavg_start": loadavg()}
     bench_argv = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads),
                   "-p", "512", "-n", "128", "-r", "3", "-o", "json"]
-    rows = json.loads(run_tool(bench_argv))
+    text, out["llama_bench_foreign_cpu"] = run_tool(bench_argv)
+    rows = json.loads(text)
     out["llama_bench_cmd"] = shlex.join(bench_argv)
     for row in rows:
         kind = "pp" if row.get("n_prompt", 0) > 0 else "tg"
@@ -351,7 +427,7 @@ def ceilings(bin_dir: Path, model: Path, threads: int, max_tokens: int) -> dict[
     bb_argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-t", str(threads), "-tb", str(threads),
                "-c", str(max(npl) * (npp + ntg) + 256), "-b", "2048", "-ub", "512",
                "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)), "--output-format", "jsonl"]
-    text = run_tool(bb_argv)
+    text, out["batched_bench_foreign_cpu"] = run_tool(bb_argv)
     out["batched_bench_cmd"] = shlex.join(bb_argv)
     bb = {}
     for line in text.splitlines():
@@ -399,6 +475,9 @@ def fmt(x: float | None, scale: float = 1.0, nd: int = 1) -> str:
     return "-" if x is None else f"{x * scale:.{nd}f}"
 
 
+NOISY_CORES = 0.10  # other processes using more than this during a run make a comparison inconclusive
+
+
 def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
     runs = model_result["runs"]
     ceil = model_result.get("ceilings") or {}
@@ -411,33 +490,40 @@ def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
 
     out = []
 
-    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, note: str = "") -> None:
-        if value is None:
-            out.append({"target": name, "value": None, "threshold": threshold, "pass": None, "note": note})
-            return
-        ok = value >= threshold if higher_is_better else value <= threshold
-        out.append({"target": name, "value": value, "threshold": threshold, "pass": ok, "note": note})
+    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, note: str = "",
+            noise: list[float | None] = ()) -> None:
+        ok = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+        worst = max((x for x in noise if x is not None), default=0.0)
+        noisy = worst > NOISY_CORES
+        if noisy:
+            note += f" (other processes used up to {worst:.2f} cores: inconclusive)"
+        out.append({"target": name, "value": value, "threshold": threshold, "pass": ok, "noisy": noisy,
+                    "note": note.strip()})
 
     r1 = get("r1serve", 1)
     tg = ceil.get("llama_bench_tg_tps")
     if r1 and tg:
         add("1 stream: r1serve stream decode / llama-bench tg", (r1["stream_decode_tps_mean"] or 0) / tg, 0.95,
             note=f"{fmt(r1['stream_decode_tps_mean'])} / {fmt(tg)} tok/s; aggregate incl. prompt: "
-                 f"{fmt(r1['agg_tps'] / tg, nd=2)}x")
+                 f"{fmt(r1['agg_tps'] / tg, nd=2)}x",
+            noise=[r1.get("foreign_cpu_during"), ceil.get("llama_bench_foreign_cpu")])
     for c in (4, 8):
         r, ls, lp = get("r1serve", c), get("llama-server -np 8", c), get("llama-cpp-python", c)
         if r and ls:
             add(f"{c} streams: r1serve / llama-server -np 8", r["agg_tps"] / ls["agg_tps"], 1.0,
-                note=f"{fmt(r['agg_tps'])} / {fmt(ls['agg_tps'])} tok/s")
+                note=f"{fmt(r['agg_tps'])} / {fmt(ls['agg_tps'])} tok/s",
+                noise=[r.get("foreign_cpu_during"), ls.get("foreign_cpu_during")])
         if r and lp:
             add(f"{c} streams: r1serve / llama-cpp-python server", r["agg_tps"] / lp["agg_tps"], 2.5,
-                note=f"{fmt(r['agg_tps'])} / {fmt(lp['agg_tps'])} tok/s")
+                note=f"{fmt(r['agg_tps'])} / {fmt(lp['agg_tps'])} tok/s",
+                noise=[r.get("foreign_cpu_during"), lp.get("foreign_cpu_during")])
     r1_errors = sum(r["errors"] for r in runs if r["server"].startswith("r1serve"))
     add("r1serve errors (all runs)", float(r1_errors), 0.0, higher_is_better=False)
     r, ls = get("r1serve", 8), get("llama-server -np 8", 8)
     if r and ls and r["ttft_p95"] is not None and ls["ttft_p95"] is not None:
         add("8 streams: TTFT p95 r1serve / llama-server -np 8", r["ttft_p95"] / ls["ttft_p95"], 1.0,
-            higher_is_better=False, note=f"{fmt(r['ttft_p95'], 1000, 0)} / {fmt(ls['ttft_p95'], 1000, 0)} ms")
+            higher_is_better=False, note=f"{fmt(r['ttft_p95'], 1000, 0)} / {fmt(ls['ttft_p95'], 1000, 0)} ms",
+            noise=[r.get("foreign_cpu_during"), ls.get("foreign_cpu_during")])
     return out
 
 
@@ -466,13 +552,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"(npp 128, ntg {report['max_tokens']}) decode tok/s, all sequences together: "
                 + ", ".join(f"{k} seq {v['s_tg']:.1f}" for k, v in sorted(ceil["batched_bench"].items(),
                                                                           key=lambda kv: int(kv[0])))
-                + "."
+                + f". Other processes' CPU meanwhile: {ceil['llama_bench_foreign_cpu']:.2f} / "
+                f"{ceil['batched_bench_foreign_cpu']:.2f} cores."
             )
             lines.append("")
         lines += [
             "| server | clients | requests | errors | tokens (counted by) | agg tok/s | stream decode tok/s "
-            "| TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg at start |",
-            "|---|---:|---:|---:|---|---:|---:|---|---|---|",
+            "| TTFT p50 / p95 ms | ITL p50 / p95 ms | prompt tokens (cached) | load avg at start "
+            "| other procs' CPU during run |",
+            "|---|---:|---:|---:|---|---:|---:|---|---|---|---|---:|",
         ]
         for r in mr["runs"]:
             lines.append(
@@ -480,13 +568,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['completion_tokens']} ({r['tokens_counted_by']}) | **{r['agg_tps']:.1f}** | "
                 f"{fmt(r['stream_decode_tps_mean'])} | {fmt(r['ttft_p50'], 1000, 0)} / {fmt(r['ttft_p95'], 1000, 0)} | "
                 f"{fmt(r['itl_p50'], 1000, 0)} / {fmt(r['itl_p95'], 1000, 0)} | "
-                f"{' '.join(f'{x:.2f}' for x in r['loadavg_start'])} |"
+                f"{r.get('prompt_tokens') or '-'} ({'-' if r.get('cached_prompt_tokens') is None else r['cached_prompt_tokens']}) | "
+                f"{' '.join(f'{x:.2f}' for x in r['loadavg_start'])} | {r['foreign_cpu_during']:.2f} cores |"
             )
         lines.append("")
         if mr.get("targets"):
             lines += ["| target | ratio | threshold | result | detail |", "|---|---:|---:|---|---|"]
             for t in mr["targets"]:
                 res = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+                res += "*" if t.get("noisy") else ""
                 lines.append(f"| {t['target']} | {fmt(t['value'], nd=2)} | {t['threshold']} | {res} | {t['note']} |")
             lines.append("")
     return "\n".join(lines)
@@ -538,6 +628,8 @@ async def bench_model(args: argparse.Namespace, model: Path, log_dir: Path) -> d
     result: dict[str, Any] = {"model_path": str(model), "model_name": model.name, "runs": [], "server_commands": {}}
     if not args.skip_ceilings:
         print(f"[{model.name}] ceilings", file=sys.stderr, flush=True)
+        if args.quiet_wait:
+            await wait_quiet([], args.quiet_wait, args.quiet_threshold)
         result["ceilings"] = ceilings(args.llama_bin_dir, model, args.threads, args.max_tokens)
     # A fresh connection per request: a pooled keep-alive connection the server has since closed
     # would otherwise surface as a spurious client error.
@@ -552,11 +644,13 @@ async def bench_model(args: argparse.Namespace, model: Path, log_dir: Path) -> d
                 await server.wait_ready(session)
                 for c in spec.concurrency:
                     rounds = max(args.rounds, math.ceil(args.min_requests / c))
-                    run = await measure(session, server, c, rounds, args.max_tokens)
+                    run = await measure(session, server, c, rounds, args.max_tokens,
+                                        args.quiet_wait, args.quiet_threshold)
                     result["runs"].append(run)
                     print(
                         f"  {spec.name:28s} c={c:2d}: {run['agg_tps']:6.1f} tok/s  errors {run['errors']}  "
-                        f"ttft p95 {fmt(run['ttft_p95'], 1000, 0)} ms  load {run['loadavg_start']}",
+                        f"ttft p95 {fmt(run['ttft_p95'], 1000, 0)} ms  load {run['loadavg_start']}  "
+                        f"others' cpu {run['foreign_cpu_during']:.2f}",
                         file=sys.stderr, flush=True,
                     )
             finally:
@@ -585,9 +679,20 @@ def main() -> None:
     p.add_argument("--llama-server-np", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
                    help="llama-server -np values; -np 8 runs every concurrency, others only c >= np")
     p.add_argument("--skip-ceilings", action="store_true")
+    p.add_argument("--quiet-wait", type=float, default=90.0,
+                   help="before each run, wait up to this many seconds for other processes to go quiet (0: don't)")
+    p.add_argument("--quiet-threshold", type=float, default=0.25, help="'quiet': others use fewer cores than this")
     p.add_argument("--llama-bin-dir", type=Path)
     p.add_argument("--lcpp-python", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "bench/engine/results")
+    p.add_argument("--render", type=Path, help="only print the markdown report of an earlier JSON result")
+    if "--render" in sys.argv:
+        i = sys.argv.index("--render")
+        report = json.loads(Path(sys.argv[i + 1]).read_text())
+        for mr in report["models"]:
+            mr["targets"] = targets(mr)
+        print(markdown(report))
+        return
     args = p.parse_args()
 
     if args.llama_bin_dir is None or args.lcpp_python is None:
@@ -606,7 +711,7 @@ def main() -> None:
         "load_description": (
             f"c concurrent streaming clients (c = {', '.join(map(str, args.concurrency))}), each sending "
             f"max({args.rounds}, ceil({args.min_requests}/c)) chat requests back to back; 16 fixed "
-            f"questions, half behind one shared ~200-token system prompt; max_tokens {args.max_tokens}, "
+            f"questions, half behind one shared ~160-token system prompt; max_tokens {args.max_tokens}, "
             "temperature 0; one unmeasured warm-up request before each run. Agg tok/s = completion tokens "
             "of all requests / wall time of the run. Stream decode tok/s = mean over requests of "
             "(tokens - 1) / (last text chunk - first text chunk). TTFT = first chunk with text. ITL = gap "

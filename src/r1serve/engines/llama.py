@@ -49,6 +49,8 @@ _PENALTY_WINDOW = 4096
 # While other sequences are decoding, a prompt is processed in chunks of at most this many tokens per
 # step, so that one long prompt does not freeze every running stream.
 _PREFILL_CHUNK_WHEN_BUSY = 256
+# A cached prefix shorter than this (a chat template's header) is not worth keeping a slot for.
+_MIN_REUSE_TOKENS = 32
 
 
 def _read_template(value: str | None) -> str | None:
@@ -333,6 +335,7 @@ class LlamaEngine(Engine):
         metrics.KV_USED.labels(model).set(held / (self.context_length * len(self._slots)))
 
     def _admit(self) -> None:
+        copied_to: set[int] = set()
         while True:
             with self._lock:
                 if not self._waiting:
@@ -343,13 +346,19 @@ class LlamaEngine(Engine):
                 seq = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            self._assign_slot(seq, free)
+            self._assign_slot(seq, free, copied_to)
             seq.sampler = self._make_sampler(seq.request)
             self._running.append(seq)
 
-    def _assign_slot(self, seq: _Sequence, free: list[_Slot]) -> None:
-        """Pick the free slot whose cached tokens share the longest prefix with the prompt, else the
-        least recently used one; keep the shared prefix in the KV cache and drop the rest."""
+    def _assign_slot(self, seq: _Sequence, free: list[_Slot], copied_to: set[int]) -> None:
+        """Give the sequence a free slot, reusing as much of its prompt from the KV cache as possible.
+
+        A free slot whose cache shares a worthwhile prefix with the prompt is reused in place. Otherwise
+        the sequence takes an empty slot, else the least recently used one, so that a slot holding a
+        long cached prompt is not wiped for a match of a few template tokens. When any slot (busy ones
+        included) holds a longer prefix than that, it is copied over: with one KV stream per sequence
+        that is a whole-buffer copy, still far cheaper than recomputing hundreds of prompt tokens.
+        """
 
         def common(slot: _Slot) -> int:
             n = 0
@@ -359,13 +368,27 @@ class LlamaEngine(Engine):
                 n += 1
             return n
 
-        best = max(free, key=lambda s: (common(s), -s.last_used))
+        def worthwhile(n: int) -> bool:
+            return n >= _MIN_REUSE_TOKENS and n * 10 >= len(seq.prompt)
+
+        best = max(free, key=lambda s: (common(s), s.last_used))
         keep = common(best)
-        if keep == 0:
-            best = min(free, key=lambda s: s.last_used)
+        if not worthwhile(keep):
+            empty = [s for s in free if not s.tokens]
+            best = empty[0] if empty else min(free, key=lambda s: s.last_used)
+            keep = common(best)
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        # Slots that received a copy in this step hold their data only after the next decode.
+        sources = [s for s in self._slots if s is not best and s.seq_id not in copied_to]
+        donor = max(sources, key=common, default=None)
+        if donor is not None and common(donor) >= keep + _MIN_REUSE_TOKENS and worthwhile(common(donor)):
+            shared = common(donor)
+            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, -1, -1)
+            best.tokens = donor.tokens[:shared]
+            copied_to.add(best.seq_id)
+            keep = shared
         # At least the last prompt token is decoded again: its logits give the first sample.
         keep = min(keep, len(seq.prompt) - 1)
-        mem = llama_cpp.llama_get_memory(self._ctx)
         llama_cpp.llama_memory_seq_rm(mem, best.seq_id, keep, -1)
         best.tokens = best.tokens[:keep]
         best.busy = True
