@@ -17,6 +17,7 @@ import codecs
 import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -49,6 +50,7 @@ _PENALTY_WINDOW = 4096
 # While other sequences are decoding, a prompt is processed in chunks of at most this many tokens per
 # step, so that one long prompt does not freeze every running stream.
 _PREFILL_CHUNK_WHEN_BUSY = 256
+_GIL_SWITCH_INTERVAL = 0.0005
 # A cached prefix shorter than this (a chat template's header) is not worth keeping a slot for.
 _MIN_REUSE_TOKENS = 32
 
@@ -120,10 +122,14 @@ class LlamaEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._close_tokens: list[int] = []
+        self._outbox: list[tuple[_Sequence, Delta | BaseException]] = []  # the scheduler thread's only
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        # The scheduler thread retakes the GIL after every ctypes call; with Python's default 5 ms
+        # switch interval it can wait that long behind the event loop each time, stalling decode.
+        sys.setswitchinterval(_GIL_SWITCH_INTERVAL)
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._run, name="r1serve-llama", daemon=True)
         self._thread.start()
@@ -317,8 +323,9 @@ class LlamaEngine(Engine):
                 rc = llama_cpp.llama_decode(self._ctx, self._batch)
                 if rc != 0:
                     self._fail_batch(feeds, rc)
-                    continue
-                self._after_decode(feeds)
+                else:
+                    self._after_decode(feeds)
+                self._flush()
         except BaseException as exc:  # the thread must never die silently: fail everyone waiting
             log.exception("scheduler crashed")
             for seq in list(self._running) + list(self._waiting):
@@ -326,6 +333,7 @@ class LlamaEngine(Engine):
         finally:
             for seq in list(self._running) + list(self._waiting):
                 self._emit(seq, R1ServeError("the engine is shutting down"))
+            self._flush()
 
     def _observe_load(self) -> None:
         model = self.entry.id
@@ -624,7 +632,25 @@ class LlamaEngine(Engine):
         return TopLogprob(token=piece.decode("utf-8", "replace"), logprob=logprob, bytes=list(piece))
 
     def _emit(self, seq: _Sequence, item: Delta | BaseException) -> None:
-        try:
-            seq.loop.call_soon_threadsafe(seq.out.put_nowait, item)
-        except RuntimeError:  # the client's event loop is closed: nobody is listening
-            seq.cancelled = True
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Hand the step's deltas to the event loop(s) in one wake-up per loop, not one per token: every
+        wake-up steals CPU from llama.cpp's compute threads mid-step."""
+        if not self._outbox:
+            return
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Delta | BaseException]]] = {}
+        for seq, item in self._outbox:
+            batches.setdefault(seq.loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening
+                for seq, _ in items:
+                    seq.cancelled = True
+
+
+def _deliver(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:
+    for seq, item in items:
+        seq.out.put_nowait(item)

@@ -21,6 +21,7 @@ class Vocab:
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_tokens = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self.bos_text = self.special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos_text = self.special_text(llama_cpp.llama_vocab_eos(self._vocab))
 
@@ -76,7 +77,11 @@ class Vocab:
         return self._to_piece(token, special=True).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        # Cached: each ctypes call releases and retakes the GIL, which the scheduler pays per token.
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
 
     def _to_piece(self, token: int, *, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
