@@ -295,7 +295,7 @@ def test_vocab_gguf_round_trip(tmp_path: Path) -> None:
 
 
 def test_vocab_gguf_tokenizes_like_r1(tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     llm = llama_cpp.Llama(str(build_r1_vocab_gguf(tmp_path)), vocab_only=True, verbose=False)
     assert llm.n_vocab() == 152064
     ids = llm.tokenize("<｜User｜>Hello<｜Assistant｜><think>\n".encode(), add_bos=True, special=True)
@@ -304,7 +304,7 @@ def test_vocab_gguf_tokenizes_like_r1(tmp_path: Path) -> None:
 
 
 def test_r1_template_renders_the_r1_prompt() -> None:
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2
     template = jinja2.Environment().from_string(r1_chat_template())
     text = template.render(
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
