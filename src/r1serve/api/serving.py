@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -600,13 +600,9 @@ async def serve_chat(
 ) -> Response:
     gen = chat_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
-    headers = _headers(route, req.unknown_fields())
-    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
-    await meter.admit()  # scope and limits (429) before any generation
-    prices = meter.prices(route.entry.prices)
-    if req.stream:
-        first, rest = await _guarded(request, _start(route, gen, meter), watch)
-        encoder = ChatChunkEncoder(
+
+    def encoder(prices: Prices) -> Encoder:
+        return ChatChunkEncoder(
             completion_id=completion_id,
             created=created,
             model=model_name,
@@ -614,17 +610,16 @@ async def serve_chat(
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             include_reasoning=req.include_reasoning,
         )
-        return SSEResponse(sse_events(first, rest, encoder, batch=not watch), headers={**headers, **_SSE_HEADERS})
 
-    async def run() -> Collected:
-        first, rest = await _start(route, gen, meter)
-        return await collect(first, rest, include_reasoning=req.include_reasoning)
+    def body(collected: Collected, prices: Prices) -> dict[str, Any]:
+        return chat_completion_body(
+            collected, completion_id=completion_id, created=created, model=model_name, prices=prices
+        )
 
-    collected = await _guarded(request, run(), watch)
-    body = chat_completion_body(
-        collected, completion_id=completion_id, created=created, model=model_name, prices=prices
-    )
-    return _json_response(body, headers)
+    return await _serve(
+        request, req, route, gen, completion_id, model_name, watch,
+        encoder=encoder, body=body, include_reasoning=req.include_reasoning,
+    )  # fmt: skip
 
 
 async def serve_completion(
@@ -638,15 +633,11 @@ async def serve_completion(
 ) -> Response:
     gen = completion_generation_request(req, route, settings, request.state.request_id)
     completion_id, created = new_id("cmpl-"), int(time.time())
-    headers = _headers(route, req.unknown_fields())
-    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
-    await meter.admit()  # scope and limits (429) before any generation
-    prices = meter.prices(route.entry.prices)
     echo = gen.prompt if req.echo else None
     want_logprobs = req.logprobs is not None
-    if req.stream:
-        first, rest = await _guarded(request, _start(route, gen, meter), watch)
-        encoder = CompletionChunkEncoder(
+
+    def encoder(prices: Prices) -> Encoder:
+        return CompletionChunkEncoder(
             completion_id=completion_id,
             created=created,
             model=model_name,
@@ -655,20 +646,47 @@ async def serve_completion(
             echo=echo,
             want_logprobs=want_logprobs,
         )
-        return SSEResponse(sse_events(first, rest, encoder, batch=not watch), headers={**headers, **_SSE_HEADERS})
+
+    def body(collected: Collected, prices: Prices) -> dict[str, Any]:
+        return completion_body(
+            collected,
+            completion_id=completion_id,
+            created=created,
+            model=model_name,
+            prices=prices,
+            echo=echo,
+            want_logprobs=want_logprobs,
+        )
+
+    return await _serve(request, req, route, gen, completion_id, model_name, watch, encoder=encoder, body=body)
+
+
+async def _serve(
+    request: Request,
+    req: ChatCompletionRequest | CompletionRequest,
+    route: Route,
+    gen: GenerationRequest,
+    completion_id: str,
+    model_name: str,
+    watch: bool,
+    *,
+    encoder: Callable[[Prices], Encoder],
+    body: Callable[[Collected, Prices], dict[str, Any]],
+    include_reasoning: bool = True,
+) -> Response:
+    """What chat and raw completions share: metering, then an SSE stream or one JSON body."""
+    headers = _headers(route, req.unknown_fields())
+    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
+    await meter.admit()  # scope and limits (429) before any generation
+    prices = meter.prices(route.entry.prices)
+    if req.stream:
+        first, rest = await _guarded(request, _start(route, gen, meter), watch)
+        events = sse_events(first, rest, encoder(prices), batch=not watch)
+        return SSEResponse(events, headers={**headers, **_SSE_HEADERS})
 
     async def run() -> Collected:
         first, rest = await _start(route, gen, meter)
-        return await collect(first, rest)
+        return await collect(first, rest, include_reasoning=include_reasoning)
 
     collected = await _guarded(request, run(), watch)
-    body = completion_body(
-        collected,
-        completion_id=completion_id,
-        created=created,
-        model=model_name,
-        prices=prices,
-        echo=echo,
-        want_logprobs=want_logprobs,
-    )
-    return _json_response(body, headers)
+    return _json_response(body(collected, prices), headers)
