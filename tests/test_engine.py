@@ -163,6 +163,59 @@ async def test_prefix_in_another_slot_is_copied_not_recomputed(engine: LlamaEngi
         assert_same_or_near_tie(ref, _text(got))
 
 
+async def test_a_short_shared_header_is_reused_from_any_slot(engine: LlamaEngine) -> None:
+    """Two different short chats share only the chat template's header; the second still takes it
+    from the cache (sharing is free in the unified cache) and answers as it does cold."""
+    await _collect(engine, _request("Name a colour.", max_tokens=4))
+    other = await _collect(engine, _request("Name an animal.", max_tokens=8, logprobs=2))
+    header = engine.vocab.prompt_tokens(engine.render_prompt(_request("x"))[0])
+    prompt = engine.vocab.prompt_tokens(engine.render_prompt(_request("Name an animal."))[0])
+    shared = next(i for i, (a, b) in enumerate(zip(header, prompt)) if a != b)
+    assert other[-1].usage is not None
+    assert other[-1].usage.cached_tokens >= shared > 0
+
+
+async def test_every_slot_can_fill_its_whole_context_at_once() -> None:
+    """The unified cache holds slots x context cells: all slots running to their limit together, next
+    to prefixes cached by earlier requests, must all finish (no llama_decode failure)."""
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    eng = LlamaEngine(path, entry, Settings(n_ctx=256, max_running=3, max_queued=8))
+    await eng.start()
+    try:
+        assert eng.context_length == 256
+        for q in ("Tell me about rivers.", "Tell me about mountains.", "Tell me about deserts."):
+            await _collect(eng, _request(q, max_tokens=40))  # leaves cached prompts behind
+
+        def full(q: str) -> GenerationRequest:
+            n_prompt = len(eng.vocab.prompt_tokens(eng.render_prompt(_request(q))[0]))
+            req = _request(q, max_tokens=eng.context_length - n_prompt)
+            req.sampling = SamplingParams(temperature=1.0, seed=7)  # keeps writing past any stop
+            return req
+
+        qs = ["Write a long story about a lighthouse.", "Write a long story about a forest.",
+              "Write a long story about a submarine."]
+        results = await asyncio.gather(*[_collect(eng, full(q)) for q in qs])
+        for deltas in results:
+            final = deltas[-1]
+            assert final.finish_reason in ("length", "stop")
+            assert final.usage is not None
+        assert any(d[-1].finish_reason == "length" for d in results), "at least one ran to the limit"
+    finally:
+        await eng.close()
+
+
+async def test_greedy_fast_path_matches_llama_cpp_sampler(engine: LlamaEngine) -> None:
+    """Temperature 0 takes the argmax in numpy; top_k=1 goes through llama.cpp's sampler chain and
+    must pick the same tokens."""
+    fast = _request("List three uses of copper.", max_tokens=24)
+    fast.sampling = SamplingParams(temperature=0.0)
+    chain = _request("List three uses of copper.", max_tokens=24)
+    chain.sampling = SamplingParams(temperature=1.0, top_k=1, seed=3)
+    assert _text(await _collect(engine, fast)) == _text(await _collect(engine, chain))
+
+
 async def test_seeded_sampling_is_reproducible(engine: LlamaEngine) -> None:
     req = _request("Invent a name for a cat.", max_tokens=16)
     req.sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
