@@ -128,6 +128,7 @@ class LlamaEngine(Engine):
         self._thread: threading.Thread | None = None
         self._close_tokens: list[int] = []
         self._outbox: list[tuple[_Sequence, Delta | BaseException]] = []  # the scheduler thread's only
+        self._metrics = metrics.ModelMetrics(entry.id)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -273,7 +274,7 @@ class LlamaEngine(Engine):
         )
         with self._lock:
             if len(self._waiting) >= self.settings.max_queued:
-                metrics.REFUSED.labels(self.entry.id).inc()
+                self._metrics.refused.inc()
                 raise Overloaded(
                     "The server is at capacity; retry shortly.",
                     headers={"Retry-After": "1"},
@@ -346,11 +347,10 @@ class LlamaEngine(Engine):
             self._flush()
 
     def _observe_load(self) -> None:
-        model = self.entry.id
-        metrics.RUNNING.labels(model).set(len(self._running))
-        metrics.QUEUED.labels(model).set(len(self._waiting))
+        self._metrics.running.set(len(self._running))
+        self._metrics.queued.set(len(self._waiting))
         held = sum(len(slot.tokens) for slot in self._slots)
-        metrics.KV_USED.labels(model).set(held / (self.context_length * len(self._slots)))
+        self._metrics.kv_used.set(held / (self.context_length * len(self._slots)))
 
     def _admit(self) -> None:
         while True:
@@ -411,11 +411,10 @@ class LlamaEngine(Engine):
         seq.n_past = keep
         seq.cached_tokens = keep
         seq.pending = seq.prompt[keep:]
-        model = self.entry.id
-        metrics.PROMPT_TOKENS.labels(model).inc(len(seq.prompt))
+        self._metrics.prompt_tokens.inc(len(seq.prompt))
         if keep:
-            metrics.PREFIX_HITS.labels(model).inc()
-            metrics.CACHED_TOKENS.labels(model).inc(keep)
+            self._metrics.prefix_hits.inc()
+            self._metrics.cached_tokens.inc(keep)
 
     def _make_sampler(self, request: GenerationRequest) -> Any:
         # The API has already filled in the model's recommended values; what is still unset gets
@@ -547,10 +546,10 @@ class LlamaEngine(Engine):
         reasoning, content = seq.parser.feed(visible)
         if was_reasoning or seq.parser.in_reasoning:
             seq.reasoning_tokens += 1
-            metrics.REASONING_TOKENS.labels(self.entry.id).inc()
+            self._metrics.reasoning_tokens.inc()
         if content and not seq.answered:
             seq.answered = True
-            metrics.TTFAT.labels(self.entry.id).observe(time.monotonic() - seq.submitted)
+            self._metrics.ttfat.observe(time.monotonic() - seq.submitted)
         if hit_stop:
             seq.stopped_by_string = True
             self._finish(seq, "stop", logprobs, reasoning, content)
@@ -567,12 +566,11 @@ class LlamaEngine(Engine):
 
     def _observe_token(self, seq: _Sequence) -> None:
         now = time.monotonic()
-        model = self.entry.id
-        metrics.GENERATED_TOKENS.labels(model).inc()
+        self._metrics.generated_tokens.inc()
         if seq.last_token_at:
-            metrics.ITL.labels(model).observe(now - seq.last_token_at)
+            self._metrics.itl.observe(now - seq.last_token_at)
         else:
-            metrics.TTFT.labels(model).observe(now - seq.submitted)
+            self._metrics.ttft.observe(now - seq.submitted)
         seq.last_token_at = now
 
     def _close_reasoning(self, seq: _Sequence) -> None:

@@ -31,4 +31,28 @@ ITL = Histogram(
     "r1serve_engine_inter_token_latency_seconds", "Time between two tokens of one sequence", ["model"],
     buckets=_ITL_BUCKETS,
 )
-KV_USED = Gauge("r1serve_engine_kv_cache_usage_ratio", "Share of KV cells holding tokens (cached ones included)", ["model"])
+KV_USED = Gauge(
+    "r1serve_engine_kv_cache_usage_ratio",
+    "Tokens the sequences hold (cached prompts included) / their total context; a prefix shared by "
+    "several sequences counts for each of them",
+    ["model"],
+)
+
+
+class ModelMetrics:
+    """The series of one model, looked up once: the scheduler updates several of them per token, and
+    ``labels()`` takes a lock and a dictionary lookup every time."""
+
+    def __init__(self, model: str) -> None:
+        self.running = RUNNING.labels(model)
+        self.queued = QUEUED.labels(model)
+        self.refused = REFUSED.labels(model)
+        self.prompt_tokens = PROMPT_TOKENS.labels(model)
+        self.cached_tokens = CACHED_TOKENS.labels(model)
+        self.prefix_hits = PREFIX_HITS.labels(model)
+        self.generated_tokens = GENERATED_TOKENS.labels(model)
+        self.reasoning_tokens = REASONING_TOKENS.labels(model)
+        self.ttft = TTFT.labels(model)
+        self.ttfat = TTFAT.labels(model)
+        self.itl = ITL.labels(model)
+        self.kv_used = KV_USED.labels(model)
