@@ -176,6 +176,27 @@ async def test_circuit_opens_then_half_opens() -> None:
         await engine.close()
 
 
+async def test_success_resets_failures_when_the_reader_stops_at_the_final_delta() -> None:
+    """The API closes the stream as soon as it has the final delta; that is a success for the breaker."""
+    async with FakeUpstream(default=ERR500) as a:
+        ta = target("a", a.base_url, threshold=3)
+        engine = route(ta, retries=0)
+        await engine.start()
+        try:
+            with pytest.raises(UpstreamError):
+                await answer(engine)
+            assert ta.breaker.failures == 1
+            a.default = OK
+            stream = engine.generate(chat())
+            async for d in stream:
+                if d.finish_reason is not None:
+                    break
+            await stream.aclose()  # type: ignore[attr-defined]
+            assert ta.breaker.failures == 0 and ta.breaker.state == "closed"
+        finally:
+            await engine.close()
+
+
 async def test_every_circuit_open_is_503_with_retry_after() -> None:
     async with FakeUpstream(default=ERR500) as a:
         engine = route(target("a", a.base_url, threshold=1, cooldown=30), retries=0)

@@ -152,6 +152,7 @@ class Result:
     p99_ms: float
     errors: int
     requests: int
+    cpu_us: float | None = None  # CPU time of the path's server process per request (None: not measured)
 
 
 def lua_script(tmp: Path, stream: bool) -> Path:
@@ -174,6 +175,22 @@ def _ms(text: str) -> float:
     if not m:
         return float("nan")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def cpu_seconds(proc: Proc) -> float:
+    """User + system CPU time so far of the process and its children (LiteLLM forks a worker): per-request
+    CPU is the quantity to compare on a shared machine, where requests/s also depends on what else runs."""
+    pids = [proc.p.pid]
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.p.pid)], capture_output=True, text=True)
+    pids += [int(x) for x in out.stdout.split()]
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(wrk: str, port: int, script: Path, conc: int, duration: int, timeout: int = 10) -> tuple[float, float, float, int, int]:
@@ -266,15 +283,18 @@ def table(results: list[Result], concs: list[int]) -> str:
     direct = {(r.mode, r.conc): r for r in results if r.path == "direct"}
     floor = {(r.mode, r.conc): r for r in results if r.path == "floor"}
     lines = [
-        "| path | mode | concurrency | requests/s | p50 | p99 | added p50 vs direct | x floor req/s | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| path | mode | concurrency | requests/s | p50 | p99 | added p50 vs direct | x floor req/s | CPU us/req | x floor CPU | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         d, f = direct.get((r.mode, r.conc)), floor.get((r.mode, r.conc))
         added = f"{r.p50_ms - d.p50_ms:.2f} ms" if d and r.path != "direct" else "-"
         ratio = f"{r.rps / f.rps:.2f}" if f and f.rps else "-"
+        cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
+        cpu_ratio = f"{r.cpu_us / f.cpu_us:.2f}" if r.cpu_us is not None and f and f.cpu_us else "-"
         lines.append(
-            f"| {r.path} | {r.mode} | {r.conc} | {r.rps:,.0f} | {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {added} | {ratio} | {r.errors} |"
+            f"| {r.path} | {r.mode} | {r.conc} | {r.rps:,.0f} | {fmt_ms(r.p50_ms)} | {fmt_ms(r.p99_ms)} | {added} | {ratio} "
+            f"| {cpu} | {cpu_ratio} | {r.errors} |"
         )
     return "\n".join(lines)
 
@@ -346,11 +366,16 @@ def main() -> None:
                     script = lua_script(tmp, mode == "stream")
                     run_wrk(wrk, port, script, 16, 2)  # warm-up: connections, caches, JIT-free Python paths
                     for conc in concs:
+                        cpu0 = cpu_seconds(proc) if proc is not None else None
                         rps, p50, p99, errors, requests = run_wrk(wrk, port, script, conc, args.duration)
-                        r = Result(name, mode, conc, rps, p50, p99, errors, requests)
+                        cpu_us = None
+                        if proc is not None and cpu0 is not None and requests:
+                            cpu_us = (cpu_seconds(proc) - cpu0) / requests * 1e6
+                        r = Result(name, mode, conc, rps, p50, p99, errors, requests, cpu_us)
                         results.append(r)
+                        cpu_text = f"  CPU {cpu_us:5.0f} us/req" if cpu_us is not None else ""
                         print(f"{name:12s} {mode:6s} c={conc:<3d} {rps:9.0f} req/s  p50 {fmt_ms(p50):>9s}  "
-                              f"p99 {fmt_ms(p99):>9s}  errors {errors}", flush=True)  # fmt: skip
+                              f"p99 {fmt_ms(p99):>9s}  errors {errors}{cpu_text}", flush=True)  # fmt: skip
                 if name == "r1serve" and proc is not None:
                     if args.profile:
                         profile_path = profile(port, proc, tmp, wrk, log_dir)

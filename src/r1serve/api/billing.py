@@ -72,6 +72,17 @@ def _texts(gen: GenerationRequest) -> tuple[list[str], int]:
     return texts, len(gen.messages or [])
 
 
+def open_meter(
+    request: Request, route: Route, gen: GenerationRequest, *, model_name: str, response_id: str
+) -> Meter | None:
+    """The request's :class:`Meter`, or None when there is nothing to meter: no accounts database, or a
+    caller the accounts layer did not identify (then ``Meter.active`` would be False, and every one of its
+    methods a no-op)."""
+    if getattr(request.app.state, "accounts", None) is None or getattr(request.state, "principal", None) is None:
+        return None
+    return Meter(request, route, gen, model_name=model_name, response_id=response_id)
+
+
 class Meter:
     """One request's accounting. Create, ``await admit()``, then ``wrap()`` the engine's stream."""
 

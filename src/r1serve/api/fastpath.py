@@ -11,9 +11,10 @@ watch per request) cost more CPU than the upstream call itself. This module does
   is: static keys or the accounts layer), before the body is parsed, as the route's dependency did;
 * body parsing and validation, routing, serving, metering: the same functions the FastAPI routes call
   (routes.py, serving.py, billing.py), so bodies, headers and error bodies are identical;
-* client disconnects: one watcher task per request, which cancels the request's own task when the client
-  hangs up, whether it is waiting for a whole answer, for a stream's first delta, or mid-stream. The
-  cancellation closes the engine stream (and so the generation) and settles the meter as cancelled.
+* client disconnects: one watcher task per request still running after ``WATCH_AFTER`` seconds, which
+  cancels the request's own task when the client hangs up, whether it is waiting for a whole answer,
+  for a stream's first delta, or mid-stream. The cancellation closes the engine stream (and so the
+  generation) and settles the meter as cancelled.
 
 The FastAPI routes stay registered: they describe the endpoints in ``/openapi.json`` and ``/docs``, and
 serve any request the fast path does not take (other methods, which FastAPI answers 405).
@@ -25,6 +26,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,7 +42,7 @@ from r1serve.api.errors import _http_error, error_body, r1serve_error_response, 
 from r1serve.api.metrics import observe
 from r1serve.api.middleware import BodyTooLarge, read_body, too_large_response
 from r1serve.api.routes import parse_raw
-from r1serve.api.serving import ClientDisconnected, serve_chat, serve_completion
+from r1serve.api.serving import DONE_EVENT, ClientDisconnected, serve_chat, serve_completion
 from r1serve.errors import R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -56,6 +58,7 @@ FAST_ROUTES: dict[str, tuple[type[BaseModel], Serve]] = {
 }
 
 _INTERNAL_ERROR = "The server had an error while processing your request."
+_DONE = DONE_EVENT.encode()
 
 
 def fast_route(scope: Scope) -> tuple[str, tuple[type[BaseModel], Serve]] | None:
@@ -70,16 +73,36 @@ def fast_route(scope: Scope) -> tuple[str, tuple[type[BaseModel], Serve]] | None
     return None if handler is None else (path, handler)
 
 
-class _Watch:
-    """Cancels ``task`` when the client disconnects before ``done`` is set."""
+# A request still running this long (up to twice this long) gets its disconnect watcher.
+WATCH_AFTER = 0.1
 
-    __slots__ = ("disconnected", "done", "task", "watcher")
+
+class _Watch:
+    """Cancels ``task`` when the client disconnects before ``done`` is set.
+
+    The watcher (a task waiting on ``receive``, cancelled at the end) costs a request more CPU than its
+    routing and metering together, and most gateway requests are over within milliseconds, before a
+    hang-up could save anything. So it starts only for requests still running after ``WATCH_AFTER`` seconds
+    (see :class:`_Pending`); one that has already disconnected by then is seen at once."""
+
+    __slots__ = ("disconnected", "done", "task", "watcher", "receive", "pending")
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
         self.done = False
         self.task = asyncio.current_task()
-        self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        self.receive = receive
+        self.watcher: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        pending = _pending.get(loop)
+        if pending is None:
+            pending = _pending[loop] = _Pending()
+        self.pending = pending
+        pending.add(self)
+
+    def start(self) -> None:
+        if not self.done and self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch(self.receive))
 
     async def _watch(self, receive: Receive) -> None:
         # The body has been read: the next message can only be http.disconnect (servers also send it
@@ -93,13 +116,46 @@ class _Watch:
 
     def stop(self) -> None:
         self.done = True
-        self.watcher.cancel()
-        # The cancelled watcher keeps its CancelledError, whose traceback holds the watcher's frame, which
-        # holds this object: without these two lines every request would leave a reference cycle through
-        # both tasks and everything their frames reference, for the garbage collector to find (it was
-        # ~10% of a busy server's CPU).
-        self.watcher = None  # type: ignore[assignment]
+        self.pending.discard(self)
+        if self.watcher is not None:
+            self.watcher.cancel()
+            # The cancelled watcher keeps its CancelledError, whose traceback holds the watcher's frame,
+            # which holds this object: without these lines every watched request would leave a reference
+            # cycle through both tasks and everything their frames reference, for the garbage collector
+            # to find (it was ~10% of a busy server's CPU).
+            self.watcher = None
         self.task = None
+
+
+class _Pending:
+    """An event loop's watches whose watcher has not started, in two generations: every ``WATCH_AFTER``
+    seconds the older one gets its watchers and the younger one becomes the older. One timer per loop,
+    running while any request is pending, instead of one per request."""
+
+    def __init__(self) -> None:
+        # No reference to the loop: it is this object's key in the weak dictionary below.
+        self.timer: asyncio.TimerHandle | None = None
+        self.young: set[_Watch] = set()
+        self.old: set[_Watch] = set()
+
+    def add(self, watch: _Watch) -> None:
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick)
+        self.young.add(watch)
+
+    def discard(self, watch: _Watch) -> None:
+        self.young.discard(watch)
+        self.old.discard(watch)
+
+    def _tick(self) -> None:
+        due, self.old, self.young = self.old, self.young, set()
+        for watch in due:
+            watch.start()
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick) if self.old else None
+
+
+# Per event loop (tests run apps on several, a TestClient in a thread of its own).
+_pending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pending] = weakref.WeakKeyDictionary()
 
 
 async def serve_fast(
@@ -215,13 +271,15 @@ async def _send_stream(
     try:
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         async for chunk in iterator:
-            message: Message = {
-                "type": "http.response.body",
-                "body": chunk.encode() if isinstance(chunk, str) else chunk,
-                "more_body": True,
-            }
+            body = chunk.encode() if isinstance(chunk, str) else chunk
+            if body.endswith(_DONE):
+                # The last event (sse_events ends every stream with it): it closes the response in the
+                # same write, and the iterator has nothing more to give (closing it, below, cleans up).
+                watch.done = True  # servers report http.disconnect once the response is complete
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            message: Message = {"type": "http.response.body", "body": body, "more_body": True}
             await send(message)
-        # Servers report http.disconnect once the response is complete; that is no hang-up.
         watch.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except OSError:

@@ -15,8 +15,9 @@ Conventions, chosen once:
   ``"usage": null`` and one more chunk with ``"choices": []`` carries the usage, as OpenAI does.
 * A queued request's heartbeats (empty deltas) become ``: keep-alive`` SSE comments.
 * An error once the stream has started: ``data: {"error": {...}}`` then ``data: [DONE]``.
-* Chunks are written with string templates and ``json.dumps`` of the text, not pydantic: this runs
-  once per token per stream.
+* Chunks are written with string templates and the json module's C string encoder for the text, not
+  pydantic: this runs once per token per stream. Whole bodies go out through orjson
+  (:mod:`r1serve.protocol.jsonfast`).
 * Raw completions (``/v1/completions``) pass the model's text through as written: the engine does
   not split reasoning for a raw prompt, so ``<think>`` tags, if any, stay in ``text``.
 """
@@ -29,23 +30,26 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring_ascii as json_str  # what json.dumps(a_str) returns, without its dispatch
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from r1serve.api.billing import Meter
+from r1serve.api.billing import Meter, open_meter
 from r1serve.engines.base import Delta, EngineUsage, GenerationRequest, SamplingParams
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.models.catalog import Prices
 from r1serve.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     CompletionTokensDetails,
     PromptTokensDetails,
     TokenLogprob,
     Usage,
+    jsonfast,
 )
 from r1serve.reasoning import strip_reasoning_from_history
 from r1serve.router import Route
@@ -115,8 +119,7 @@ def chat_generation_request(
         raise InvalidRequest("top_logprobs requires logprobs: true.", param="top_logprobs", code="invalid_value")
     return GenerationRequest(
         request_id=request_id,
-        # R1's multi-turn rule: earlier answers go back without their reasoning.
-        messages=strip_reasoning_from_history(req.messages),
+        messages=_history(req.messages),
         # None: the engine uses settings.default_max_tokens, capped to what the context has left.
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         sampling=_sampling(req, route.entry.sampling_defaults),
@@ -128,6 +131,16 @@ def chat_generation_request(
         extra=dict(req.model_extra or {}),
         stream=req.stream,
     )
+
+
+def _history(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """R1's multi-turn rule: earlier answers go back without their reasoning. Without an earlier answer
+    there is nothing to strip, and the request's own messages go as they are (nothing downstream
+    changes them; the copies cost more than the rest of the request's mapping)."""
+    for message in messages:
+        if message.role == "assistant":
+            return strip_reasoning_from_history(messages)
+    return messages
 
 
 def completion_prompt(req: CompletionRequest) -> str:
@@ -186,11 +199,27 @@ def usage_from_engine(usage: EngineUsage, prices: Prices) -> Usage:
 
 
 def _usage_json(usage: EngineUsage | None, prices: Prices) -> str:
-    return usage_from_engine(usage or EngineUsage(), prices).model_dump_json(exclude_none=True)
+    return jsonfast.dumps(_usage_dict(usage, prices)).decode()
+
+
+_NO_USAGE = EngineUsage()
 
 
 def _usage_dict(usage: EngineUsage | None, prices: Prices) -> dict[str, Any]:
-    return usage_from_engine(usage or EngineUsage(), prices).model_dump(mode="json", exclude_none=True)
+    """``usage_from_engine(...).model_dump(mode="json", exclude_none=True)``, built directly: once per
+    response, the pydantic models cost more than the rest of the body."""
+    u = usage or _NO_USAGE
+    out: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        "estimated_cost": estimate_cost(u, prices),
+    }
+    if u.estimated:
+        out["estimated"] = True
+    return out
 
 
 def _logprobs_json(items: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -241,14 +270,12 @@ class ChatChunkEncoder:
         include_usage: bool = False,
         include_reasoning: bool = True,
     ) -> None:
-        self._head = (
-            f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk","created":{created},'
-            f'"model":{json.dumps(model)},"choices":[{{"index":0,"delta":'
+        head = (
+            f'{{"id":{json_str(completion_id)},"object":"chat.completion.chunk","created":{created},'
+            f'"model":{json_str(model)},'
         )
-        self._usage_head = (
-            f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk","created":{created},'
-            f'"model":{json.dumps(model)},"choices":[],"usage":'
-        )
+        self._head = head + '"choices":[{"index":0,"delta":'
+        self._usage_head = head + '"choices":[],"usage":'
         self._tail = ',"usage":null}' if include_usage else "}"
         self._prices = prices
         self._include_usage = include_usage
@@ -274,9 +301,9 @@ class ChatChunkEncoder:
             self._pending_logprobs.extend(d.logprobs)
         texts: list[str] = []
         if reasoning:
-            texts.append(f'{{"reasoning_content":{json.dumps(reasoning)},"content":null}}')
+            texts.append(f'{{"reasoning_content":{json_str(reasoning)},"content":null}}')
         if d.content:
-            texts.append(f'{{"content":{json.dumps(d.content)}}}')
+            texts.append(f'{{"content":{json_str(d.content)}}}')
         out = []
         for i, text in enumerate(texts):
             # Logprobs ride on the last chunk of the delta they belong to.
@@ -315,8 +342,8 @@ class CompletionChunkEncoder:
         want_logprobs: bool = False,
     ) -> None:
         self._head = (
-            f'{{"id":{json.dumps(completion_id)},"object":"text_completion","created":{created},'
-            f'"model":{json.dumps(model)},"choices":'
+            f'{{"id":{json_str(completion_id)},"object":"text_completion","created":{created},'
+            f'"model":{json_str(model)},"choices":'
         )
         self._tail = ',"usage":null}' if include_usage else "}"
         self._prices = prices
@@ -332,7 +359,7 @@ class CompletionChunkEncoder:
         self._offset += len(text)
         fr = f'"{finish}"' if finish else "null"
         return _event(
-            f'{self._head}[{{"index":0,"text":{json.dumps(text)},"logprobs":{lp},"finish_reason":{fr}}}]{self._tail}'
+            f'{self._head}[{{"index":0,"text":{json_str(text)},"logprobs":{lp},"finish_reason":{fr}}}]{self._tail}'
         )
 
     def start(self) -> list[str]:
@@ -502,14 +529,36 @@ def completion_body(
 # ----------------------------------------------------------------------------- HTTP glue
 
 
+class JSONBody(Response):
+    """A 200 JSON response from an encoded body and raw headers (starlette's ``Response`` would render the
+    body and encode a header dict again, once per request)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = 200
+        self.body = body
+        self.background = None
+        length = (b"content-length", str(len(body)).encode())
+        self.raw_headers = [*headers, length, (b"content-type", b"application/json")]
+
+
 class SSEResponse(StreamingResponse):
     """Closes the body iterator (and so the engine generation) however the response ends.
 
     Starlette cancels the sending task when the client disconnects; a generator suspended at a
     ``yield`` would otherwise wait for garbage collection to be closed.
+
+    Built from raw headers (``headers`` plus the SSE ones), as :class:`JSONBody` is.
     """
 
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], headers: list[tuple[bytes, bytes]]) -> None:
+        self.body_iterator = content
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [*headers, *_SSE_RAW_HEADERS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -520,7 +569,11 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_RAW_HEADERS = (
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+)
 
 
 class ClientDisconnected(Exception):
@@ -570,12 +623,16 @@ def _headers(route: Route, unknown: list[str]) -> dict[str, str]:
     return headers
 
 
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
 async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = None) -> tuple[Delta, AsyncIterator[Delta]]:
     """Begin generating and wait for the first delta, so that bad input (context too long, queue full)
     becomes an HTTP error status rather than an error inside a 200 stream. The meter (accounts) sees
     every delta and settles the request however the stream ends."""
     stream = route.engine.generate(gen)
-    if meter is not None and meter.active:  # an inactive meter (no accounts) would only pass deltas on
+    if meter is not None:
         stream = meter.wrap(stream)
     try:
         first = await anext(stream)
@@ -586,7 +643,7 @@ async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = Non
 
 
 def _json_response(body: dict[str, Any], headers: dict[str, str]) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json", headers=headers)
+    return JSONBody(jsonfast.dumps(body), _raw_headers(headers))
 
 
 async def serve_chat(
@@ -676,13 +733,16 @@ async def _serve(
 ) -> Response:
     """What chat and raw completions share: metering, then an SSE stream or one JSON body."""
     headers = _headers(route, req.unknown_fields())
-    meter = Meter(request, route, gen, model_name=model_name, response_id=completion_id)
-    await meter.admit()  # scope and limits (429) before any generation
-    prices = meter.prices(route.entry.prices)
+    # None without accounts (or for an open caller): nothing to check, count or settle.
+    meter = open_meter(request, route, gen, model_name=model_name, response_id=completion_id)
+    prices = route.entry.prices
+    if meter is not None:
+        await meter.admit()  # scope and limits (429) before any generation
+        prices = meter.prices(prices)
     if req.stream:
         first, rest = await _guarded(request, _start(route, gen, meter), watch)
         events = sse_events(first, rest, encoder(prices), batch=not watch)
-        return SSEResponse(events, headers={**headers, **_SSE_HEADERS})
+        return SSEResponse(events, _raw_headers(headers))
 
     async def run() -> Collected:
         first, rest = await _start(route, gen, meter)

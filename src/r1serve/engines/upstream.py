@@ -18,7 +18,8 @@ Wire choices
   same parser as one piece). Such a request has no chunks to time: headers and body must arrive within
   ``Timeouts.whole``. An upstream that answers either way with the other shape is accepted too.
 * The body is read as it arrives (``readany``), split into SSE lines, and every read becomes at most
-  one delta: events that arrived in the same read are merged, nothing waits for more.
+  one delta: events that arrived in the same read are merged, nothing waits for more. The read that
+  ends the stream (finish and ``[DONE]``) becomes the final delta, its text included.
 * Reasoning is split with :class:`r1serve.reasoning.ReasoningParser`, so the result is identical to the
   embedded engine's for the same text. See :data:`Dialect` for how each dialect is read.
 * History: the API already removed reasoning from earlier assistant turns
@@ -49,7 +50,7 @@ import r1serve
 from r1serve.engines.base import Delta, Engine, EngineUsage, FinishReason, GenerationRequest
 from r1serve.errors import InvalidRequest, UpstreamError
 from r1serve.models.catalog import detect_reasoning_format
-from r1serve.protocol import ChatMessage, TokenLogprob
+from r1serve.protocol import ChatMessage, TokenLogprob, jsonfast
 from r1serve.reasoning import THINK_CLOSE, ReasoningParser
 
 log = logging.getLogger("r1serve.upstream")
@@ -273,6 +274,42 @@ class Normaliser:
         return ReasoningParser("none")
 
     def add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
+        if content and self._eos:
+            content = self._strip_eos(content)
+        return self._add(content, reasoning)
+
+    def add_many(self, events: list[tuple[str | None, str | None]]) -> tuple[str, str]:
+        """:meth:`add` for the ``(content, reasoning)`` of several events, in order, as one output.
+
+        Consecutive texts of one kind go to the parser joined, as one piece: its output does not depend
+        on how its input is chunked, and one parser call per network read instead of one per event is
+        most of what normalising a stream costs."""
+        if len(events) == 1:
+            return self.add(*events[0])
+        out_r = out_c = ""
+        # The run being gathered: all of its reasoning came before all of its content.
+        run_r: list[str] = []
+        run_c: list[str] = []
+        for content, reasoning in events:
+            if reasoning:
+                if run_c:  # reasoning after content: the run so far goes first
+                    r, c = self._add("".join(run_c), "".join(run_r))
+                    out_r += r
+                    out_c += c
+                    run_r, run_c = [], []
+                run_r.append(reasoning)
+            if content:
+                if self._eos:
+                    content = self._strip_eos(content)
+                if content:
+                    run_c.append(content)
+        if run_r or run_c:
+            r, c = self._add("".join(run_c), "".join(run_r))
+            out_r += r
+            out_c += c
+        return out_r, out_c
+
+    def _add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
         out_r = out_c = ""
         if reasoning:
             parser = self._parser
@@ -283,18 +320,15 @@ class Normaliser:
             else:  # reasoning after the answer started, or in a content dialect: pass it on as is
                 out_r = reasoning
         if content:
-            if self._eos:
-                content = self._strip_eos(content)
-            if content:
-                parser = self._parser
-                if parser is None:
-                    parser = self._parser = self._start(fields=False)
-                if self._fields and not self._closed:
-                    self._closed = True
-                    content = THINK_CLOSE + content
-                r, c = parser.feed(content)
-                out_r += r
-                out_c += c
+            parser = self._parser
+            if parser is None:
+                parser = self._parser = self._start(fields=False)
+            if self._fields and not self._closed:
+                self._closed = True
+                content = THINK_CLOSE + content
+            r, c = parser.feed(content)
+            out_r += r
+            out_c += c
         if out_r:
             self.reasoning_parts.append(out_r)
         if out_c:
@@ -496,7 +530,7 @@ class UpstreamEngine(Engine):
                 body["logprobs"] = request.logprobs
         for key in self.config.drop_params:
             body.pop(key, None)
-        return json.dumps(body, ensure_ascii=False).encode()
+        return jsonfast.dumps(body)
 
     async def _raise_http_error(self, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
@@ -567,37 +601,56 @@ class UpstreamEngine(Engine):
         loop = asyncio.get_running_loop()
         first_wait = t.first_deadline(request.stream)
         deadline = loop.time() + first_wait
+        resp: aiohttp.ClientResponse | None = None
+        raw: bytes | None = None
         try:
+            # One timer for the whole exchange when the answer is one JSON body: its headers and its body
+            # are due by the same deadline. A stream's reads get their own (idle) deadlines below.
             async with asyncio.timeout_at(deadline):
                 resp = await session.post(url, data=body, headers=self._headers)
+                if resp.status < 400 and "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                    raw = await resp.read()
         except TimeoutError:
+            if resp is not None:
+                resp.close()
             raise AttemptFailed(
                 f"upstream {cfg.name} sent no response within {first_wait:g}s", kind="timeout", retryable=True
             ) from None
-        except aiohttp.ClientError as exc:
-            raise AttemptFailed(
-                f"could not reach upstream {cfg.name}: {type(exc).__name__}", kind="connect_error", retryable=True
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if resp is None:
+                if not isinstance(exc, aiohttp.ClientError):
+                    raise
+                raise AttemptFailed(
+                    f"could not reach upstream {cfg.name}: {type(exc).__name__}", kind="connect_error", retryable=True
+                ) from None
+            resp.close()
+            raise self._failure(
+                f"upstream {cfg.name} dropped the connection ({type(exc).__name__})", "connection_dropped", False
             ) from None
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
         norm = Normaliser(self._dialect, chat=chat, eos_markers=cfg.eos_markers)
+        if raw is not None:
+            resp.release()  # all of it was read: the connection goes back to the pool
+            # The whole answer in one delta: nothing can fail after it.
+            yield self._whole(raw, request, norm)
+            return
         yielded = False
         complete = False
         try:
             if resp.status >= 400:
                 await self._raise_http_error(resp)
-            ctype = resp.headers.get("Content-Type", "")
-            if "text/event-stream" not in ctype:
-                async with asyncio.timeout_at(deadline):
-                    raw = await resp.read()
-                delta = self._whole(raw, request, norm)
-                yielded = complete = True  # the whole answer in one delta: nothing can fail after it
-                yield delta
-                return
             content = resp.content
             buf = b""
             finish: FinishReason | None = None
             usage: EngineUsage | None = None
             done = False
             want_logprobs = request.logprobs is not None
+            # The text of the read that ended the stream: it goes out with the final delta.
+            last_r = last_c = ""
+            last_lps: list[TokenLogprob] = []
             while not done:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -617,7 +670,7 @@ class UpstreamEngine(Engine):
                 if b"\n" not in buf:
                     continue
                 *lines, buf = buf.split(b"\n")
-                r_out = c_out = ""
+                texts: list[tuple[str | None, str | None]] = []  # (content, reasoning) of this read's events
                 lps: list[TokenLogprob] = []
                 for line in lines:
                     if not line.startswith(b"data:"):
@@ -627,7 +680,7 @@ class UpstreamEngine(Engine):
                         done = True
                         break
                     try:
-                        event = json.loads(payload)
+                        event = jsonfast.loads(payload)
                         choices = event.get("choices")
                     except (ValueError, AttributeError):
                         raise self._failure(
@@ -646,19 +699,25 @@ class UpstreamEngine(Engine):
                     choice = choices[0]
                     if chat:
                         delta = choice.get("delta") or choice.get("message") or {}
-                        r, c = norm.add(
-                            delta.get("content"), delta.get("reasoning_content") or delta.get("reasoning")
-                        )
+                        text = delta.get("content")
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        if text or reasoning:
+                            texts.append((text, reasoning))
                     else:
-                        r, c = norm.add(choice.get("text"), None)
-                    r_out += r
-                    c_out += c
+                        text = choice.get("text")
+                        if text:
+                            texts.append((text, None))
                     if want_logprobs:
                         lps.extend(_logprobs(choice, chat))
                     fr = choice.get("finish_reason")
                     if fr:
                         finish = finish_reason(fr)
-                if r_out or c_out or lps:
+                r_out, c_out = norm.add_many(texts) if texts else ("", "")
+                if done and finish is not None:
+                    # Finish and [DONE] came with this text: one delta, not a text delta then the final one
+                    # (each is a pass through the API's layers and a write to the client).
+                    last_r, last_c, last_lps = r_out, c_out, lps
+                elif r_out or c_out or lps:
                     yielded = True
                     yield Delta(reasoning=r_out, content=c_out, logprobs=lps)
             if finish is None:
@@ -669,7 +728,13 @@ class UpstreamEngine(Engine):
                 )
             r, c = norm.finish()
             yielded = complete = True
-            yield Delta(reasoning=r, content=c, finish_reason=finish, usage=self._usage(usage, request, norm))
+            yield Delta(
+                reasoning=last_r + r,
+                content=last_c + c,
+                logprobs=last_lps,
+                finish_reason=finish,
+                usage=self._usage(usage, request, norm),
+            )
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise self._failure(
                 f"upstream {cfg.name} dropped the connection ({type(exc).__name__})", "connection_dropped", yielded
@@ -698,7 +763,7 @@ class UpstreamEngine(Engine):
         """A plain JSON answer (an upstream that ignores ``stream``)."""
         name = self.config.name
         try:
-            data = json.loads(raw)
+            data = jsonfast.loads(raw)
             choice = data["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             raise AttemptFailed(
@@ -721,11 +786,12 @@ class UpstreamEngine(Engine):
         )
 
     def _usage(self, usage: EngineUsage | None, request: GenerationRequest, norm: Normaliser) -> EngineUsage:
-        reasoning = "".join(norm.reasoning_parts)
         if usage is not None:
             if usage.reasoning_tokens < 0:  # upstream gave totals but no reasoning split
+                reasoning = "".join(norm.reasoning_parts)
                 usage.reasoning_tokens = min(usage.completion_tokens, self.tokens.count(reasoning)) if reasoning else 0
             return usage
+        reasoning = "".join(norm.reasoning_parts)
         count = self.tokens.count
         r_tokens = count(reasoning) if reasoning else 0
         c_tokens = count("".join(norm.content_parts))

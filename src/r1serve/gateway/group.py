@@ -320,9 +320,11 @@ class RouteEngine(Engine):
 
     def candidates(self) -> list[Member]:
         now = time.monotonic()
-        ordered = self.order()
-        healthy = [m for m in ordered if not m.target.blocked(now) and m.target.healthy is not False]
-        unhealthy = [m for m in ordered if not m.target.blocked(now) and m.target.healthy is False]
+        healthy: list[Member] = []
+        unhealthy: list[Member] = []
+        for m in self.order():
+            if not m.target.blocked(now):
+                (unhealthy if m.target.healthy is False else healthy).append(m)
         return healthy + unhealthy
 
     # ------------------------------------------------------------------ generation
@@ -356,6 +358,10 @@ class RouteEngine(Engine):
                 try:
                     async for delta in stream:
                         yielded = True
+                        if delta.finish_reason is not None:
+                            # The API stops reading at the final delta and closes this generator
+                            # there: the attempt has succeeded already.
+                            verdict = True
                         yield delta
                     verdict = True
                     return
