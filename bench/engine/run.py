@@ -592,13 +592,18 @@ def server_specs(args: argparse.Namespace, model: Path) -> list[ServerSpec]:
     for name in args.servers:
         port = free_port()
         if name == "r1serve":
-            specs.append(ServerSpec(
-                f"r1serve --parallel {args.r1_parallel}",
-                [str(ROOT / ".venv/bin/r1serve"), "serve", "--model", str(model), "--host", "127.0.0.1",
-                 "--port", str(port), "--threads", t, "--ctx", str(ctx), "--parallel", str(args.r1_parallel),
-                 "--log-level", "warning"],
-                port, True, args.concurrency,
-            ))
+            # Like llama-server: 8 sequences for c <= 8, 16 for c = 16. A unified KV cache sized for
+            # more sequences than are running keeps more idle cached prompts in attention's way.
+            for par in args.r1_parallel:
+                conc = args.concurrency if par == min(args.r1_parallel) else [c for c in args.concurrency if c >= par]
+                specs.append(ServerSpec(
+                    f"r1serve --parallel {par}",
+                    [str(ROOT / ".venv/bin/r1serve"), "serve", "--model", str(model), "--host", "127.0.0.1",
+                     "--port", str(port), "--threads", t, "--ctx", str(ctx), "--parallel", str(par),
+                     "--log-level", "warning"],
+                    port, True, conc,
+                ))
+                port = free_port()
         elif name == "llama-server":
             for np_ in args.llama_server_np:
                 conc = args.concurrency if np_ == 8 else [c for c in args.concurrency if c >= np_]
@@ -675,7 +680,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run")
     p.add_argument("--servers", type=lambda s: s.split(","), default=["r1serve", "llama-server", "llama-cpp-python"])
-    p.add_argument("--r1-parallel", type=int, default=16)
+    p.add_argument("--r1-parallel", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
+                   help="r1serve --parallel values: the smallest serves every c, the others c >= value")
     p.add_argument("--llama-server-np", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
                    help="llama-server -np values; -np 8 runs every concurrency, others only c >= np")
     p.add_argument("--skip-ceilings", action="store_true")
