@@ -78,7 +78,7 @@ def open_meter(
     """The request's :class:`Meter`, or None when there is nothing to meter: no accounts database, or a
     caller the accounts layer did not identify (then ``Meter.active`` would be False, and every one of its
     methods a no-op)."""
-    if getattr(request.app.state, "accounts", None) is None or getattr(request.state, "principal", None) is None:
+    if accounts_of(request) is None or principal_of(request) is None:
         return None
     return Meter(request, route, gen, model_name=model_name, response_id=response_id)
 

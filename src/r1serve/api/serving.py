@@ -45,10 +45,7 @@ from r1serve.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    CompletionTokensDetails,
-    PromptTokensDetails,
     TokenLogprob,
-    Usage,
     jsonfast,
 )
 from r1serve.reasoning import strip_reasoning_from_history
@@ -186,18 +183,6 @@ def estimate_cost(usage: EngineUsage, prices: Prices) -> float:
     return round(dollars, 10)
 
 
-def usage_from_engine(usage: EngineUsage, prices: Prices) -> Usage:
-    return Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
-        estimated_cost=estimate_cost(usage, prices),
-        estimated=True if usage.estimated else None,
-    )
-
-
 def _usage_json(usage: EngineUsage | None, prices: Prices) -> str:
     return jsonfast.dumps(_usage_dict(usage, prices)).decode()
 
@@ -206,8 +191,8 @@ _NO_USAGE = EngineUsage()
 
 
 def _usage_dict(usage: EngineUsage | None, prices: Prices) -> dict[str, Any]:
-    """``usage_from_engine(...).model_dump(mode="json", exclude_none=True)``, built directly: once per
-    response, the pydantic models cost more than the rest of the body."""
+    """The wire shape of :class:`r1serve.protocol.Usage` (``None`` fields left out), built directly: once
+    per response, the pydantic models cost more than the rest of the body."""
     u = usage or _NO_USAGE
     out: dict[str, Any] = {
         "prompt_tokens": u.prompt_tokens,

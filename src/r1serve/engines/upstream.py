@@ -274,9 +274,7 @@ class Normaliser:
         return ReasoningParser("none")
 
     def add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
-        if content and self._eos:
-            content = self._strip_eos(content)
-        return self._add(content, reasoning)
+        return self.add_many([(content, reasoning)])
 
     def add_many(self, events: list[tuple[str | None, str | None]]) -> tuple[str, str]:
         """:meth:`add` for the ``(content, reasoning)`` of several events, in order, as one output.
@@ -284,8 +282,6 @@ class Normaliser:
         Consecutive texts of one kind go to the parser joined, as one piece: its output does not depend
         on how its input is chunked, and one parser call per network read instead of one per event is
         most of what normalising a stream costs."""
-        if len(events) == 1:
-            return self.add(*events[0])
         out_r = out_c = ""
         # The run being gathered: all of its reasoning came before all of its content.
         run_r: list[str] = []
