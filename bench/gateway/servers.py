@@ -164,12 +164,8 @@ async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
 
     settings = Settings(_env_file=None, api_keys=["sk-bench"], port=port)  # type: ignore[call-arg]
     configure_logging(settings.log_level)  # the product default: info, one access line per request
-    if log_file:
-        handler = logging.getLogger().handlers[0]
-        stream_handler = logging.FileHandler(log_file)
-        stream_handler.filters = handler.filters
-        stream_handler.setFormatter(handler.formatter)
-        logging.getLogger().handlers[:] = [stream_handler]
+    if log_file:  # the product's own handler, writing to a file instead of stderr
+        logging.getLogger().handlers[0].setStream(open(log_file, "a"))
     config = load_gateway_config(
         GatewayOptions(upstream=upstream, reasoning_dialect="reasoning_content", env_file=None), env={}
     )

@@ -64,6 +64,10 @@ def prompt_opens_reasoning(rendered_prompt: str) -> bool:
 
 def _partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    # Such a suffix starts with the tag's first character; most text has none near its end. This runs
+    # once per token while streaming.
+    if text.rfind(tag[0], max(0, len(text) - len(tag) + 1)) < 0:
+        return 0
     for size in range(min(len(text), len(tag) - 1), 0, -1):
         if text.endswith(tag[:size]):
             return size

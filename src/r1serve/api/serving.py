@@ -728,10 +728,10 @@ async def _serve(
         first, rest = await _guarded(request, _start(route, gen, meter), watch)
         events = sse_events(first, rest, encoder(prices), batch=not watch)
         return SSEResponse(events, _raw_headers(headers))
-
-    async def run() -> Collected:
-        first, rest = await _start(route, gen, meter)
-        return await collect(first, rest, include_reasoning=include_reasoning)
-
-    collected = await _guarded(request, run(), watch)
+    collected = await _guarded(request, _generate_all(route, gen, meter, include_reasoning), watch)
     return _json_response(body(collected, prices), headers)
+
+
+async def _generate_all(route: Route, gen: GenerationRequest, meter: Meter | None, include_reasoning: bool) -> Collected:
+    first, rest = await _start(route, gen, meter)
+    return await collect(first, rest, include_reasoning=include_reasoning)
