@@ -1,83 +1,144 @@
-"""The server's log set-up: request ids on every line, access lines written in batches but never lost."""
+"""The server's log set-up: request ids on every line; access lines written in batches, in order, never
+late behind the server's own messages and never lost on shutdown."""
 
 from __future__ import annotations
 
 import io
 import logging
 import re
+import signal
+import subprocess
+import sys
 import time
+import weakref
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from r1serve.api.context import BatchedStreamHandler, RequestIdFilter, _Formatter, configure_logging, request_id_var
+from r1serve.api.context import (
+    ACCESS_LOGGER,
+    BatchedStreamHandler,
+    RequestIdFilter,
+    _Formatter,
+    configure_logging,
+    request_id_var,
+)
 
 
-def _logger(handler: logging.Handler) -> logging.Logger:
-    logger = logging.getLogger(f"r1serve.test.{id(handler)}")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    return logger
+@pytest.fixture
+def attach() -> Iterator[Callable[[logging.Handler], None]]:
+    """Route the access logger and one other logger to a handler only, for the test."""
+    loggers = [logging.getLogger(ACCESS_LOGGER), logging.getLogger("r1serve.test")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+
+    def attach(handler: logging.Handler) -> None:
+        for lg in loggers:
+            lg.handlers[:] = [handler]
+            lg.propagate = False
+            lg.setLevel(logging.INFO)
+
+    yield attach
+    for lg, (handlers, propagate, level) in zip(loggers, saved):
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
 
 
-def _wait_for(predicate: object, timeout: float = 5.0) -> bool:
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return True
         time.sleep(0.01)
     return False
 
 
-def test_info_lines_are_batched_then_flushed_by_the_timer() -> None:
+access = logging.getLogger(ACCESS_LOGGER)
+other = logging.getLogger("r1serve.test")
+
+
+def test_access_lines_are_batched_then_written_by_the_timer(attach: Callable[[logging.Handler], None]) -> None:
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream)
+    attach(handler)
     try:
-        log = _logger(handler)
-        log.info("one")
-        log.info("two")
+        access.info("one")
+        access.info("two")
         assert stream.getvalue() == ""  # held: no write per line
-        assert _wait_for(lambda: stream.getvalue() == "one\ntwo\n", timeout=5 * handler.FLUSH_EVERY)
+        assert _wait_for(lambda: stream.getvalue() == "one\ntwo\n", timeout=10 * handler.FLUSH_EVERY)
     finally:
         handler.close()
 
 
-def test_a_warning_goes_out_at_once_after_what_was_held() -> None:
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_any_other_line_goes_out_at_once_after_what_was_held(
+    attach: Callable[[logging.Handler], None], level: int
+) -> None:
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream)
+    attach(handler)
     try:
-        log = _logger(handler)
-        log.info("before")
-        log.warning("trouble")
-        assert stream.getvalue() == "before\ntrouble\n"
+        access.info("request 1")
+        other.log(level, "Shutting down")
+        assert stream.getvalue() == "request 1\nShutting down\n"
+        access.warning("an access line at WARNING")
+        assert stream.getvalue().endswith("an access line at WARNING\n")
     finally:
         handler.close()
 
 
-def test_a_full_batch_is_written_without_waiting() -> None:
+def test_a_full_batch_is_written_without_waiting(attach: Callable[[logging.Handler], None]) -> None:
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream)
+    attach(handler)
     try:
-        log = _logger(handler)
         for i in range(handler.MAX_PENDING):
-            log.info("line %d", i)
+            access.info("line %d", i)
         assert stream.getvalue().count("\n") == handler.MAX_PENDING
     finally:
         handler.close()
 
 
-def test_close_and_logging_shutdown_write_what_is_pending() -> None:
+def test_close_and_logging_shutdown_write_what_is_pending(attach: Callable[[logging.Handler], None]) -> None:
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream)
-    _logger(handler).info("last words")
+    attach(handler)
+    access.info("last words")
     handler.close()
     assert stream.getvalue() == "last words\n"
+    access.info("after close")  # no timer any more: written at once
+    assert stream.getvalue() == "last words\nafter close\n"
 
     stream2 = io.StringIO()
     handler2 = BatchedStreamHandler(stream2)
-    _logger(handler2).info("at exit")
-    logging.shutdown([logging.weakref.ref(handler2)])  # what the interpreter runs at exit
+    attach(handler2)
+    access.info("at exit")
+    logging.shutdown([weakref.ref(handler2)])  # what the interpreter runs at exit
     assert stream2.getvalue() == "at exit\n"
+
+
+class _FailsOnce(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise OSError("disk full")
+        return super().write(text)
+
+
+def test_the_timer_survives_a_failed_write(attach: Callable[[logging.Handler], None]) -> None:
+    stream = _FailsOnce()
+    handler = BatchedStreamHandler(stream)
+    attach(handler)
+    try:
+        access.info("lost with the failed write")
+        assert _wait_for(lambda: stream.failed, timeout=10 * handler.FLUSH_EVERY)
+        access.info("written later")
+        assert _wait_for(lambda: stream.getvalue() == "written later\n", timeout=10 * handler.FLUSH_EVERY)
+    finally:
+        handler.close()
 
 
 def test_the_time_stamp_follows_the_clock() -> None:
@@ -93,7 +154,11 @@ def test_the_time_stamp_follows_the_clock() -> None:
     assert formatter.format(again) == f"{expected} c"
 
 
-def test_configure_logging_stamps_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:
+def test_configure_logging_stamps_the_request_id(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for flag in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))  # restored after the test
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     try:
@@ -103,7 +168,7 @@ def test_configure_logging_stamps_the_request_id(capsys: pytest.CaptureFixture[s
         assert any(isinstance(f, RequestIdFilter) for f in handler.filters)
         token = request_id_var.set("req_abc")
         try:
-            logging.getLogger("r1serve.access").info("POST /v1/chat/completions 200 3ms")
+            access.info("POST /v1/chat/completions 200 3ms")
         finally:
             request_id_var.reset(token)
         handler.flush()
@@ -115,3 +180,23 @@ def test_configure_logging_stamps_the_request_id(capsys: pytest.CaptureFixture[s
                 h.close()
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+_KILLED_BY_SIGTERM = """
+import logging, os, signal, time
+from r1serve.api.context import configure_logging
+configure_logging("info")
+logging.getLogger("r1serve.access").info("GET /v1/models 200 1ms")
+logging.getLogger("uvicorn.error").info("Shutting down")
+os.kill(os.getpid(), signal.SIGTERM)  # what uvicorn does after its shutdown: no exit hooks run
+time.sleep(5)
+"""
+
+
+def test_a_server_killed_by_sigterm_has_written_its_access_lines() -> None:
+    """``docker stop``: uvicorn logs "Shutting down", shuts down, then dies of the re-raised SIGTERM,
+    long before the flush timer: that line must write the access lines held before it."""
+    done = subprocess.run([sys.executable, "-c", _KILLED_BY_SIGTERM], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM
+    lines = done.stderr.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["GET /v1/models 200 1ms", "Shutting down"], done.stderr

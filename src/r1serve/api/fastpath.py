@@ -37,7 +37,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from r1serve.api.auth import authenticate
-from r1serve.api.context import accept_request_id, request_id_var
+from r1serve.api.context import accept_request_id, access_log, request_id_var
 from r1serve.api.errors import _http_error, error_body, r1serve_error_response, validation_error
 from r1serve.api.metrics import observe
 from r1serve.api.middleware import BodyTooLarge, read_body, too_large_response
@@ -47,7 +47,6 @@ from r1serve.errors import R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("r1serve.api")
-access_log = logging.getLogger("r1serve.access")
 
 Serve = Callable[..., Awaitable[Response]]
 

@@ -16,12 +16,11 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r1serve.api.context import accept_request_id, request_id_var
+from r1serve.api.context import accept_request_id, access_log, request_id_var
 from r1serve.api.errors import error_body
 from r1serve.api.metrics import observe
 
 log = logging.getLogger("r1serve.api")
-access_log = logging.getLogger("r1serve.access")
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
