@@ -301,6 +301,7 @@ def test_vocab_gguf_tokenizes_like_r1(tmp_path: Path) -> None:
     ids = llm.tokenize("<｜User｜>Hello<｜Assistant｜><think>\n".encode(), add_bos=True, special=True)
     assert ids == [BOS_ID, USER_ID, 9707, ASSISTANT_ID, THINK_ID, 198]
     assert llm.detokenize([THINK_ID, END_THINK_ID], special=True) == b"<think></think>"
+    llm.close()
 
 
 def test_r1_template_renders_the_r1_prompt() -> None:

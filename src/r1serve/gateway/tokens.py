@@ -10,6 +10,7 @@ always marked ``estimated``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from pathlib import Path
@@ -45,7 +46,22 @@ class GGUFTokenCounter:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 
+    def close(self) -> None:
+        with self._lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+
 _cache: dict[Path, GGUFTokenCounter] = {}
+
+
+@atexit.register
+def _close_counters() -> None:
+    # Left to the garbage collector, llama-cpp-python frees a vocabulary after the interpreter has begun
+    # tearing down its modules, and prints a TypeError traceback on the way out.
+    for counter in _cache.values():
+        counter.close()
 
 
 def gguf_counter(path: Path) -> GGUFTokenCounter:
