@@ -45,7 +45,6 @@ class GGUFTokenCounter:
             self.load()
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-
     def close(self) -> None:
         with self._lock:
             if self._llama is not None:
