@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,18 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (run.py next to this file)
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
-
-
-def ensure_valgrind() -> str:
-    path = shutil.which("valgrind")
-    if path:
-        return path
-    print("installing valgrind (apt-get)...", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "valgrind"], check=False, capture_output=True)
-    if not shutil.which("valgrind"):
-        subprocess.run(["apt-get", "update"], check=False, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True, capture_output=True)
-    return shutil.which("valgrind") or "valgrind"
 
 
 async def load(port: int, requests: int, stream: bool, clients: int = 16) -> None:
@@ -103,7 +90,7 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="append the results as a section of this markdown file")
     args = ap.parse_args()
     small, large = (int(n) for n in args.requests.split(","))
-    valgrind = ensure_valgrind()
+    valgrind = bench.ensure_debian_tool("valgrind")
     work = Path(tempfile.mkdtemp(prefix="r1serve-count-"))
     mock = bench.Proc("mock", [bench.PY, str(bench.HERE / "servers.py"), "mock", "--port", str(mock_port := bench.free_port())], work)
     rows: dict[tuple[str, str], float] = {}

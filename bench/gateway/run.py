@@ -109,16 +109,21 @@ class Proc:
 # ----------------------------------------------------------------------------- tools
 
 
-def ensure_wrk() -> str:
-    path = shutil.which("wrk")
+def ensure_debian_tool(name: str) -> str:
+    """The path of ``name``, installed from the Debian package of the same name when missing."""
+    path = shutil.which(name)
     if path:
         return path
-    print("installing wrk (apt-get)...", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
-    if not shutil.which("wrk"):
+    print(f"installing {name} (apt-get)...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", name], check=False, capture_output=True)
+    if not shutil.which(name):
         subprocess.run(["apt-get", "update"], check=False, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, capture_output=True)
-    return shutil.which("wrk") or "wrk"
+        subprocess.run(["apt-get", "install", "-y", name], check=True, capture_output=True)
+    return shutil.which(name) or name
+
+
+def ensure_wrk() -> str:
+    return ensure_debian_tool("wrk")
 
 
 def ensure_litellm() -> Path:
