@@ -10,6 +10,7 @@ from typing import Protocol
 
 from fastapi import Request
 
+from r1serve.api.context import scope_header
 from r1serve.errors import AuthenticationError
 
 
@@ -25,12 +26,8 @@ class Authenticator(Protocol):
 
 
 def bearer_token(request: Request) -> str | None:
-    # Straight from the ASGI scope: building starlette's Headers for one lookup cost more than the check.
-    header = ""
-    for name, value in request.scope["headers"]:
-        if name == b"authorization":
-            header = value.decode("latin-1")
-            break
+    raw = scope_header(request.scope, b"authorization")
+    header = "" if raw is None else raw.decode("latin-1")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None

@@ -6,8 +6,9 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import TextIO
+from typing import Any, TextIO
 
 request_id_var: ContextVar[str] = ContextVar("r1serve_request_id", default="-")
 
@@ -15,13 +16,26 @@ request_id_var: ContextVar[str] = ContextVar("r1serve_request_id", default="-")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+def scope_header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case, as ASGI gives names) straight from the scope:
+    cheaper than building starlette's Headers for one lookup on the request path."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
 def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()  # uuid4().hex's 32 hex digits, without building a UUID
 
 
-def accept_request_id(client_value: str | None) -> str:
-    if client_value and _SAFE_ID.fullmatch(client_value):
-        return client_value
+def request_id_from(scope: Mapping[str, Any]) -> str:
+    """The request's id: the client's ``x-request-id`` when it is safe to echo, else a new one."""
+    raw = scope_header(scope, b"x-request-id")
+    if raw is not None:
+        client_value = raw.decode("latin-1")
+        if _SAFE_ID.fullmatch(client_value):
+            return client_value
     return new_request_id()
 
 

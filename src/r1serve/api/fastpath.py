@@ -37,7 +37,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from r1serve.api.auth import authenticate
-from r1serve.api.context import accept_request_id, access_log, request_id_var
+from r1serve.api.context import access_log, request_id_from, request_id_var
 from r1serve.api.errors import _http_error, error_body, r1serve_error_response, validation_error
 from r1serve.api.metrics import observe
 from r1serve.api.middleware import BodyTooLarge, read_body, too_large_response
@@ -161,12 +161,7 @@ async def serve_fast(
     app: Any, route_path: str, handler: tuple[type[BaseModel], Serve], scope: Scope, receive: Receive, send: Send
 ) -> None:
     settings = app.state.settings
-    client_id = None
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            client_id = value.decode("latin-1")
-            break
-    request_id = accept_request_id(client_id)
+    request_id = request_id_from(scope)
     token = request_id_var.set(request_id)
     state = scope.get("state")
     if state is None:

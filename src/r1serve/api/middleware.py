@@ -16,7 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r1serve.api.context import accept_request_id, access_log, request_id_var
+from r1serve.api.context import access_log, request_id_from, request_id_var, scope_header
 from r1serve.api.errors import error_body
 from r1serve.api.metrics import observe
 
@@ -35,12 +35,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        client_id = None
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                client_id = value.decode("latin-1")
-                break
-        request_id = accept_request_id(client_id)
+        request_id = request_id_from(scope)
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
@@ -109,15 +104,14 @@ class BodyTooLarge(Exception):
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The whole request body; None when the client left first. Raises BodyTooLarge past ``limit``
     (declared in content-length, or counted while reading)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                declared = 0
-            if declared > limit:
-                raise BodyTooLarge(limit)
-            break
+    length = scope_header(scope, b"content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            raise BodyTooLarge(limit)
 
     message = await receive()
     if message["type"] == "http.disconnect":

@@ -601,15 +601,12 @@ async def _guarded(request: Request, work: Awaitable[T], watch: bool) -> T:
     return await work
 
 
-def _headers(route: Route, unknown: list[str]) -> dict[str, str]:
-    headers = {"x-r1serve-model": route.entry.id}
+def _headers(route: Route, unknown: list[str]) -> list[tuple[bytes, bytes]]:
+    """The response headers both shapes share, as ASGI's raw pairs."""
+    headers = [(b"x-r1serve-model", route.entry.id.encode("latin-1"))]
     if unknown:
-        headers["x-r1serve-unknown-fields"] = ",".join(unknown)
+        headers.append((b"x-r1serve-unknown-fields", ",".join(unknown).encode("latin-1")))
     return headers
-
-
-def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = None) -> tuple[Delta, AsyncIterator[Delta]]:
@@ -625,10 +622,6 @@ async def _start(route: Route, gen: GenerationRequest, meter: Meter | None = Non
         await _close(stream)
         raise
     return first, stream
-
-
-def _json_response(body: dict[str, Any], headers: dict[str, str]) -> Response:
-    return JSONBody(jsonfast.dumps(body), _raw_headers(headers))
 
 
 async def serve_chat(
@@ -727,9 +720,9 @@ async def _serve(
     if req.stream:
         first, rest = await _guarded(request, _start(route, gen, meter), watch)
         events = sse_events(first, rest, encoder(prices), batch=not watch)
-        return SSEResponse(events, _raw_headers(headers))
+        return SSEResponse(events, headers)
     collected = await _guarded(request, _generate_all(route, gen, meter, include_reasoning), watch)
-    return _json_response(body(collected, prices), headers)
+    return JSONBody(jsonfast.dumps(body(collected, prices)), headers)
 
 
 async def _generate_all(route: Route, gen: GenerationRequest, meter: Meter | None, include_reasoning: bool) -> Collected:

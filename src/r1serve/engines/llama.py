@@ -53,12 +53,6 @@ _PREFILL_CHUNK_WHEN_BUSY = 256
 _GIL_SWITCH_INTERVAL = 0.0005
 
 
-def _plain_greedy(request: GenerationRequest) -> bool:
-    sp = request.sampling
-    no_penalty = not sp.presence_penalty and not sp.frequency_penalty and sp.repetition_penalty in (None, 1.0)
-    return sp.temperature is not None and sp.temperature <= 0.0 and no_penalty
-
-
 def _read_template(value: str | None) -> str | None:
     if not value:
         return None
@@ -364,8 +358,7 @@ class LlamaEngine(Engine):
             if seq.cancelled:
                 continue
             self._assign_slot(seq, free)
-            seq.sampler = self._make_sampler(seq.request)
-            seq.greedy = _plain_greedy(seq.request)
+            seq.sampler, seq.greedy = self._make_sampler(seq.request)
             self._running.append(seq)
 
     def _assign_slot(self, seq: _Sequence, free: list[_Slot]) -> None:
@@ -416,7 +409,9 @@ class LlamaEngine(Engine):
             self._metrics.prefix_hits.inc()
             self._metrics.cached_tokens.inc(keep)
 
-    def _make_sampler(self, request: GenerationRequest) -> Any:
+    def _make_sampler(self, request: GenerationRequest) -> tuple[Any, bool]:
+        """The request's llama.cpp sampler chain, and whether it is plain greedy (temperature 0, no
+        penalties): then the scheduler takes the argmax itself, the same choice, without the chain."""
         # The API has already filled in the model's recommended values; what is still unset gets
         # OpenAI's defaults (temperature 1, no truncation).
         sp = request.sampling
@@ -432,12 +427,13 @@ class LlamaEngine(Engine):
         params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(params)
         add = llama_cpp.llama_sampler_chain_add
-        if presence or frequency or repeat != 1.0:
+        penalised = bool(presence or frequency or repeat != 1.0)
+        if penalised:
             add(chain, llama_cpp.llama_sampler_init_penalties(
                 self.vocab.n_tokens, _PENALTY_WINDOW, repeat, frequency, presence))
         if temperature <= 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
+            return chain, not penalised
         if top_k > 0:
             add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
         if top_p < 1.0:
@@ -447,7 +443,7 @@ class LlamaEngine(Engine):
         add(chain, llama_cpp.llama_sampler_init_temp(temperature))
         seed = sp.seed if sp.seed is not None else int.from_bytes(os.urandom(4), "little")
         add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+        return chain, False
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
