@@ -194,6 +194,39 @@ async def test_deepinfra_stream_shape() -> None:
     assert final.usage.completion_tokens == ApproxTokenCounter().count("  Hi!")
 
 
+async def test_sse_framing_variants_are_read_like_plain_lines() -> None:
+    """CRLF line ends, ``data:`` without its space, blanks around the value, ``event:`` / ``id:`` /
+    comment lines, and events after ``[DONE]`` (ignored)."""
+    head = '{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": '
+    lines = (
+        ": keep-alive",
+        "event: message\r\nid: 1\r\ndata:" + head + '[{"index": 0, "delta": {"reasoning_content": "Hm. "}}]}\r',
+        "data:   " + head + '[{"index": 0, "delta": {"content": "Hi"}}]}  \r',
+        "data: " + head + '[{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]}\r',
+        'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
+        "data:  [DONE] \r",
+        "data: " + head + '[{"index": 0, "delta": {"content": " after done"}}]}',
+    )
+    async with FakeUpstream(default=Reply(kind="sse", lines=lines)) as up:
+        reasoning, content, final, _ = await run(engine_for(up, dialect="reasoning_content"))
+    assert (reasoning, content) == ("Hm. ", "Hi there")
+    assert final.usage is not None and (final.usage.prompt_tokens, final.usage.completion_tokens) == (3, 4)
+    assert final.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "data: [1, 2]",  # JSON, not an event
+        'data: {"choices": []}, {"choices": []}',  # two values on one line
+        "data: {this is not json}",
+    ],
+)
+async def test_a_data_line_that_is_not_one_json_object_is_invalid(line: str) -> None:
+    exc = await expect_failure(Reply(kind="sse", lines=(line, "data: [DONE]")))
+    assert isinstance(exc, AttemptFailed) and exc.kind == "invalid_response", exc
+
+
 # ----------------------------------------------------------------------------- usage
 
 

@@ -21,7 +21,9 @@ from r1serve.api.context import (
     RequestIdFilter,
     _Formatter,
     configure_logging,
+    log_access,
     request_id_var,
+    scope_header,
 )
 
 
@@ -184,9 +186,9 @@ def test_configure_logging_stamps_the_request_id(
 
 _KILLED_BY_SIGTERM = """
 import logging, os, signal, time
-from r1serve.api.context import configure_logging
+from r1serve.api.context import configure_logging, log_access
 configure_logging("info")
-logging.getLogger("r1serve.access").info("GET /v1/models 200 1ms")
+log_access("GET", "/v1/models", 200, 0.001)
 logging.getLogger("uvicorn.error").info("Shutting down")
 os.kill(os.getpid(), signal.SIGTERM)  # what uvicorn does after its shutdown: no exit hooks run
 time.sleep(5)
@@ -200,3 +202,70 @@ def test_a_server_killed_by_sigterm_has_written_its_access_lines() -> None:
     assert done.returncode == -signal.SIGTERM
     lines = done.stderr.splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == ["GET /v1/models 200 1ms", "Shutting down"], done.stderr
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchedStreamHandler]:
+    """configure_logging's set-up, writing to a StringIO; everything restored after the test."""
+    for flag in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    configure_logging("info")
+    handler = root.handlers[0]
+    assert isinstance(handler, BatchedStreamHandler)
+    handler.setStream(io.StringIO())
+    try:
+        yield handler
+    finally:
+        for h in root.handlers:
+            if h not in saved_handlers:
+                h.close()
+        handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def _written(handler: BatchedStreamHandler) -> list[str]:
+    handler.flush()
+    return handler.stream.getvalue().splitlines()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_log_access_writes_the_line_the_logger_writes(configured: BatchedStreamHandler) -> None:
+    token = request_id_var.set("req_same")
+    try:
+        log_access("POST", "/v1/chat/completions", 201, 0.0034)
+        access.info("%s %s %d %.0fms", "POST", "/v1/chat/completions", 201, 3.4)
+    finally:
+        request_id_var.reset(token)
+    direct, through_logging = _written(configured)
+    # The same text but for the clock, which may have ticked between the two lines.
+    assert direct.split(" ", 1)[1] == through_logging.split(" ", 1)[1]
+    assert direct.split(" ", 1)[1] == "INFO    r1serve.access [req_same] POST /v1/chat/completions 201 3ms"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", direct.split(" ", 1)[0])
+
+
+def test_log_access_goes_through_logging_once_the_set_up_changes(configured: BatchedStreamHandler) -> None:
+    extra = io.StringIO()
+    extra_handler = logging.StreamHandler(extra)
+    logging.getLogger().addHandler(extra_handler)  # a second destination: it must get the line too
+    try:
+        log_access("GET", "/health", 200, 0.0)
+    finally:
+        logging.getLogger().removeHandler(extra_handler)
+    assert extra.getvalue() == "GET /health 200 0ms\n"
+    assert _written(configured)[-1].endswith("] GET /health 200 0ms")
+    access.setLevel(logging.WARNING)  # access lines turned off
+    try:
+        log_access("GET", "/health", 200, 0.0)
+    finally:
+        access.setLevel(logging.NOTSET)
+    assert len(_written(configured)) == 1
+
+
+def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
+    scope: dict[str, object] = {"headers": [(b"x-request-id", b"one"), (b"authorization", b"Bearer k"), (b"x-request-id", b"two")]}
+    assert scope_header(scope, b"x-request-id") == b"one"
+    assert scope_header(scope, b"authorization") == b"Bearer k"
+    assert scope_header(scope, b"content-length") is None
+    assert scope_header({"headers": []}, b"x-request-id") is None

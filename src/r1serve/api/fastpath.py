@@ -37,7 +37,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from r1serve.api.auth import authenticate
-from r1serve.api.context import access_log, request_id_from, request_id_var
+from r1serve.api.context import log_access, request_id_from, request_id_var
 from r1serve.api.errors import _http_error, error_body, r1serve_error_response, validation_error
 from r1serve.api.metrics import observe
 from r1serve.api.middleware import BodyTooLarge, read_body, too_large_response
@@ -215,7 +215,7 @@ async def serve_fast(
             watch.stop()
         elapsed = time.perf_counter() - started
         observe(route_path, "POST", status, elapsed)
-        access_log.info("%s %s %d %.0fms", "POST", scope["path"], status, elapsed * 1000)
+        log_access("POST", scope["path"], status, elapsed)
         request_id_var.reset(token)
 
 

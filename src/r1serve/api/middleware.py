@@ -16,7 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r1serve.api.context import access_log, request_id_from, request_id_var, scope_header
+from r1serve.api.context import log_access, request_id_from, request_id_var, scope_header
 from r1serve.api.errors import error_body
 from r1serve.api.metrics import observe
 
@@ -70,7 +70,7 @@ class RequestContextMiddleware:
             route = scope.get("route")
             route_label = getattr(route, "path", None) or "unmatched"
             observe(route_label, scope["method"], status, elapsed)
-            access_log.info("%s %s %d %.0fms", scope["method"], scope["path"], status, elapsed * 1000)
+            log_access(scope["method"], scope["path"], status, elapsed)
             request_id_var.reset(token)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
