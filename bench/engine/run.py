@@ -411,6 +411,29 @@ def run_tool(argv: list[str], timeout: float = 3600) -> tuple[str, float]:
     return proc.stdout, foreign
 
 
+def llama_bench_tg(bin_dir: Path, model: Path, threads: int) -> tuple[float, float, list[str]]:
+    """llama-bench tg128 (three repetitions): tok/s, the CPU other processes used meanwhile, the command."""
+    argv = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", "128", "-r", "3",
+            "-o", "json"]  # fmt: skip
+    text, foreign = run_tool(argv)
+    return float(json.loads(text)[0]["avg_ts"]), foreign, argv
+
+
+def tg_row(bin_dir: Path, model: Path, threads: int) -> dict[str, Any]:
+    """A run row for llama-bench tg128 taken between server runs (``--servers ...,llama-bench,...``), so
+    that the one-stream target compares neighbours in time rather than a ceiling measured minutes
+    earlier on a VM whose speed drifts."""
+    load = loadavg()
+    tps, foreign, argv = llama_bench_tg(bin_dir, model, threads)
+    return {
+        "command": shlex.join(argv),
+        "server": "llama-bench tg128", "clients": 1, "requests": 3, "errors": 0, "completion_tokens": 384,
+        "tokens_counted_by": "tool", "agg_tps": tps, "stream_decode_tps_mean": tps, "ttft_p50": None,
+        "ttft_p95": None, "itl_p50": None, "itl_p95": None, "prompt_tokens": None, "cached_prompt_tokens": None,
+        "loadavg_start": load, "foreign_cpu_during": foreign,
+    }  # fmt: skip
+
+
 def ceilings(bin_dir: Path, model: Path, threads: int, max_tokens: int) -> dict[str, Any]:
     out: dict[str, Any] = {"loadavg_start": loadavg()}
     bench_argv = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads),
@@ -479,14 +502,25 @@ NOISY_CORES = 0.10  # other processes using more than this during a run make a c
 
 
 def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets. A server run several times (``--servers r1serve,llama-server,r1serve,...``)
+    counts by the median of its runs, and ratios are of medians: on this VM the speed drifts by more
+    than the gaps measured, and only alternated runs compare like with like."""
     runs = model_result["runs"]
     ceil = model_result.get("ceilings") or {}
 
-    def get(server_prefix: str, c: int) -> dict[str, Any] | None:
-        for r in runs:
-            if r["server"].startswith(server_prefix) and r["clients"] == c:
-                return r
-        return None
+    def of(server_prefix: str, c: int) -> list[dict[str, Any]]:
+        return [r for r in runs if r["server"].startswith(server_prefix) and r["clients"] == c]
+
+    def median(rows: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def noise(*groups: list[dict[str, Any]]) -> list[float | None]:
+        return [r.get("foreign_cpu_during") for rows in groups for r in rows]
+
+    def runs_note(*groups: list[dict[str, Any]]) -> str:
+        counts = [len(rows) for rows in groups]
+        return "" if all(n == 1 for n in counts) else f" (medians of {' / '.join(map(str, counts))} runs)"
 
     out = []
 
@@ -500,30 +534,32 @@ def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": name, "value": value, "threshold": threshold, "pass": ok, "noisy": noisy,
                     "note": note.strip()})
 
-    r1 = get("r1serve", 1)
-    tg = ceil.get("llama_bench_tg_tps")
-    if r1 and tg:
-        add("1 stream: r1serve stream decode / llama-bench tg", (r1["stream_decode_tps_mean"] or 0) / tg, 0.95,
-            note=f"{fmt(r1['stream_decode_tps_mean'])} / {fmt(tg)} tok/s; aggregate incl. prompt: "
-                 f"{fmt(r1['agg_tps'] / tg, nd=2)}x",
-            noise=[r1.get("foreign_cpu_during"), ceil.get("llama_bench_foreign_cpu")])
+    r1 = of("r1serve", 1)
+    # llama-bench tg128: the rows taken between servers, else the ceiling measured before them.
+    tg_rows = of("llama-bench", 1)
+    if not tg_rows and ceil.get("llama_bench_tg_tps"):
+        tg_rows = [{"stream_decode_tps_mean": ceil["llama_bench_tg_tps"],
+                    "foreign_cpu_during": ceil.get("llama_bench_foreign_cpu")}]  # fmt: skip
+    r1_decode, tg = median(r1, "stream_decode_tps_mean"), median(tg_rows, "stream_decode_tps_mean")
+    if r1_decode and tg:
+        add("1 stream: r1serve stream decode / llama-bench tg", r1_decode / tg, 0.95,
+            note=f"{fmt(r1_decode)} / {fmt(tg)} tok/s{runs_note(r1, tg_rows)}", noise=noise(r1, tg_rows))
     for c in (4, 8):
-        r, ls, lp = get("r1serve", c), get("llama-server -np 8", c), get("llama-cpp-python", c)
-        if r and ls:
-            add(f"{c} streams: r1serve / llama-server -np 8", r["agg_tps"] / ls["agg_tps"], 1.0,
-                note=f"{fmt(r['agg_tps'])} / {fmt(ls['agg_tps'])} tok/s",
-                noise=[r.get("foreign_cpu_during"), ls.get("foreign_cpu_during")])
-        if r and lp:
-            add(f"{c} streams: r1serve / llama-cpp-python server", r["agg_tps"] / lp["agg_tps"], 2.5,
-                note=f"{fmt(r['agg_tps'])} / {fmt(lp['agg_tps'])} tok/s",
-                noise=[r.get("foreign_cpu_during"), lp.get("foreign_cpu_during")])
+        r, ls, lp = of("r1serve", c), of("llama-server -np 8", c), of("llama-cpp-python", c)
+        r_tps, ls_tps, lp_tps = median(r, "agg_tps"), median(ls, "agg_tps"), median(lp, "agg_tps")
+        if r_tps and ls_tps:
+            add(f"{c} streams: r1serve / llama-server -np 8", r_tps / ls_tps, 1.0,
+                note=f"{fmt(r_tps)} / {fmt(ls_tps)} tok/s{runs_note(r, ls)}", noise=noise(r, ls))
+        if r_tps and lp_tps:
+            add(f"{c} streams: r1serve / llama-cpp-python server", r_tps / lp_tps, 2.5,
+                note=f"{fmt(r_tps)} / {fmt(lp_tps)} tok/s{runs_note(r, lp)}", noise=noise(r, lp))
     r1_errors = sum(r["errors"] for r in runs if r["server"].startswith("r1serve"))
     add("r1serve errors (all runs)", float(r1_errors), 0.0, higher_is_better=False)
-    r, ls = get("r1serve", 8), get("llama-server -np 8", 8)
-    if r and ls and r["ttft_p95"] is not None and ls["ttft_p95"] is not None:
-        add("8 streams: TTFT p95 r1serve / llama-server -np 8", r["ttft_p95"] / ls["ttft_p95"], 1.0,
-            higher_is_better=False, note=f"{fmt(r['ttft_p95'], 1000, 0)} / {fmt(ls['ttft_p95'], 1000, 0)} ms",
-            noise=[r.get("foreign_cpu_during"), ls.get("foreign_cpu_during")])
+    r, ls = of("r1serve", 8), of("llama-server -np 8", 8)
+    r_ttft, ls_ttft = median(r, "ttft_p95"), median(ls, "ttft_p95")
+    if r_ttft is not None and ls_ttft:
+        add("8 streams: TTFT p95 r1serve / llama-server -np 8", r_ttft / ls_ttft, 1.0, higher_is_better=False,
+            note=f"{fmt(r_ttft, 1000, 0)} / {fmt(ls_ttft, 1000, 0)} ms{runs_note(r, ls)}", noise=noise(r, ls))
     return out
 
 
@@ -624,6 +660,8 @@ def server_specs(args: argparse.Namespace, model: Path) -> list[ServerSpec]:
                 # its streaming chunks carry no usage: tokens are counted as text chunks
                 port, False, args.concurrency,
             ))
+        elif name == "llama-bench":
+            specs.append(ServerSpec("llama-bench tg128", [], 0, False, [1]))
         else:
             raise SystemExit(f"unknown server {name}")
     return specs
@@ -641,6 +679,14 @@ async def bench_model(args: argparse.Namespace, model: Path, log_dir: Path) -> d
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         for spec in server_specs(args, model):
+            if spec.name.startswith("llama-bench"):
+                print(f"[{model.name}] llama-bench tg128", file=sys.stderr, flush=True)
+                if args.quiet_wait:
+                    await wait_quiet([], args.quiet_wait, args.quiet_threshold)
+                result["runs"].append(tg_row(args.llama_bin_dir, model, args.threads))
+                result["server_commands"][spec.name] = result["runs"][-1]["command"]
+                print(f"  llama-bench tg128: {result['runs'][-1]['agg_tps']:.1f} tok/s", file=sys.stderr, flush=True)
+                continue
             result["server_commands"][spec.name] = shlex.join(spec.argv)
             server = Server(spec, log_dir / f"{model.stem}.{re.sub(r'[^A-Za-z0-9]+', '-', spec.name)}.log")
             print(f"[{model.name}] starting {spec.name}", file=sys.stderr, flush=True)
@@ -679,7 +725,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run")
-    p.add_argument("--servers", type=lambda s: s.split(","), default=["r1serve", "llama-server", "llama-cpp-python"])
+    p.add_argument("--servers", type=lambda s: s.split(","), default=["r1serve", "llama-server", "llama-cpp-python"],
+                   help="in the order run; repeat names to alternate them (targets use the medians); "
+                        "'llama-bench' runs llama-bench tg128 at that point")
     p.add_argument("--r1-parallel", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
                    help="r1serve --parallel values: the smallest serves every c, the others c >= value")
     p.add_argument("--llama-server-np", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
