@@ -310,6 +310,33 @@ async def test_thinking_budget_closes_reasoning_and_answer_follows() -> None:
         unbounded = await _collect(eng, _request("Explain in detail why the sky is blue.", max_tokens=8))
         assert "".join(d.content for d in unbounded) == ""
         assert unbounded[-1].finish_reason == "length" and unbounded[-1].reasoning_truncated is True
+        # R1's next turn carries no reasoning, so a finished request's slot keeps its prompt only.
+        prompt = eng.vocab.prompt_tokens(eng.render_prompt(_request("Explain in detail why the sky is blue."))[0])
+        assert any(slot.tokens == prompt for slot in eng._slots)
+        assert all(len(slot.tokens) <= len(prompt) for slot in eng._slots)
+    finally:
+        await eng.close()
+
+
+async def test_idle_caches_are_cut_to_their_budget_least_recently_used_first() -> None:
+    """Every decode step scans the idle slots' cached cells: past ``idle_cache_tokens`` they are cut back,
+    the oldest first and from their ends, so the newest prompt's start is still reused."""
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    budget = 40
+    eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=3, idle_cache_tokens=budget))
+    await eng.start()
+    try:
+        questions = ["Name a river in Europe.", "Name a mountain in Asia.", "Name a desert in Africa."]
+        for q in questions:
+            await _collect(eng, _request(q, max_tokens=8))
+        held = [len(slot.tokens) for slot in eng._slots]
+        assert sum(held) <= budget, held
+        newest = max(eng._slots, key=lambda s: s.last_used)
+        assert len(newest.tokens) == min(budget, sum(held)) > 0, "the oldest are cut first"
+        again = await _collect(eng, _request(questions[-1], max_tokens=8))
+        assert again[-1].usage is not None and 0 < again[-1].usage.cached_tokens <= budget
     finally:
         await eng.close()
 

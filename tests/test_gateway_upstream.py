@@ -204,8 +204,8 @@ async def test_sse_framing_variants_are_read_like_plain_lines() -> None:
         "data:   " + head + '[{"index": 0, "delta": {"content": "Hi"}}]}  \r',
         "data: " + head + '[{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]}\r',
         'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
-        "data:  [DONE] \r",
-        "data: " + head + '[{"index": 0, "delta": {"content": " after done"}}]}',
+        # [DONE] and an event after it in one write (so most likely one read): the event is ignored.
+        "data:  [DONE] \r\n\ndata: " + head + '[{"index": 0, "delta": {"content": " after done"}}]}',
     )
     async with FakeUpstream(default=Reply(kind="sse", lines=lines)) as up:
         reasoning, content, final, _ = await run(engine_for(up, dialect="reasoning_content"))

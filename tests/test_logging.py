@@ -206,7 +206,8 @@ def test_a_server_killed_by_sigterm_has_written_its_access_lines() -> None:
 
 @pytest.fixture
 def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchedStreamHandler]:
-    """configure_logging's set-up, writing to a StringIO; everything restored after the test."""
+    """configure_logging's set-up, writing to a StringIO; everything restored after the test. Tests call
+    :func:`_alone` first: pytest adds its own capturing handlers to the root logger for the test's body."""
     for flag in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
         monkeypatch.setattr(logging, flag, getattr(logging, flag))
     root = logging.getLogger()
@@ -218,12 +219,13 @@ def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[BatchedStreamHandler
     try:
         yield handler
     finally:
-        for h in root.handlers:
-            if h not in saved_handlers:
-                h.close()
         handler.close()
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+def _alone(handler: BatchedStreamHandler) -> None:
+    logging.getLogger().handlers[:] = [handler]
 
 
 def _written(handler: BatchedStreamHandler) -> list[str]:
@@ -231,10 +233,22 @@ def _written(handler: BatchedStreamHandler) -> list[str]:
     return handler.stream.getvalue().splitlines()  # type: ignore[attr-defined,no-any-return]
 
 
-def test_log_access_writes_the_line_the_logger_writes(configured: BatchedStreamHandler) -> None:
+def _no_logging_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(record: logging.LogRecord) -> None:
+        raise AssertionError("the line went through the logging module")
+
+    monkeypatch.setattr(access, "handle", refuse)
+
+
+def test_log_access_writes_the_line_the_logger_writes(
+    configured: BatchedStreamHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _alone(configured)
     token = request_id_var.set("req_same")
     try:
-        log_access("POST", "/v1/chat/completions", 201, 0.0034)
+        with monkeypatch.context() as patch:
+            _no_logging_module(patch)  # the direct path, for this line only
+            log_access("POST", "/v1/chat/completions", 201, 0.0034)
         access.info("%s %s %d %.0fms", "POST", "/v1/chat/completions", 201, 3.4)
     finally:
         request_id_var.reset(token)
@@ -245,22 +259,49 @@ def test_log_access_writes_the_line_the_logger_writes(configured: BatchedStreamH
     assert re.fullmatch(r"\d\d:\d\d:\d\d", direct.split(" ", 1)[0])
 
 
-def test_log_access_goes_through_logging_once_the_set_up_changes(configured: BatchedStreamHandler) -> None:
+@pytest.mark.parametrize("where", ["root", "parent", "access", "parent-no-propagate"])
+def test_log_access_goes_through_logging_once_the_set_up_changes(configured: BatchedStreamHandler, where: str) -> None:
+    _alone(configured)
     extra = io.StringIO()
     extra_handler = logging.StreamHandler(extra)
-    logging.getLogger().addHandler(extra_handler)  # a second destination: it must get the line too
+    logger = {"root": logging.getLogger(), "parent": logging.getLogger("r1serve"), "access": access,
+              "parent-no-propagate": logging.getLogger("r1serve")}[where]  # fmt: skip
+    logger.addHandler(extra_handler)  # another destination: it must get the line too
+    if where == "parent-no-propagate":
+        logger.propagate = False
     try:
         log_access("GET", "/health", 200, 0.0)
     finally:
-        logging.getLogger().removeHandler(extra_handler)
+        logger.removeHandler(extra_handler)
+        logger.propagate = True
     assert extra.getvalue() == "GET /health 200 0ms\n"
-    assert _written(configured)[-1].endswith("] GET /health 200 0ms")
+    assert len(_written(configured)) == (0 if where == "parent-no-propagate" else 1)
+
+
+def test_log_access_follows_the_access_loggers_level(configured: BatchedStreamHandler) -> None:
+    _alone(configured)
     access.setLevel(logging.WARNING)  # access lines turned off
     try:
         log_access("GET", "/health", 200, 0.0)
     finally:
         access.setLevel(logging.NOTSET)
-    assert len(_written(configured)) == 1
+    log_access("GET", "/v1/models", 200, 0.0)
+    assert [line.split("] ", 1)[1] for line in _written(configured)] == ["GET /v1/models 200 0ms"]
+
+
+def test_a_broken_stream_does_not_fail_the_request(configured: BatchedStreamHandler) -> None:
+    _alone(configured)
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    configured.setStream(Broken())
+    for _ in range(BatchedStreamHandler.MAX_PENDING):  # a full batch is written from log_access
+        log_access("GET", "/health", 200, 0.0)
+    configured.setStream(io.StringIO())
+    log_access("GET", "/v1/models", 200, 0.0)  # the handler goes on with a working stream
+    assert [line.split("] ", 1)[1] for line in _written(configured)] == ["GET /v1/models 200 0ms"]
 
 
 def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
@@ -268,4 +309,7 @@ def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
     assert scope_header(scope, b"x-request-id") == b"one"
     assert scope_header(scope, b"authorization") == b"Bearer k"
     assert scope_header(scope, b"content-length") is None
+    assert "r1serve.headers" in scope  # built once, kept for the request's other lookups
+    scope["headers"] = [(b"x-request-id", b"three")]  # a middleware replaced them
+    assert scope_header(scope, b"x-request-id") == b"three"
     assert scope_header({"headers": []}, b"x-request-id") is None

@@ -509,7 +509,9 @@ def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
     ceil = model_result.get("ceilings") or {}
 
     def of(server_prefix: str, c: int) -> list[dict[str, Any]]:
-        return [r for r in runs if r["server"].startswith(server_prefix) and r["clients"] == c]
+        # The runs of the first matching server name (r1serve --parallel 8, not also --parallel 16).
+        rows = [r for r in runs if r["server"].startswith(server_prefix) and r["clients"] == c]
+        return [r for r in rows if r["server"] == rows[0]["server"]]
 
     def median(rows: list[dict[str, Any]], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]

@@ -121,8 +121,17 @@ class ReasoningParser:
         return reasoning, content
 
     def _drain(self, text: str, *, final: bool) -> tuple[str, str]:
-        if self._state == "plain":
+        state = self._state
+        if state == "plain":
             return "", text
+        # The two common cases, taken once per token or network read: answer text, and reasoning text
+        # that cannot hold (part of) a tag. Nothing is held back in either; the general path below gives
+        # the same result.
+        if state == "content" or (state == "reasoning" and not self._buf and "<" not in text):
+            if self._trim:
+                text = text.lstrip()
+                self._trim = not text
+            return ("", text) if state == "content" else (text, "")
         buf = self._buf + text
         self._buf = ""
         reasoning = ""

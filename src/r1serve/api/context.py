@@ -22,11 +22,12 @@ def scope_header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
     cheaper than building starlette's Headers on the request path, which looks up three headers (request
     id, authorization, content-length). The name -> value dict is built once per request, by C code,
     and kept in the scope."""
-    headers = scope.get(_HEADERS_KEY)
-    if headers is None:
+    raw = scope["headers"]
+    cached = scope.get(_HEADERS_KEY)
+    if cached is None or cached[0] is not raw:  # built for other headers (a middleware replaced them)
         # Reversed, so that the first of repeated headers is the one kept.
-        headers = scope[_HEADERS_KEY] = dict(reversed(scope["headers"]))
-    return headers.get(name)  # type: ignore[no-any-return]
+        cached = scope[_HEADERS_KEY] = (raw, dict(reversed(raw)))
+    return cached[1].get(name)  # type: ignore[no-any-return]
 
 
 _HEADERS_KEY = "r1serve.headers"
@@ -70,19 +71,23 @@ def log_access(method: str, path: str, status: int, seconds: float) -> None:
     from the same format, without a LogRecord and the logging module's passes over it, which were most
     of a line's cost (a line per request). Any other set-up gets the line through the logger."""
     handler = _installed
-    if (
-        handler is not None
-        and len(_root.handlers) == 1
-        and _root.handlers[0] is handler
-        and not access_log.handlers
-        and not access_log.filters
-        and access_log.propagate
-        and handler.takes_access_lines()
-    ):
+    if handler is not None and _only_destination(handler):
         if access_log.isEnabledFor(logging.INFO):
             handler.add_access_line("%s %s %d %.0fms" % (method, path, status, seconds * 1000))
         return
     access_log.info("%s %s %d %.0fms", method, path, status, seconds * 1000)
+
+
+def _only_destination(handler: BatchedStreamHandler) -> bool:
+    """Whether a record of the access logger would reach ``handler`` and nothing else, unfiltered."""
+    if access_log.filters or len(_root.handlers) != 1 or _root.handlers[0] is not handler:
+        return False
+    logger: logging.Logger | None = access_log
+    while logger is not _root and logger is not None:  # the loggers a record propagates through
+        if logger.handlers or not logger.propagate:
+            return False
+        logger = logger.parent
+    return handler.takes_access_lines()
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -133,11 +138,17 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def add_access_line(self, message: str) -> None:
         """An access line, formatted as a record of it would be (see :func:`log_access`)."""
-        line = self.formatter.line(time.time(), "INFO", ACCESS_LOGGER, request_id_var.get(), message)  # type: ignore[union-attr]
+        level = logging.getLevelName(logging.INFO)
+        line = self.formatter.line(time.time(), level, ACCESS_LOGGER, request_id_var.get(), message)  # type: ignore[union-attr]
         with self.lock:  # type: ignore[union-attr]
             self._pending.append(line)
             if len(self._pending) >= self.MAX_PENDING or self._stop.is_set():
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:
+                    # A broken stream: these lines are lost, as a failed emit loses its record; the
+                    # request that logged must not fail for it.
+                    pass
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -173,18 +184,19 @@ class _Formatter(logging.Formatter):
     def __init__(self, fmt: str, datefmt: str) -> None:
         super().__init__(fmt, datefmt)
         self._datefmt = datefmt
-        self._second = -1
-        self._stamp = ""
+        # One tuple, replaced whole: threads formatting at the same time never pair a second with
+        # another second's text.
+        self._stamp: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return self._time(record.created)
 
     def _time(self, created: float) -> str:
         second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime(self._datefmt, self.converter(created))
-            self._second = second
-        return self._stamp
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, time.strftime(self._datefmt, self.converter(created)))
+        return stamp[1]
 
     def line(self, created: float, level: str, name: str, request_id: str, message: str) -> str:
         """The line ``format`` gives a record with these fields (a message without a traceback)."""

@@ -20,7 +20,8 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """None means: use the model's recommended default."""
+    """None means: use the model's recommended default. The field names are the request fields' (upstream
+    engines forward the set ones under these names)."""
 
     temperature: float | None = None
     top_p: float | None = None

@@ -454,9 +454,32 @@ class LlamaEngine(Engine):
         if seq.sampler:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
-        if seq.slot is not None:
-            seq.slot.busy = False
-            seq.slot.last_used = time.monotonic()
+        slot = seq.slot
+        if slot is not None:
+            slot.busy = False
+            slot.last_used = time.monotonic()
+            if seq.parser.saw_reasoning:
+                # R1's next turn carries this answer without its reasoning: no later prompt can start
+                # with the generated tokens, and every step would scan their cells for nothing.
+                self._trim(slot, len(seq.prompt))
+            self._fit_idle_caches()
+
+    def _fit_idle_caches(self) -> None:
+        """Cut the idle slots' caches to ``idle_cache_tokens`` in all, least recently used first and from
+        their ends, so that what is kept is what prompts start with (system prompts, chat headers)."""
+        idle = [s for s in self._slots if not s.busy and s.tokens]
+        excess = sum(len(s.tokens) for s in idle) - self.settings.idle_cache_tokens
+        for slot in sorted(idle, key=lambda s: s.last_used):
+            if excess <= 0:
+                break
+            keep = max(0, len(slot.tokens) - excess)
+            excess -= len(slot.tokens) - keep
+            self._trim(slot, keep)
+
+    def _trim(self, slot: _Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, keep, -1)
+            slot.tokens = slot.tokens[:keep]
 
     def _fill_batch(self) -> list[tuple[_Sequence, int, int]]:
         """Fill the batch; returns (sequence, batch index of its logits or -1, tokens fed) per sequence."""

@@ -275,7 +275,10 @@ class Normaliser:
         return ReasoningParser("none")
 
     def add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
-        return self.add_many([(content, reasoning)])
+        """The ``(reasoning, content)`` of one event (what :meth:`add_many` gives for a list of one)."""
+        if content and self._eos:
+            content = self._strip_eos(content)
+        return self._add(content, reasoning)
 
     def add_many(self, events: list[tuple[str | None, str | None]]) -> tuple[str, str]:
         """:meth:`add` for the ``(content, reasoning)`` of several events, in order, as one output.
@@ -501,14 +504,8 @@ class UpstreamEngine(Engine):
             body["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
-        s = request.sampling
-        for key in (
-            "temperature", "top_p", "top_k", "min_p", "seed",
-            "presence_penalty", "frequency_penalty", "repetition_penalty",
-        ):  # fmt: skip
-            value = getattr(s, key)
-            if value is not None:
-                body[key] = value
+        # Every sampling field has its OpenAI / vLLM name; the unset ones are left to the upstream.
+        body.update({key: value for key, value in vars(request.sampling).items() if value is not None})
         if request.stop:
             body["stop"] = request.stop
         # The upstream enforces the thinking budget, if it can: OpenAI's reasoning_effort, or r1serve's
