@@ -9,7 +9,8 @@
   request ids, metrics, access log) with a one-off upstream route to the mock, as
   ``r1serve serve --upstream URL --reasoning-dialect reasoning_content`` builds it.
 
-All run under uvicorn with uvloop and httptools, one worker.
+All run under uvicorn with uvloop and httptools, one worker, without uvicorn's proxy-headers middleware
+(``r1serve serve`` runs without it: it never reads the client's address).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
     app = create_app(settings, router=router)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools", log_config=None,
-                       access_log=False, backlog=4096)  # fmt: skip
+                       access_log=False, proxy_headers=False, backlog=4096)  # fmt: skip  (as `r1serve serve`)
     )
     try:
         await server.serve()
@@ -198,8 +199,10 @@ def main() -> None:
         uvloop.run(serve_r1serve(args.port, args.upstream, args.log_file))
         return
     app = mock_app() if args.role == "mock" else floor_app(args.upstream, args.client)
+    # No X-Forwarded-For rewriting (uvicorn's default wraps every app in it): nothing here reads the
+    # client's address, as in r1serve.
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", log_level="warning",
-                access_log=False, backlog=4096)  # fmt: skip
+                access_log=False, proxy_headers=False, backlog=4096)  # fmt: skip
 
 
 if __name__ == "__main__":

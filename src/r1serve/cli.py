@@ -120,6 +120,9 @@ def serve(
         http="auto",
         log_config=None,  # configure_logging set up the handlers, request ids included
         access_log=False,  # the request middleware writes the access log with the request id
+        # r1serve never reads the client's address (keys identify callers): uvicorn's X-Forwarded-For
+        # rewriting would be work for nothing on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,  # open streams must not hold Ctrl-C hostage
     )
 
