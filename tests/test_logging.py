@@ -58,46 +58,45 @@ access = logging.getLogger(ACCESS_LOGGER)
 other = logging.getLogger("r1serve.test")
 
 
-def test_access_lines_are_batched_then_written_by_the_timer(attach: Callable[[logging.Handler], None]) -> None:
+@pytest.fixture
+def batched(attach: Callable[[logging.Handler], None]) -> Iterator[tuple[BatchedStreamHandler, io.StringIO]]:
+    """A BatchedStreamHandler writing to a StringIO, attached to the test loggers, closed afterwards."""
     stream = io.StringIO()
     handler = BatchedStreamHandler(stream)
     attach(handler)
     try:
-        access.info("one")
-        access.info("two")
-        assert stream.getvalue() == ""  # held: no write per line
-        assert _wait_for(lambda: stream.getvalue() == "one\ntwo\n", timeout=10 * handler.FLUSH_EVERY)
+        yield handler, stream
     finally:
         handler.close()
+
+
+def test_access_lines_are_batched_then_written_by_the_timer(
+    batched: tuple[BatchedStreamHandler, io.StringIO],
+) -> None:
+    handler, stream = batched
+    access.info("one")
+    access.info("two")
+    assert stream.getvalue() == ""  # held: no write per line
+    assert _wait_for(lambda: stream.getvalue() == "one\ntwo\n", timeout=10 * handler.FLUSH_EVERY)
 
 
 @pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
 def test_any_other_line_goes_out_at_once_after_what_was_held(
-    attach: Callable[[logging.Handler], None], level: int
+    batched: tuple[BatchedStreamHandler, io.StringIO], level: int
 ) -> None:
-    stream = io.StringIO()
-    handler = BatchedStreamHandler(stream)
-    attach(handler)
-    try:
-        access.info("request 1")
-        other.log(level, "Shutting down")
-        assert stream.getvalue() == "request 1\nShutting down\n"
-        access.warning("an access line at WARNING")
-        assert stream.getvalue().endswith("an access line at WARNING\n")
-    finally:
-        handler.close()
+    _, stream = batched
+    access.info("request 1")
+    other.log(level, "Shutting down")
+    assert stream.getvalue() == "request 1\nShutting down\n"
+    access.warning("an access line at WARNING")
+    assert stream.getvalue().endswith("an access line at WARNING\n")
 
 
-def test_a_full_batch_is_written_without_waiting(attach: Callable[[logging.Handler], None]) -> None:
-    stream = io.StringIO()
-    handler = BatchedStreamHandler(stream)
-    attach(handler)
-    try:
-        for i in range(handler.MAX_PENDING):
-            access.info("line %d", i)
-        assert stream.getvalue().count("\n") == handler.MAX_PENDING
-    finally:
-        handler.close()
+def test_a_full_batch_is_written_without_waiting(batched: tuple[BatchedStreamHandler, io.StringIO]) -> None:
+    handler, stream = batched
+    for i in range(handler.MAX_PENDING):
+        access.info("line %d", i)
+    assert stream.getvalue().count("\n") == handler.MAX_PENDING
 
 
 def test_close_and_logging_shutdown_write_what_is_pending(attach: Callable[[logging.Handler], None]) -> None:

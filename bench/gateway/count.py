@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
@@ -114,20 +113,13 @@ def main() -> None:
     print(table)
     print(f"\nlogs: {work}")
     if args.write:
-        cmd = "python bench/gateway/count.py " + " ".join(sys.argv[1:])
-        section = [
-            "",
-            f"## Gateway instructions per request ({time.strftime('%Y-%m-%d %H:%M %Z')})",
-            "",
-            f"Command: `{cmd.strip()}`. Machine: {bench.machine()}. {bench.versions()}.",
+        bench.append_section(args.write, "Gateway instructions per request", [
+            f"Command: `{bench.command_line()}`. Machine: {bench.machine()}. {bench.versions()}.",
             f"Callgrind totals of the server process, (run of {large} requests - run of {small}) / {large - small}; "
             "16 clients, the same mock upstream and bodies as run.py. User-space instructions only (no kernel time).",
             "",
             table,
-        ]
-        with open(args.write, "a") as f:
-            f.write("\n".join(section) + "\n")
-        print(f"appended to {args.write}")
+        ])  # fmt: skip
 
 
 if __name__ == "__main__":

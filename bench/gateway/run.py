@@ -398,12 +398,8 @@ def main() -> None:
     print(md)
     print(f"\nlogs: {log_dir}")
     if args.write:
-        cmd = "python bench/gateway/run.py " + " ".join(sys.argv[1:])
         section = [
-            "",
-            f"## Gateway overhead ({time.strftime('%Y-%m-%d %H:%M %Z')})",
-            "",
-            f"Command: `{cmd.strip()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
+            f"Command: `{command_line()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
             f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
             "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 11 SSE events (role, 5 reasoning_content, 3 content, finish, usage) + [DONE].",
             "r1serve runs its real app (key auth, routing, reasoning normalisation, usage, cost, request ids, "
@@ -417,9 +413,20 @@ def main() -> None:
             section += ["", f"Soak: {args.soak} s of load on r1serve (c=16, JSON then streaming): RSS {start:.1f} MB at "
                             f"start, {end:.1f} MB at end; samples (s, MB): "
                             + ", ".join(f"({t:.0f}, {m:.1f})" for t, m in soak_samples)]  # fmt: skip
-        with open(args.write, "a") as f:
-            f.write("\n".join(section) + "\n")
-        print(f"appended to {args.write}")
+        append_section(args.write, "Gateway overhead", section)
+
+
+def command_line() -> str:
+    """How this script was run, for the report."""
+    return " ".join(["python", f"bench/gateway/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def append_section(path: Path, title: str, lines: list[str]) -> None:
+    """Append a dated markdown section to ``path`` (to be pasted into BENCHMARKS.md as measured)."""
+    section = ["", f"## {title} ({time.strftime('%Y-%m-%d %H:%M %Z')})", "", *lines]
+    with open(path, "a") as f:
+        f.write("\n".join(section) + "\n")
+    print(f"appended to {path}")
 
 
 if __name__ == "__main__":
