@@ -273,6 +273,22 @@ def test_deepseek_chat_without_prompt_is_400(server_url: str) -> None:
         assert resp.json()["error"]["param"] == "prompt"
 
 
+def test_deepseek_chat_prompt_of_wrong_type_is_400(server_url: str) -> None:
+    cases = [
+        ({"json": {"prompt": 42}}, "got a number"),
+        ({"json": {"prompt": True}}, "got a boolean"),
+        ({"json": {"prompt": ["a", "b"]}}, "got an array"),
+        ({"json": {"prompt": {"text": "hi"}}}, "got an object"),
+        ({"files": {"prompt": ("prompt.txt", b"hi")}}, "got a file"),
+    ]
+    for kwargs, says in cases:
+        resp = httpx.post(f"{server_url}/deepseek_chat", timeout=30, **kwargs)  # type: ignore[arg-type]
+        assert resp.status_code == 400, kwargs
+        error = resp.json()["error"]
+        assert error["param"] == "prompt" and error["code"] == "invalid_type", error
+        assert "expected a string" in error["message"] and says in error["message"], error
+
+
 # ----------------------------------------------------------------------------- models, docs, health, metrics
 
 

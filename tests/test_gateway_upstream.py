@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fake_upstream import (
     AIML_JSON,
     DEEPINFRA_JSON,
@@ -24,6 +26,7 @@ from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
 from r1serve.engines.upstream import (
     ApproxTokenCounter,
     AttemptFailed,
+    Normaliser,
     Timeouts,
     UpstreamConfig,
     UpstreamEngine,
@@ -558,3 +561,34 @@ def test_whole_timeout_is_configurable(tmp_path: Any) -> None:
     config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
     assert config is not None
     assert config.providers["a"].timeouts.whole == 900 and config.providers["b"].timeouts.whole == 30
+
+
+# ----------------------------------------------------------------------------- whole answers
+
+_PIECES = ["<think>", "</think>", "</th", "ink>", "<", "\n", " ", "a", "é", "</s>"]
+_texts = st.one_of(st.none(), st.lists(st.sampled_from(_PIECES), max_size=12).map("".join))
+
+
+@settings(max_examples=600)
+@given(
+    st.sampled_from(["think_in_content", "think_tags", "reasoning_content", "reasoning", "none"]),
+    st.booleans(),
+    st.booleans(),
+    _texts,
+    _texts,
+)
+def test_whole_answer_split_equals_the_incremental_one(
+    dialect: Any, chat: bool, eos: bool, content: str | None, reasoning: str | None
+) -> None:
+    """A JSON answer takes Normaliser.whole; it must give what add() and finish() give, parts included."""
+    markers = ("</s>",) if eos else ()
+    fast = Normaliser(dialect, chat=chat, eos_markers=markers)
+    slow = Normaliser(dialect, chat=chat, eos_markers=markers)
+    r1, c1 = slow.add(content, reasoning)
+    r2, c2 = slow.finish()
+    assert fast.whole(content, reasoning) == (r1 + r2, c1 + c2)
+    assert ("".join(fast.reasoning_parts), "".join(fast.content_parts)) == (
+        "".join(slow.reasoning_parts),
+        "".join(slow.content_parts),
+    )
+

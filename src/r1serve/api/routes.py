@@ -172,13 +172,32 @@ async def _deepseek_prompt(request: Request) -> str:
     # R's jsonlite without auto_unbox sends a scalar as a one-element array.
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    if not isinstance(value, str) or not value.strip():
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(
+            f"Invalid type for 'prompt': expected a string, got {_json_type(value)}.",
+            param="prompt",
+            code="invalid_type",
+        )
+    if value is None or not value.strip():
         raise InvalidRequest(
             'Missing prompt: send {"prompt": "..."} as JSON, or prompt as a query or form field.',
             param="prompt",
             code="missing_required_parameter",
         )
     return value
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as a client wrote it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a file"  # the only other thing a form field holds
 
 
 # What the tutorial asked its upstream for: the alias finds the R1 model served here, or the default.

@@ -58,7 +58,6 @@ T = TypeVar("T")
 
 DONE_EVENT = "data: [DONE]\n\n"
 KEEPALIVE_EVENT = ": keep-alive\n\n"
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p")
 _INTERNAL_ERROR = "The server had an error while processing your request."
 
 
@@ -71,14 +70,14 @@ def new_id(prefix: str) -> str:
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, defaults: dict[str, float]) -> SamplingParams:
     # The model's recommended values (R1: temperature 0.6, top_p 0.95) fill what the client omitted.
-    chosen: dict[str, Any] = {}
-    for name in _SAMPLING_FIELDS:
-        value = getattr(req, name)
-        if value is None and name in defaults:
-            value = int(defaults[name]) if name == "top_k" else defaults[name]
-        chosen[name] = value
+    top_k = req.top_k
+    if top_k is None and "top_k" in defaults:
+        top_k = int(defaults["top_k"])
     return SamplingParams(
-        **chosen,
+        temperature=req.temperature if req.temperature is not None else defaults.get("temperature"),
+        top_p=req.top_p if req.top_p is not None else defaults.get("top_p"),
+        top_k=top_k,
+        min_p=req.min_p if req.min_p is not None else defaults.get("min_p"),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,

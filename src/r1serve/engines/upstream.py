@@ -52,7 +52,7 @@ from r1serve.engines.base import Delta, Engine, EngineUsage, FinishReason, Gener
 from r1serve.errors import InvalidRequest, UpstreamError
 from r1serve.models.catalog import detect_reasoning_format
 from r1serve.protocol import ChatMessage, TokenLogprob, jsonfast
-from r1serve.reasoning import THINK_CLOSE, ReasoningParser
+from r1serve.reasoning import THINK_CLOSE, ReasoningFormat, ReasoningParser, split_reasoning
 
 log = logging.getLogger("r1serve.upstream")
 
@@ -261,18 +261,39 @@ class Normaliser:
         self.reasoning_parts: list[str] = []
         self.content_parts: list[str] = []
 
-    def _start(self, *, fields: bool) -> ReasoningParser:
-        self._fields = fields
-        if fields:
-            return ReasoningParser("deepseek_r1", starts_in_reasoning=True)
-        if self._dialect in ("reasoning_content", "reasoning"):
-            self._fields = True
-            return ReasoningParser("deepseek_r1", starts_in_reasoning=True)
-        if self._dialect == "think_in_content":
-            return ReasoningParser("deepseek_r1", starts_in_reasoning=True)
+    def _form(self, *, fields: bool) -> tuple[ReasoningFormat, bool]:
+        """The parser's format and whether it starts inside the reasoning, for the first text seen (a
+        reasoning field if ``fields``); sets whether the fields form is being read."""
+        self._fields = fields or self._dialect in ("reasoning_content", "reasoning")
+        if self._fields or self._dialect == "think_in_content":
+            return "deepseek_r1", True
         if self._dialect == "think_tags":
-            return ReasoningParser("deepseek_r1", starts_in_reasoning=False)
-        return ReasoningParser("none")
+            return "deepseek_r1", False
+        return "none", False
+
+    def _start(self, *, fields: bool) -> ReasoningParser:
+        fmt, starts = self._form(fields=fields)
+        return ReasoningParser(fmt, starts_in_reasoning=starts)
+
+    def whole(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
+        """:meth:`add` then :meth:`finish` on a fresh normaliser: an answer that came in one piece, split
+        in one pass over its text instead of through the incremental parser."""
+        assert self._parser is None, "whole() is for a normaliser that has seen nothing"
+        if content and self._eos:
+            content = self._strip_eos(content)
+        if not reasoning and not content:
+            return "", ""
+        fmt, starts = self._form(fields=bool(reasoning))
+        text = reasoning or ""
+        if content:
+            text += THINK_CLOSE + content if self._fields else content
+        r, c = split_reasoning(text, fmt, starts_in_reasoning=starts)
+        r, c = r or "", c or ""
+        if r:
+            self.reasoning_parts.append(r)
+        if c:
+            self.content_parts.append(c)
+        return r, c
 
     def add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
         """The ``(reasoning, content)`` of one event (what :meth:`add_many` gives for a list of one)."""
@@ -775,14 +796,14 @@ class UpstreamEngine(Engine):
         chat = request.messages is not None
         if chat:
             message = choice.get("message") or choice.get("delta") or {}
-            r1, c1 = norm.add(message.get("content"), message.get("reasoning_content") or message.get("reasoning"))
+            reasoning_field = message.get("reasoning_content") or message.get("reasoning")
+            reasoning, content = norm.whole(message.get("content"), reasoning_field)
         else:
-            r1, c1 = norm.add(choice.get("text"), None)
-        r2, c2 = norm.finish()
+            reasoning, content = norm.whole(choice.get("text"), None)
         lps = _logprobs(choice, chat) if request.logprobs is not None else []
         return Delta(
-            reasoning=r1 + r2,
-            content=c1 + c2,
+            reasoning=reasoning,
+            content=content,
             logprobs=lps,
             finish_reason=finish_reason(choice.get("finish_reason")),
             usage=self._usage(parse_usage(data.get("usage")), request, norm),
