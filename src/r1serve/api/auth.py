@@ -39,6 +39,7 @@ class StaticKeys:
 
     def __init__(self, keys: list[str]) -> None:
         self._keys = [k.encode() for k in keys]
+        self._callers = [Caller(key_id=f"static-{i}") for i in range(len(keys))]  # built once, not per request
 
     async def __call__(self, request: Request) -> Caller:
         if not self._keys:
@@ -62,7 +63,7 @@ class StaticKeys:
                 f"Incorrect API key provided{': ...' + hint if hint else ''}.",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return Caller(key_id=f"static-{matched}")
+        return self._callers[matched]
 
 
 async def authenticate(request: Request) -> Caller:
