@@ -267,10 +267,17 @@ def test_deepseek_chat_form(server_url: str) -> None:
 
 
 def test_deepseek_chat_without_prompt_is_400(server_url: str) -> None:
-    for kwargs in ({}, {"json": {}}, {"json": {"prompt": ""}}, {"data": {"other": "x"}}):
+    for kwargs in ({}, {"json": {}}, {"json": {"prompt": ""}}, {"json": {"prompt": []}}, {"json": {"prompt": [""]}},
+                   {"json": {"prompt": None}}, {"data": {"other": "x"}}):  # fmt: skip
         resp = httpx.post(f"{server_url}/deepseek_chat", timeout=30, **kwargs)  # type: ignore[arg-type]
         assert resp.status_code == 400, kwargs
         assert resp.json()["error"]["param"] == "prompt"
+        assert resp.json()["error"]["code"] == "missing_required_parameter", kwargs
+
+
+def test_deepseek_chat_prompt_in_a_one_element_array(server_url: str) -> None:
+    # R's jsonlite without auto_unbox: {"prompt": ["Say hi."]}
+    _assert_plumber_answer(httpx.post(f"{server_url}/deepseek_chat", json={"prompt": ["Say hi."]}, timeout=300))
 
 
 def test_deepseek_chat_prompt_of_wrong_type_is_400(server_url: str) -> None:
@@ -278,6 +285,7 @@ def test_deepseek_chat_prompt_of_wrong_type_is_400(server_url: str) -> None:
         ({"json": {"prompt": 42}}, "got a number"),
         ({"json": {"prompt": True}}, "got a boolean"),
         ({"json": {"prompt": ["a", "b"]}}, "got an array"),
+        ({"json": {"prompt": [42]}}, "got a number"),
         ({"json": {"prompt": {"text": "hi"}}}, "got an object"),
         ({"files": {"prompt": ("prompt.txt", b"hi")}}, "got a file"),
     ]

@@ -169,9 +169,9 @@ async def _deepseek_prompt(request: Request) -> str:
                 value = (await _json_object(request)).get("prompt")
         elif raw:
             value = (await _json_object(request)).get("prompt")
-    # R's jsonlite without auto_unbox sends a scalar as a one-element array.
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
+    # R's jsonlite without auto_unbox sends a scalar as a one-element array, and an empty one as [].
+    if isinstance(value, list) and len(value) <= 1:
+        value = value[0] if value else None
     if value is not None and not isinstance(value, str):
         raise InvalidRequest(
             f"Invalid type for 'prompt': expected a string, got {_json_type(value)}.",

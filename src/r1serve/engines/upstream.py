@@ -276,9 +276,9 @@ class Normaliser:
         return ReasoningParser(fmt, starts_in_reasoning=starts)
 
     def whole(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
-        """:meth:`add` then :meth:`finish` on a fresh normaliser: an answer that came in one piece, split
-        in one pass over its text instead of through the incremental parser."""
-        assert self._parser is None, "whole() is for a normaliser that has seen nothing"
+        """:meth:`add` then :meth:`finish` on a fresh normaliser (the same text, in the parts too, as one
+        piece each): an answer that came in one piece, split in one pass over its text instead of through
+        the incremental parser."""
         if content and self._eos:
             content = self._strip_eos(content)
         if not reasoning and not content:
@@ -288,12 +288,7 @@ class Normaliser:
         if content:
             text += THINK_CLOSE + content if self._fields else content
         r, c = split_reasoning(text, fmt, starts_in_reasoning=starts)
-        r, c = r or "", c or ""
-        if r:
-            self.reasoning_parts.append(r)
-        if c:
-            self.content_parts.append(c)
-        return r, c
+        return self._record(r or "", c or "")
 
     def add(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
         """The ``(reasoning, content)`` of one event (what :meth:`add_many` gives for a list of one)."""
@@ -350,11 +345,14 @@ class Normaliser:
             r, c = parser.feed(content)
             out_r += r
             out_c += c
-        if out_r:
-            self.reasoning_parts.append(out_r)
-        if out_c:
-            self.content_parts.append(out_c)
-        return out_r, out_c
+        return self._record(out_r, out_c)
+
+    def _record(self, reasoning: str, content: str) -> tuple[str, str]:
+        if reasoning:
+            self.reasoning_parts.append(reasoning)
+        if content:
+            self.content_parts.append(content)
+        return reasoning, content
 
     def _strip_eos(self, content: str) -> str:
         for marker in self._eos:
@@ -367,12 +365,7 @@ class Normaliser:
     def finish(self) -> tuple[str, str]:
         if self._parser is None:
             return "", ""
-        r, c = self._parser.finish()
-        if r:
-            self.reasoning_parts.append(r)
-        if c:
-            self.content_parts.append(c)
-        return r, c
+        return self._record(*self._parser.finish())
 
 
 def parse_usage(raw: Any) -> EngineUsage | None:
