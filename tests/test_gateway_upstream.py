@@ -230,6 +230,56 @@ async def test_a_data_line_that_is_not_one_json_object_is_invalid(line: str) -> 
     assert isinstance(exc, AttemptFailed) and exc.kind == "invalid_response", exc
 
 
+_CHUNK = '{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": '
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"choices": [{"message": "hi"}]}',  # a message that is not an object
+        '{"choices": [{"message": {"content": ["a"]}}]}',  # content that is not a string
+        '{"choices": [{"message": {"content": 5}}]}',
+        '{"choices": [{"message": {"content": "hi", "reasoning_content": 3}}]}',
+        '{"choices": "x"}',
+        '{"choices": {"0": {}}}',
+        '[1, 2]',
+    ],
+)
+async def test_a_json_answer_of_the_wrong_shape_is_invalid(body: str) -> None:
+    """Valid JSON that is not a completion: a retryable invalid_response (so failover), not a crash."""
+    exc = await expect_failure(Reply(kind="json", body=body))
+    assert isinstance(exc, AttemptFailed) and exc.kind == "invalid_response" and exc.retryable, exc
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        _CHUNK + '[{"delta": "hi"}]}',
+        _CHUNK + '{"0": {}}}',
+        _CHUNK + '["x"]}',
+        _CHUNK + '[{"delta": {"content": 5}}]}',
+        _CHUNK + '[{"delta": {"reasoning_content": ["x"]}}]}',
+    ],
+)
+async def test_a_stream_event_of_the_wrong_shape_is_invalid(event: str) -> None:
+    exc = await expect_failure(Reply(kind="sse", lines=(f"data: {event}", "data: [DONE]")))
+    assert isinstance(exc, AttemptFailed) and exc.kind == "invalid_response", exc
+    # After output has gone to the client the same event is an error in the stream, not a retry.
+    first = f'data: {_CHUNK}[{{"delta": {{"content": "Hi"}}}}]}}'
+    async with FakeUpstream(default=Reply(kind="sse", lines=(first, f"data: {event}", "data: [DONE]"), chunk_delay=0.2)) as up:
+        engine = engine_for(up)
+        await engine.start()
+        got: list[Delta] = []
+        try:
+            with pytest.raises(UpstreamError) as info:
+                async for delta in engine.generate(chat()):
+                    got.append(delta)
+        finally:
+            await engine.close()
+    assert [d.content for d in got] == ["Hi"]
+    assert not isinstance(info.value, AttemptFailed) and info.value.code == "invalid_response"
+
+
 # ----------------------------------------------------------------------------- usage
 
 

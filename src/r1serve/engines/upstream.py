@@ -697,38 +697,42 @@ class UpstreamEngine(Engine):
                         ) from None
                 texts: list[tuple[str | None, str | None]] = []  # (content, reasoning) of this read's events
                 lps: list[TokenLogprob] = []
-                for event in events:
-                    if type(event) is not dict:
-                        raise self._failure(
-                            f"upstream {cfg.name} sent invalid JSON in its stream", "invalid_response", yielded
-                        )
-                    choices = event.get("choices")
-                    if event.get("usage"):
-                        usage = parse_usage(event["usage"]) or usage
-                    if not choices:
-                        if "error" in event:
-                            raise self._failure(
-                                f"upstream {cfg.name} reported an error: {self.scrub(_error_text(event['error']))}",
-                                "upstream_error",
-                                yielded,
-                            )
-                        continue
-                    choice = choices[0]
-                    if chat:
-                        delta = choice.get("delta") or choice.get("message") or {}
-                        text = delta.get("content")
-                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                try:
+                    for event in events:
+                        choices = event.get("choices")
+                        if event.get("usage"):
+                            usage = parse_usage(event["usage"]) or usage
+                        if not choices:
+                            if "error" in event:
+                                raise self._failure(
+                                    f"upstream {cfg.name} reported an error: {self.scrub(_error_text(event['error']))}",
+                                    "upstream_error",
+                                    yielded,
+                                )
+                            continue
+                        choice = choices[0]
+                        if chat:
+                            delta = choice.get("delta") or choice.get("message") or {}
+                            text = delta.get("content")
+                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        else:
+                            text, reasoning = choice.get("text"), None
                         if text or reasoning:
+                            # _is_text, inline: this runs for every event of every stream.
+                            if not (text is None or type(text) is str) or not (
+                                reasoning is None or type(reasoning) is str
+                            ):
+                                raise TypeError("a text field that is not a string")
                             texts.append((text, reasoning))
-                    else:
-                        text = choice.get("text")
-                        if text:
-                            texts.append((text, None))
-                    if want_logprobs:
-                        lps.extend(_logprobs(choice, chat))
-                    fr = choice.get("finish_reason")
-                    if fr:
-                        finish = finish_reason(fr)
+                        if want_logprobs:
+                            lps.extend(_logprobs(choice, chat))
+                        fr = choice.get("finish_reason")
+                        if fr:
+                            finish = finish_reason(fr)
+                except (ValueError, LookupError, TypeError, AttributeError):  # valid JSON, not a chunk's shape
+                    raise self._failure(
+                        f"upstream {cfg.name} sent an event that is not a completion chunk", "invalid_response", yielded
+                    ) from None
                 r_out, c_out = norm.add_many(texts) if texts else ("", "")
                 if done and finish is not None:
                     # Finish and [DONE] came with this text: one delta, not a text delta then the final one
@@ -778,28 +782,33 @@ class UpstreamEngine(Engine):
 
     def _whole(self, raw: bytes, request: GenerationRequest, norm: Normaliser) -> Delta:
         """A plain JSON answer (an upstream that ignores ``stream``)."""
-        name = self.config.name
+        chat = request.messages is not None
         try:
             data = jsonfast.loads(raw)
             choice = data["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
+            if chat:
+                message = choice.get("message") or choice.get("delta") or {}
+                content = message.get("content")
+                reasoning = message.get("reasoning_content") or message.get("reasoning")
+            else:
+                content, reasoning = choice.get("text"), None
+            if not (_is_text(content) and _is_text(reasoning)):
+                raise TypeError("a text field that is not a string")
+            finish = choice.get("finish_reason")
+            usage = parse_usage(data.get("usage"))
+        except (ValueError, LookupError, TypeError, AttributeError):  # not JSON, or not a completion's shape
             raise AttemptFailed(
-                f"upstream {name} sent a body that is not a completion", kind="invalid_response", retryable=True
+                f"upstream {self.config.name} sent a body that is not a completion",
+                kind="invalid_response",
+                retryable=True,
             ) from None
-        chat = request.messages is not None
-        if chat:
-            message = choice.get("message") or choice.get("delta") or {}
-            reasoning_field = message.get("reasoning_content") or message.get("reasoning")
-            reasoning, content = norm.whole(message.get("content"), reasoning_field)
-        else:
-            reasoning, content = norm.whole(choice.get("text"), None)
-        lps = _logprobs(choice, chat) if request.logprobs is not None else []
+        reasoning, content = norm.whole(content, reasoning)
         return Delta(
             reasoning=reasoning,
             content=content,
-            logprobs=lps,
-            finish_reason=finish_reason(choice.get("finish_reason")),
-            usage=self._usage(parse_usage(data.get("usage")), request, norm),
+            logprobs=_logprobs(choice, chat) if request.logprobs is not None else [],
+            finish_reason=finish_reason(finish),
+            usage=self._usage(usage, request, norm),
         )
 
     def _usage(self, usage: EngineUsage | None, request: GenerationRequest, norm: Normaliser) -> EngineUsage:
@@ -869,6 +878,11 @@ def _error_text(err: Any) -> str:
     if isinstance(err, dict):
         return str(err.get("message") or err)
     return str(err)
+
+
+def _is_text(value: Any) -> bool:
+    """Whether an upstream text field holds what one may: a string or null."""
+    return value is None or type(value) is str
 
 
 def _logprobs(choice: dict[str, Any], chat: bool) -> list[TokenLogprob]:
