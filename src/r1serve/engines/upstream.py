@@ -711,18 +711,8 @@ class UpstreamEngine(Engine):
                                 )
                             continue
                         choice = choices[0]
-                        if chat:
-                            delta = choice.get("delta") or choice.get("message") or {}
-                            text = delta.get("content")
-                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                        else:
-                            text, reasoning = choice.get("text"), None
+                        text, reasoning = _choice_texts(choice, chat, "delta")
                         if text or reasoning:
-                            # _is_text, inline: this runs for every event of every stream.
-                            if not (text is None or type(text) is str) or not (
-                                reasoning is None or type(reasoning) is str
-                            ):
-                                raise TypeError("a text field that is not a string")
                             texts.append((text, reasoning))
                         if want_logprobs:
                             lps.extend(_logprobs(choice, chat))
@@ -786,14 +776,7 @@ class UpstreamEngine(Engine):
         try:
             data = jsonfast.loads(raw)
             choice = data["choices"][0]
-            if chat:
-                message = choice.get("message") or choice.get("delta") or {}
-                content = message.get("content")
-                reasoning = message.get("reasoning_content") or message.get("reasoning")
-            else:
-                content, reasoning = choice.get("text"), None
-            if not (_is_text(content) and _is_text(reasoning)):
-                raise TypeError("a text field that is not a string")
+            content, reasoning = _choice_texts(choice, chat, "message")
             finish = choice.get("finish_reason")
             usage = parse_usage(data.get("usage"))
         except (ValueError, LookupError, TypeError, AttributeError):  # not JSON, or not a completion's shape
@@ -880,9 +863,19 @@ def _error_text(err: Any) -> str:
     return str(err)
 
 
-def _is_text(value: Any) -> bool:
-    """Whether an upstream text field holds what one may: a string or null."""
-    return value is None or type(value) is str
+def _choice_texts(choice: dict[str, Any], chat: bool, field: str) -> tuple[str | None, str | None]:
+    """``(content, reasoning)`` of an upstream choice, from any reasoning dialect's fields. ``field`` is
+    where a chat choice keeps its message: "delta" in a stream's chunk, "message" in a whole answer (the
+    other is read when it is missing). A text that is not a string or null raises TypeError."""
+    if chat:
+        message = choice.get(field) or choice.get("message" if field == "delta" else "delta") or {}
+        text = message.get("content")
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+    else:
+        text, reasoning = choice.get("text"), None
+    if (text is None or type(text) is str) and (reasoning is None or type(reasoning) is str):
+        return text, reasoning
+    raise TypeError("a text field that is not a string")
 
 
 def _logprobs(choice: dict[str, Any], chat: bool) -> list[TokenLogprob]:
