@@ -260,3 +260,38 @@ async def test_fast_path_leaves_other_methods_to_fastapi() -> None:
     async with client:
         resp = await client.get("/v1/chat/completions")
     assert _assert_error(resp, 405)["code"] == "method_not_allowed"
+
+
+async def test_unknown_field_names_that_a_header_cannot_hold_are_percent_encoded() -> None:
+    app = _scripted_app(_Scripted())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    body = {"messages": [{"role": "user", "content": "hi"}], "a\nb": 1, "ключ": 2, "x,y": 3, "ok_name": 4}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for stream in (False, True):
+            resp = await client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-r1serve-unknown-fields"] == "a%0Ab,ok_name,x%2Cy,%D0%BA%D0%BB%D1%8E%D1%87"
+
+
+async def test_bodies_the_fast_parser_refuses_and_nothing_downstream_could_use_are_400() -> None:
+    app = _scripted_app(_Scripted())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    chat = b'{"messages": [{"role": "user", "content": "%s"}], "x": %s}'
+    cases = {
+        "surrogate": (chat % (b"\\ud800 hi", b"1"), "surrogate pair"),
+        "low surrogate": (chat % (b"\\udc00", b"1"), "surrogate pair"),
+        "deep": (chat % (b"hi", b"[" * 100_000 + b"]" * 100_000), "too deeply"),
+        "deep enough for a copy": (chat % (b"hi", b"[" * 600 + b"]" * 600), "too deeply"),
+    }
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for name, (raw, says) in cases.items():
+            for path in ("/v1/chat/completions", "/deepseek_chat"):
+                body = raw.replace(b'"messages": [{"role": "user", "content": ', b'"prompt": ').replace(b"}], ", b", ")
+                resp = await client.post(path, content=raw if path != "/deepseek_chat" else body, headers=headers)
+                assert resp.status_code == 400, (name, path, resp.text)
+                error = resp.json()["error"]
+                assert error["type"] == "invalid_request_error" and says in error["message"], (name, path, error)
+        # A well-formed pair (an emoji escaped as two \u escapes) is text like any other.
+        resp = await client.post("/v1/chat/completions", content=chat % (b"\\ud83d\\ude00", b"1"), headers=headers)
+        assert resp.status_code == 200, resp.text

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
+import orjson
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -49,6 +51,9 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+_TOO_DEEP = "The request body nests arrays or objects too deeply."
+
+
 def _json_from(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request has no body; send a JSON object.", code="missing_required_parameter")
@@ -59,8 +64,24 @@ def _json_from(raw: bytes) -> dict[str, Any]:
             f"We could not parse the JSON body of your request ({exc}). Send a JSON object "
             "with Content-Type: application/json."
         ) from None
+    except RecursionError:
+        raise InvalidRequest(_TOO_DEEP) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    # The json module takes what pydantic's parser (the fast path) refuses and nothing downstream can
+    # handle: "\ud800" escapes that pair with nothing (no UTF-8 for the tokenizer or an upstream), and
+    # nesting deep enough to exhaust the stack when a message is copied. orjson refuses both.
+    try:
+        orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        if "surrogate" in str(exc):
+            raise InvalidRequest(
+                "The request body has a \\u escape of half a UTF-16 surrogate pair (e.g. \\ud800 alone); "
+                "text must be valid Unicode."
+            ) from None
+        if "ecursion" in str(exc):
+            raise InvalidRequest(_TOO_DEEP) from None
+        # Anything else orjson refuses (integers past 64 bits) is the json module's to accept.
     return data
 
 

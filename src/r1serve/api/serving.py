@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from json.encoder import encode_basestring_ascii as json_str  # what json.dumps(a_str) returns, without its dispatch
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -59,6 +60,7 @@ T = TypeVar("T")
 DONE_EVENT = "data: [DONE]\n\n"
 KEEPALIVE_EVENT = ": keep-alive\n\n"
 _INTERNAL_ERROR = "The server had an error while processing your request."
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",%")  # visible ASCII
 
 
 def new_id(prefix: str) -> str:
@@ -604,7 +606,10 @@ def _headers(route: Route, unknown: list[str]) -> list[tuple[bytes, bytes]]:
     """The response headers both shapes share, as ASGI's raw pairs."""
     headers = [(b"x-r1serve-model", route.entry.id.encode("latin-1"))]
     if unknown:
-        headers.append((b"x-r1serve-unknown-fields", ",".join(unknown).encode("latin-1")))
+        # Field names are the client's text: percent-encoded where they hold what a header value may not
+        # (control characters, non-ASCII) or what would change the list's meaning (",", "%").
+        names = ",".join(quote(name, safe=_HEADER_SAFE) for name in unknown)
+        headers.append((b"x-r1serve-unknown-fields", names.encode("ascii")))
     return headers
 
 
