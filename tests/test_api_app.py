@@ -295,3 +295,22 @@ async def test_bodies_the_fast_parser_refuses_and_nothing_downstream_could_use_a
         # A well-formed pair (an emoji escaped as two \u escapes) is text like any other.
         resp = await client.post("/v1/chat/completions", content=chat % (b"\\ud83d\\ude00", b"1"), headers=headers)
         assert resp.status_code == 200, resp.text
+
+
+async def test_null_means_the_default_for_fields_openai_documents_as_nullable() -> None:
+    engine = _Scripted()
+    app = _scripted_app(engine)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    nulls = {"n": None, "stream": None, "logprobs": None, "include_reasoning": None, "temperature": None}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        resp = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **nulls})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("application/json")  # stream: null is not a stream
+        assert resp.json()["choices"][0]["message"]["reasoning_content"] == "Think."  # include_reasoning: null shows it
+        assert "x-r1serve-unknown-fields" not in resp.headers
+        text = await client.post("/v1/completions", json={"prompt": "2+2=", "echo": None, "n": None, "stream": None})
+        assert text.status_code == 200, text.text
+        assert not text.json()["choices"][0]["text"].startswith("2+2=")  # echo: null does not echo
+        inf = await client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
+                                b'"repetition_penalty": Infinity}', headers={"Content-Type": "application/json"})  # fmt: skip
+        assert inf.status_code == 400 and inf.json()["error"]["param"] == "repetition_penalty", inf.text

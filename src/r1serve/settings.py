@@ -35,9 +35,10 @@ class Settings(BaseSettings):
 
     # --- Embedded llama.cpp engine
     n_threads: int = Field(default_factory=_default_threads)
-    # llama.cpp repacks quantized weights for faster CPU matmuls, but its repacked kernels round
-    # differently for 1 row and for groups of rows, so a sequence's tokens would depend on what else
-    # is in the batch. Off by default: a request gives the same answer alone or among others.
+    # llama.cpp repacks quantized weights for faster CPU matmuls (as llama-server does by default), but
+    # its repacked kernels round differently for 1 row and for groups of rows, so a sequence's tokens can
+    # depend on what else is in the batch (README, Determinism). False trades that speed for answers that
+    # are the same alone or among others.
     repack_weights: bool = True
     n_gpu_layers: int = 0  # -1 offloads every layer when llama.cpp was built with a GPU backend
     n_ctx: int = 4096  # per sequence

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "TextPart",
@@ -78,6 +78,11 @@ class StreamOptions(BaseModel):
 
 ReasoningEffort = Literal["low", "medium", "high"]
 
+def _null_means(default: Any) -> BeforeValidator:
+    """For a field OpenAI documents as nullable whose null means its default (clients send it so)."""
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
 _Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 _Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -94,9 +99,9 @@ class _SamplingFields(_Request):
     seed: int | None = None
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    stream: bool = False
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    n: Annotated[int, Field(ge=1), _null_means(1)] = 1
+    stream: Annotated[bool, _null_means(False)] = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -109,10 +114,10 @@ class _SamplingFields(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: Annotated[bool, _null_means(False)] = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     # r1serve extensions
-    include_reasoning: bool = True
+    include_reasoning: Annotated[bool, _null_means(True)] = True
     max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
     reasoning_effort: ReasoningEffort | None = None
 
@@ -120,7 +125,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: Annotated[bool, _null_means(False)] = False
 
 
 # --- responses
