@@ -285,3 +285,36 @@ def test_settings_options_are_read_when_present() -> None:
     assert options.timeouts is not None and options.timeouts.idle == 5.0
     assert options.reasoning_dialect == "auto"
     assert not options_from_settings(Settings(_env_file=None)).configured  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('[gateway]\nretries = "two"\n', "retries must be a number (got 'two')"),
+        ("[gateway]\nretries = 1.5\n", "retries must be a whole number"),
+        ("[gateway]\nretries = -1\n", "retries must be at least 0"),
+        ("[gateway]\nbreaker_threshold = 0\n", "breaker_threshold must be at least 1"),
+        ('[gateway]\nfirst_byte_timeout = "fast"\n', "first_byte_timeout must be a number"),
+        ("[gateway]\nfirst_byte_timeout = 0\n", "first_byte_timeout must be above 0"),
+        ("[gateway]\nconect_timeout = 5\n", "unknown key 'conect_timeout'"),
+        ("[gatway]\nretries = 1\n", "unknown key 'gatway'"),
+        ('[providers]\nfake = "http://127.0.0.1:9/v1"\n', "provider 'fake' must be a table"),
+        ('[providers.p]\nbase_url = "ftp://127.0.0.1:9/v1"\n', "base_url must be an http:// or https:// URL"),
+        ('[providers.p]\nbase_url = "not-a-url"\n', "base_url must be an http:// or https:// URL"),
+        ('[providers.p]\nbase_url = "http://h/v1"\ntimeout = 5\n', "unknown key 'timeout'"),
+        ('[providers.p]\nbase_url = "http://h/v1"\neos_markers = "</s>"\n', "eos_markers must be a list of strings"),
+        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", weight = "heavy" }]\n',
+         "weight must be a number"),  # fmt: skip
+        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", priority = "high" }]\n',
+         "priority must be a number"),  # fmt: skip
+        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = ["p"]\naliases = "deepseek-reasoner"\n',
+         "aliases must be a list of strings"),  # fmt: skip
+        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "a"\ntargets = ["p"]\ndefault = true\n'
+         '[[routes]]\nname = "b"\ntargets = ["p"]\ndefault = true\n', "more than one route is the default: a, b"),  # fmt: skip
+    ],
+)
+def test_providers_file_mistakes_are_named(tmp_path: Path, text: str, says: str) -> None:
+    """Wrong types, ranges and misspelt keys are errors that say what to fix, not tracebacks or silence."""
+    with pytest.raises(GatewayConfigError) as info:
+        load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env={})
+    assert says in str(info.value), str(info.value)

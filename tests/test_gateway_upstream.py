@@ -454,6 +454,9 @@ def test_scrub_secret() -> None:
     out = scrub_secret(text, key)
     assert key not in out and "AbCdEfGh" not in out and "whatever-token" not in out
     assert out.startswith("Invalid token [redacted]")
+    # Echoed in another case, whole or in part.
+    shouted = scrub_secret(f"x-api-key {key.upper()} (prefix {key[:10].lower()})", key)
+    assert key.upper() not in shouted and key[:10].lower() not in shouted, shouted
 
 
 @pytest.mark.parametrize("kind", ["truncated", "cut", "drop", "invalid_json"])

@@ -230,8 +230,10 @@ def scrub_secret(text: str, secret: str | None) -> str:
     text = _BEARER.sub(r"\1[redacted]", text)
     if not secret:
         return text
-    text = text.replace(secret, "[redacted]")
-    return _WORD.sub(lambda m: "[redacted]" if m.group(0) in secret else m.group(0), text)
+    # Case-blind: a body may echo the key upper-cased.
+    text = re.sub(re.escape(secret), "[redacted]", text, flags=re.IGNORECASE)
+    folded = secret.casefold()
+    return _WORD.sub(lambda m: "[redacted]" if m.group(0).casefold() in folded else m.group(0), text)
 
 
 # ----------------------------------------------------------------------------- normalisation

@@ -54,6 +54,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from r1serve.engines.upstream import DIALECTS, Timeouts
 from r1serve.gateway.presets import find_preset
@@ -232,6 +233,64 @@ def _str_map(raw: Any, where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+def _check_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    """A misspelt key would otherwise be ignored without a word."""
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise GatewayConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, where: str, *, least: float = 0.0, above: bool = False) -> float:
+    """``raw[key]`` as a number >= ``least`` (> when ``above``), ``default`` when absent."""
+    value = raw.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GatewayConfigError(f"{where}: {key} must be a number (got {value!r})") from None
+    if number < least or (above and number == least) or number != number:
+        raise GatewayConfigError(f"{where}: {key} must be {'above' if above else 'at least'} {least:g} (got {value!r})")
+    return number
+
+
+def _integer(raw: Mapping[str, Any], key: str, default: int, where: str, *, least: int = 0) -> int:
+    number = _number(raw, key, default, where, least=least)
+    if not number.is_integer():
+        raise GatewayConfigError(f"{where}: {key} must be a whole number (got {raw.get(key)!r})")
+    return int(number)
+
+
+def _str_list(raw: Mapping[str, Any], key: str, where: str, default: Any = ()) -> tuple[str, ...]:
+    value = raw.get(key, default)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise GatewayConfigError(f'{where}: {key} must be a list of strings, like ["a", "b"] (got {value!r})')
+    return tuple(value)
+
+
+def _timeouts(raw: Mapping[str, Any], defaults: Timeouts, where: str) -> Timeouts:
+    return Timeouts(
+        connect=_number(raw, "connect_timeout", defaults.connect, where, above=True),
+        first_byte=_number(raw, "first_byte_timeout", defaults.first_byte, where, above=True),
+        idle=_number(raw, "idle_timeout", defaults.idle, where, above=True),
+        whole=_number(raw, "whole_timeout", defaults.whole, where, above=True),
+    )
+
+
+_TIMEOUT_KEYS = frozenset({"connect_timeout", "first_byte_timeout", "idle_timeout", "whole_timeout"})
+_GATEWAY_KEYS = _TIMEOUT_KEYS | {
+    "retries", "backoff", "max_backoff", "max_retry_wait", "breaker_threshold", "breaker_cooldown",
+    "health_interval", "max_connections",
+}  # fmt: skip
+_PROVIDER_KEYS = _TIMEOUT_KEYS | {
+    "preset", "base_url", "api_key", "api_key_env", "dialect", "headers", "eos_markers", "tokenizer", "model",
+    "requires_key", "include_usage", "drop_params", "prices", "context_length", "models",
+}  # fmt: skip
+_ROUTE_KEYS = frozenset({"name", "targets", "policy", "context_length", "aliases", "default", "prices"})
+_TARGET_KEYS = frozenset({"provider", "embedded", "model", "weight", "priority"})
+_TOP_KEYS = frozenset({"gateway", "providers", "routes"})
+
+
 def _resolve_key(env_names: tuple[str, ...], env: Mapping[str, str]) -> tuple[str | None, str | None]:
     """(value, the variable it came from); the first name set wins; (None, first name) when none is."""
     for name in env_names:
@@ -245,12 +304,18 @@ def provider_config(
     name: str, raw: Mapping[str, Any], env: Mapping[str, str], timeouts: Timeouts
 ) -> ProviderConfig:
     where = f"provider {name!r}"
+    if not isinstance(raw, Mapping):
+        raise GatewayConfigError(f'{where} must be a table, like [providers.{name}] base_url = "..."')
+    _check_keys(raw, _PROVIDER_KEYS, where)
     preset = find_preset(str(raw.get("preset", name)))
     if "preset" in raw and preset is None:
         raise GatewayConfigError(f"{where}: unknown preset {raw['preset']!r}")
     base_url = raw.get("base_url") or (preset.base_url if preset else None)
     if not base_url:
         raise GatewayConfigError(f"{where}: base_url is required (or name a preset with preset = \"...\")")
+    url = urlsplit(str(base_url))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise GatewayConfigError(f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {base_url!r})")
     if raw.get("api_key") is not None:
         raise GatewayConfigError(
             f"{where}: put the key in an environment variable and name it with api_key_env, not api_key"
@@ -265,13 +330,8 @@ def provider_config(
         raise GatewayConfigError(f"{where}: dialect must be one of {', '.join(DIALECTS)} (got {dialect!r})")
     headers = dict(preset.headers) if preset else {}
     headers.update(_str_map(raw.get("headers"), f"{where}: headers"))
-    t = Timeouts(
-        connect=float(raw.get("connect_timeout", timeouts.connect)),
-        first_byte=float(raw.get("first_byte_timeout", timeouts.first_byte)),
-        idle=float(raw.get("idle_timeout", timeouts.idle)),
-        whole=float(raw.get("whole_timeout", timeouts.whole)),
-    )
-    eos = raw.get("eos_markers", preset.eos_markers if preset else ())
+    t = _timeouts(raw, timeouts, where)
+    eos = _str_list(raw, "eos_markers", where, preset.eos_markers if preset else ())
     tokenizer = raw.get("tokenizer")
     return ProviderConfig(
         name=name,
@@ -284,10 +344,10 @@ def provider_config(
         dialect=dialect,
         timeouts=t,
         include_usage=bool(raw.get("include_usage", preset.include_usage if preset else True)),
-        eos_markers=tuple(str(m) for m in eos),
-        drop_params=tuple(str(p) for p in raw.get("drop_params", ())),
+        eos_markers=eos,
+        drop_params=_str_list(raw, "drop_params", where),
         prices=_prices(raw.get("prices"), where) or Prices(),
-        context_length=int(raw.get("context_length", DEFAULT_CONTEXT)),
+        context_length=_integer(raw, "context_length", DEFAULT_CONTEXT, where, least=1),
         tokenizer=Path(tokenizer).expanduser() if tokenizer else None,
         models=_str_map(raw.get("models"), f"{where}: models"),
     )
@@ -298,18 +358,16 @@ def _target(raw: Any, where: str) -> TargetConfig:
         return TargetConfig(provider=None if raw == "embedded" else raw)
     if not isinstance(raw, Mapping):
         raise GatewayConfigError(f"{where}: a target is a provider name or a table {{ provider = \"...\" }}")
+    _check_keys(raw, _TARGET_KEYS, f"{where}: target")
     embedded = bool(raw.get("embedded", False))
     provider = raw.get("provider")
     if embedded == bool(provider):
         raise GatewayConfigError(f"{where}: a target has either provider = \"NAME\" or embedded = true")
-    weight = float(raw.get("weight", 1.0))
-    if weight <= 0:
-        raise GatewayConfigError(f"{where}: weight must be positive")
     return TargetConfig(
         provider=None if embedded else str(provider),
         model=raw.get("model"),
-        weight=weight,
-        priority=int(raw.get("priority", 0)),
+        weight=_number(raw, "weight", 1.0, f"{where}: target", above=True),
+        priority=_integer(raw, "priority", 0, f"{where}: target", least=-(2**31)),
     )
 
 
@@ -317,21 +375,21 @@ def _route(raw: Any, index: int) -> RouteConfig:
     if not isinstance(raw, Mapping) or not raw.get("name"):
         raise GatewayConfigError(f"routes[{index}]: a route needs a name")
     where = f"route {raw['name']!r}"
+    _check_keys(raw, _ROUTE_KEYS, where)
     targets = raw.get("targets")
     if not isinstance(targets, list) or not targets:
         raise GatewayConfigError(f"{where}: targets must be a non-empty list")
     policy = str(raw.get("policy", "priority"))
     if policy not in POLICIES:
         raise GatewayConfigError(f"{where}: policy must be one of {', '.join(POLICIES)} (got {policy!r})")
-    ctx = raw.get("context_length")
     return RouteConfig(
         name=str(raw["name"]),
         targets=tuple(_target(t, where) for t in targets),
-        aliases=tuple(str(a) for a in raw.get("aliases", ())),
+        aliases=_str_list(raw, "aliases", where),
         policy=policy,
         default=bool(raw.get("default", False)),
         prices=_prices(raw.get("prices"), where),
-        context_length=int(ctx) if ctx is not None else None,
+        context_length=_integer(raw, "context_length", 0, where, least=1) if "context_length" in raw else None,
     )
 
 
@@ -342,14 +400,25 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
     if env is None:
         env = load_environment(options.env_file)
     data: dict[str, Any] = read_file(Path(options.providers_file)) if options.providers_file else {}
+    _check_keys(data, _TOP_KEYS, "providers file")
     gw = data.get("gateway", {}) or {}
     if not isinstance(gw, Mapping):
         raise GatewayConfigError("[gateway] must be a table")
-    timeouts = options.timeouts or Timeouts(
-        connect=float(gw.get("connect_timeout", Timeouts.connect)),
-        first_byte=float(gw.get("first_byte_timeout", Timeouts.first_byte)),
-        idle=float(gw.get("idle_timeout", Timeouts.idle)),
-        whole=float(gw.get("whole_timeout", Timeouts.whole)),
+    _check_keys(gw, _GATEWAY_KEYS, "[gateway]")
+    timeouts = options.timeouts or _timeouts(gw, Timeouts(), "[gateway]")
+    tuning: dict[str, Any] = dict(
+        retries=_integer(gw, "retries", 1, "[gateway]"),
+        backoff=_number(gw, "backoff", 0.1, "[gateway]"),
+        max_backoff=_number(gw, "max_backoff", 2.0, "[gateway]"),
+        max_retry_wait=_number(gw, "max_retry_wait", 5.0, "[gateway]"),
+        breaker_threshold=_integer(gw, "breaker_threshold", 5, "[gateway]", least=1),
+        breaker_cooldown=_number(gw, "breaker_cooldown", 15.0, "[gateway]"),
+        health_interval=(
+            options.health_interval
+            if options.health_interval is not None
+            else _number(gw, "health_interval", 15.0, "[gateway]")
+        ),
+        max_connections=_integer(gw, "max_connections", 0, "[gateway]"),
     )
     raw_providers = data.get("providers", {}) or {}
     if not isinstance(raw_providers, Mapping):
@@ -357,7 +426,13 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
     providers: dict[str, ProviderConfig] = {
         str(name): provider_config(str(name), raw or {}, env, timeouts) for name, raw in raw_providers.items()
     }
-    routes = [_route(r, i) for i, r in enumerate(data.get("routes", []) or [])]
+    raw_routes = data.get("routes", []) or []
+    if not isinstance(raw_routes, list):
+        raise GatewayConfigError("routes must be a list of tables ([[routes]] in TOML)")
+    routes = [_route(r, i) for i, r in enumerate(raw_routes)]
+    defaults = [r.name for r in routes if r.default]
+    if len(defaults) > 1:
+        raise GatewayConfigError(f"more than one route is the default: {', '.join(defaults)}")
 
     # --provider NAME[,NAME...]: a preset or a provider from the file, as one fallback chain.
     chain: list[TargetConfig] = []
@@ -430,16 +505,7 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
     return GatewayConfig(
         providers=providers,
         routes=tuple(routes),
-        retries=int(gw.get("retries", 1)),
-        backoff=float(gw.get("backoff", 0.1)),
-        max_backoff=float(gw.get("max_backoff", 2.0)),
-        max_retry_wait=float(gw.get("max_retry_wait", 5.0)),
-        breaker_threshold=int(gw.get("breaker_threshold", 5)),
-        breaker_cooldown=float(gw.get("breaker_cooldown", 15.0)),
-        health_interval=float(
-            options.health_interval if options.health_interval is not None else gw.get("health_interval", 15.0)
-        ),
-        max_connections=int(gw.get("max_connections", 0)),
+        **tuning,
     )
 
 
