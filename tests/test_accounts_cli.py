@@ -56,3 +56,15 @@ def test_bad_input_is_a_clear_error(run) -> None:  # type: ignore[no-untyped-def
     assert "Traceback" not in bad.stderr + bad.stdout
     missing = run("keys", "revoke", "r1-nosuchkey")
     assert missing.returncode != 0 and "Traceback" not in missing.stderr + missing.stdout
+
+
+def test_serve_that_cannot_listen_creates_no_admin_key(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Beyond loopback with no key, start-up creates an admin key; an address the server cannot bind must
+    fail before that, or the key would switch on auth for every server sharing the data directory."""
+    failed = run("serve", "--upstream", "http://127.0.0.1:9/v1", "--host", "192.0.2.1", "--port", "8139")
+    assert failed.returncode != 0
+    out = failed.stderr + failed.stdout
+    assert "cannot listen on 192.0.2.1:8139" in out and "Traceback" not in out, out
+    assert "admin key" not in out, out
+    listed = run("keys", "list")
+    assert listed.returncode == 0 and "r1-" not in listed.stdout, listed.stdout

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Annotated, Any
 
@@ -109,6 +110,10 @@ def serve(
         )
     if plan is not None:
         log.info("gateway: %s", ", ".join(sorted(plan.providers)) or "routes from the providers file")
+    reason = _cannot_listen(settings.host, settings.port)
+    if reason:
+        # Checked before the app starts: its start-up creates an admin key when the host is beyond loopback.
+        raise _fail(f"cannot listen on {settings.host}:{settings.port}: {reason}")
     url = f"http://{settings.host}:{settings.port}"
     log.info("API: %s/v1   docs: %s/docs", url, url)
     uvicorn.run(
@@ -125,6 +130,18 @@ def serve(
         proxy_headers=False,
         timeout_graceful_shutdown=5,  # open streams must not hold Ctrl-C hostage
     )
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound (address not on this machine, port taken...), or None."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _source_text(entry: ModelEntry) -> str:
