@@ -119,6 +119,20 @@ async def test_429_too_long_becomes_429_with_retry_after() -> None:
     assert info.value.status == 429 and info.value.headers["Retry-After"] == "60"
 
 
+async def test_requests_during_a_rate_limit_cooldown_are_429_with_the_time_left() -> None:
+    limited = Reply(kind="status", status=429, headers={"Retry-After": "30"}, body="{}")
+    async with FakeUpstream(default=limited) as a:
+        engine = route(target("a", a.base_url), retries=0)
+        await engine.start()
+        with pytest.raises(RateLimited):
+            await answer(engine)
+        with pytest.raises(RateLimited) as info:  # not asked again: the target is cooling down
+            await answer(engine)
+        await engine.close()
+    assert len(a.requests) == 1
+    assert info.value.status == 429 and 25 <= int(info.value.headers["Retry-After"]) <= 30
+
+
 async def test_no_failover_once_text_was_sent() -> None:
     async with FakeUpstream(default=Reply(kind="drop", drop_after=3, chunk=2, chunk_delay=0.05)) as a, FakeUpstream(default=OK) as b:
         engine = route(target("a", a.base_url), target("b", b.base_url), retries=2)

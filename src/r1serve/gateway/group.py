@@ -433,6 +433,12 @@ class RouteEngine(Engine):
         now = time.monotonic()
         wait = min(m.target.unblocked_in(now) for m in self.members)
         seconds = max(1, round(wait))
+        if all(now < m.target.cooldown_until and m.target.breaker.available() for m in self.members):
+            # Every target is waiting out an upstream's Retry-After: the client is being rate limited too.
+            return RateLimited(
+                f"Every upstream for this model is rate limiting; retry after {seconds}s.",
+                headers={"Retry-After": str(seconds)},
+            )
         return UpstreamError(
             f"Every upstream for this model is unavailable (circuit open or cooling down); retry in {seconds}s.",
             status=503,
