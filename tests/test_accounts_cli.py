@@ -68,3 +68,21 @@ def test_serve_that_cannot_listen_creates_no_admin_key(run, tmp_path: Path) -> N
     assert "admin key" not in out, out
     listed = run("keys", "list")
     assert listed.returncode == 0 and "r1-" not in listed.stdout, listed.stdout
+
+
+def test_the_listen_check_binds_as_uvicorn_will() -> None:
+    import socket
+
+    from r1serve.cli import _cannot_listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _cannot_listen("127.0.0.1", port)  # in use
+        assert _cannot_listen("0.0.0.0", port)  # overlaps it
+    assert _cannot_listen("127.0.0.1", port) is None  # free again
+    assert _cannot_listen("0.0.0.0", port) is None
+    assert _cannot_listen("", port) is None  # uvicorn's "every address"
+    assert _cannot_listen("localhost", port) is None
+    assert _cannot_listen("192.0.2.1", port)  # not an address of this machine

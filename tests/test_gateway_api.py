@@ -301,6 +301,11 @@ def test_settings_options_are_read_when_present() -> None:
         ('[providers]\nfake = "http://127.0.0.1:9/v1"\n', "provider 'fake' must be a table"),
         ('[providers.p]\nbase_url = "ftp://127.0.0.1:9/v1"\n', "base_url must be an http:// or https:// URL"),
         ('[providers.p]\nbase_url = "not-a-url"\n', "base_url must be an http:// or https:// URL"),
+        ('[providers.p]\nbase_url = "http://h/v1"\nprices = { input = nan }\n', "input must be a number"),
+        ('[providers.p]\nbase_url = "http://h/v1"\nprices = { outptu = 3 }\n', "unknown key 'outptu'"),
+        ('[providers.p]\nbase_url = "http://h/v1"\ntokenizer = 5\n', "tokenizer must be the path"),
+        ('[providers.p]\nbase_url = "http://h/v1"\ninclude_usage = "false"\n', "include_usage must be true or false"),
+        ("[gateway]\nretries = 1e400\n", "retries must be a number"),
         ('[providers.p]\nbase_url = "http://h/v1"\ntimeout = 5\n', "unknown key 'timeout'"),
         ('[providers.p]\nbase_url = "http://h/v1"\neos_markers = "</s>"\n', "eos_markers must be a list of strings"),
         ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", weight = "heavy" }]\n',
@@ -318,3 +323,37 @@ def test_providers_file_mistakes_are_named(tmp_path: Path, text: str, says: str)
     with pytest.raises(GatewayConfigError) as info:
         load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env={})
     assert says in str(info.value), str(info.value)
+
+
+def test_a_base_url_with_credentials_is_not_repeated_in_the_error(tmp_path: Path) -> None:
+    text = '[providers.p]\nbase_url = "ftp://user:sk-SECRET-123@h/v1"\n'
+    with pytest.raises(GatewayConfigError) as info:
+        load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env={})
+    assert "sk-SECRET-123" not in str(info.value) and "base_url must be" in str(info.value)
+
+
+def test_json_nulls_mean_defaults_and_the_flags_route_is_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "providers.json"
+    path.write_text(json.dumps({
+        "gateway": {"retries": None},
+        "providers": {"p": {"base_url": "http://127.0.0.1:9/v1", "eos_markers": None}},
+        "routes": [{"name": "r", "targets": ["p"], "context_length": None, "default": True}],
+    }))  # fmt: skip
+    config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
+    assert config is not None and config.retries == 1 and config.routes[0].context_length is None
+    flagged = load_gateway_config(GatewayOptions(providers_file=path, upstream="http://127.0.0.1:9/v1", env_file=None), env={})
+    assert flagged is not None and [r.name for r in flagged.routes if r.default] == [flagged.routes[0].name]
+    assert flagged.routes[0].name != "r"
+
+
+def test_the_sample_in_the_config_docstring_loads(tmp_path: Path) -> None:
+    """The documented file format is the one the loader takes."""
+    import r1serve.gateway.config as config_module
+
+    doc = config_module.__doc__ or ""
+    sample = doc.split("::\n", 1)[1].split("\n\nWith providers", 1)[0]
+    text = "\n".join(line[4:] for line in sample.splitlines())
+    env = {"GPU_BOX_KEY": "k", "DEEPINFRA_API_KEY": "k", "DEEPINFRA_TOKEN": "k"}
+    config = load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env=env)
+    assert config is not None and config.routes[0].name == "deepseek-r1" and len(config.routes[0].targets) == 3
+

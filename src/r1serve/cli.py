@@ -95,6 +95,11 @@ def serve(
     except GatewayConfigError as exc:
         raise _fail(str(exc)) from None
     log.info("r1serve %s", r1serve.__version__)
+    reason = _cannot_listen(settings.host, settings.port)
+    if reason:
+        # Checked before the app starts (its start-up creates an admin key when the host is beyond
+        # loopback) and before a model download.
+        raise _fail(f"cannot listen on {settings.host}:{settings.port}: {reason}")
     if plan is None or plan.uses_embedded:
         try:
             # Fetched here rather than in the app's startup so the progress bar has the terminal.
@@ -110,10 +115,6 @@ def serve(
         )
     if plan is not None:
         log.info("gateway: %s", ", ".join(sorted(plan.providers)) or "routes from the providers file")
-    reason = _cannot_listen(settings.host, settings.port)
-    if reason:
-        # Checked before the app starts: its start-up creates an admin key when the host is beyond loopback.
-        raise _fail(f"cannot listen on {settings.host}:{settings.port}: {reason}")
     url = f"http://{settings.host}:{settings.port}"
     log.info("API: %s/v1   docs: %s/docs", url, url)
     uvicorn.run(
@@ -133,12 +134,14 @@ def serve(
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound (address not on this machine, port taken...), or None."""
+    """Why ``host:port`` cannot be bound (address not on this machine, port taken...), or None.
+
+    Binds the way uvicorn will: IPv6 when the host has a colon, IPv4 otherwise, SO_REUSEADDR."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            sock.bind(address)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
     except OSError as exc:
         return exc.strerror or str(exc)
     return None

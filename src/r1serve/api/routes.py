@@ -79,7 +79,7 @@ def _json_from(raw: bytes) -> dict[str, Any]:
                 "The request body has a \\u escape of half a UTF-16 surrogate pair (e.g. \\ud800 alone); "
                 "text must be valid Unicode."
             ) from None
-        if "ecursion" in str(exc):
+        if "ecursion" in str(exc):  # orjson's "Recursion limit reached" (no more exact way to tell)
             raise InvalidRequest(_TOO_DEEP) from None
         # Anything else orjson refuses (integers past 64 bits) is the json module's to accept.
     return data

@@ -701,6 +701,8 @@ class UpstreamEngine(Engine):
                 lps: list[TokenLogprob] = []
                 try:
                     for event in events:
+                        if type(event) is not dict:
+                            raise _Malformed
                         choices = event.get("choices")
                         if event.get("usage"):
                             usage = parse_usage(event["usage"]) or usage
@@ -712,6 +714,8 @@ class UpstreamEngine(Engine):
                                     yielded,
                                 )
                             continue
+                        if type(choices) is not list or type(choices[0]) is not dict:
+                            raise _Malformed
                         choice = choices[0]
                         text, reasoning = _choice_texts(choice, chat, "delta")
                         if text or reasoning:
@@ -721,7 +725,7 @@ class UpstreamEngine(Engine):
                         fr = choice.get("finish_reason")
                         if fr:
                             finish = finish_reason(fr)
-                except (ValueError, LookupError, TypeError, AttributeError):  # valid JSON, not a chunk's shape
+                except _Malformed:
                     raise self._failure(
                         f"upstream {cfg.name} sent an event that is not a completion chunk", "invalid_response", yielded
                     ) from None
@@ -777,11 +781,12 @@ class UpstreamEngine(Engine):
         chat = request.messages is not None
         try:
             data = jsonfast.loads(raw)
-            choice = data["choices"][0]
+            choices = data.get("choices") if type(data) is dict else None
+            if type(choices) is not list or not choices or type(choices[0]) is not dict:
+                raise _Malformed
+            choice = choices[0]
             content, reasoning = _choice_texts(choice, chat, "message")
-            finish = choice.get("finish_reason")
-            usage = parse_usage(data.get("usage"))
-        except (ValueError, LookupError, TypeError, AttributeError):  # not JSON, or not a completion's shape
+        except ValueError:  # not JSON (or _Malformed: JSON, not a completion's shape)
             raise AttemptFailed(
                 f"upstream {self.config.name} sent a body that is not a completion",
                 kind="invalid_response",
@@ -792,8 +797,8 @@ class UpstreamEngine(Engine):
             reasoning=reasoning,
             content=content,
             logprobs=_logprobs(choice, chat) if request.logprobs is not None else [],
-            finish_reason=finish_reason(finish),
-            usage=self._usage(usage, request, norm),
+            finish_reason=finish_reason(choice.get("finish_reason")),
+            usage=self._usage(parse_usage(data.get("usage")), request, norm),
         )
 
     def _usage(self, usage: EngineUsage | None, request: GenerationRequest, norm: Normaliser) -> EngineUsage:
@@ -865,19 +870,26 @@ def _error_text(err: Any) -> str:
     return str(err)
 
 
+class _Malformed(ValueError):
+    """Valid JSON that is not the shape of a completion or of a chunk of one (reported as invalid_response)."""
+
+
 def _choice_texts(choice: dict[str, Any], chat: bool, field: str) -> tuple[str | None, str | None]:
     """``(content, reasoning)`` of an upstream choice, from any reasoning dialect's fields. ``field`` is
     where a chat choice keeps its message: "delta" in a stream's chunk, "message" in a whole answer (the
-    other is read when it is missing). A text that is not a string or null raises TypeError."""
+    other is read when it is missing). A message that is not an object, or a text that is not a string
+    or null, raises _Malformed."""
     if chat:
         message = choice.get(field) or choice.get("message" if field == "delta" else "delta") or {}
+        if type(message) is not dict:
+            raise _Malformed
         text = message.get("content")
         reasoning = message.get("reasoning_content") or message.get("reasoning")
     else:
         text, reasoning = choice.get("text"), None
     if (text is None or type(text) is str) and (reasoning is None or type(reasoning) is str):
         return text, reasoning
-    raise TypeError("a text field that is not a string")
+    raise _Malformed
 
 
 def _logprobs(choice: dict[str, Any], chat: bool) -> list[TokenLogprob]:

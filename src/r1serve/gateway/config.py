@@ -48,10 +48,11 @@ tutorial's ``HUGGINGFACE_ACCESS_TOKEN="..."`` file works as is). ``os.environ`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -210,19 +211,18 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def _prices(raw: Any, where: str) -> Prices | None:
+    """Dollars per million tokens."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise GatewayConfigError(f"{where}: prices must be a table like {{ input = 0.5, output = 2.0 }}")
-    try:
-        cached = raw.get("cached_input")
-        return Prices(
-            input=float(raw.get("input", 0.0)),
-            output=float(raw.get("output", 0.0)),
-            cached_input=None if cached is None else float(cached),
-        )
-    except (TypeError, ValueError):
-        raise GatewayConfigError(f"{where}: prices must be numbers (dollars per million tokens)") from None
+    where = f"{where}: prices"
+    _check_keys(raw, frozenset({"input", "output", "cached_input"}), where)
+    return Prices(
+        input=_number(raw, "input", 0.0, where),
+        output=_number(raw, "output", 0.0, where),
+        cached_input=_number(raw, "cached_input", 0.0, where) if raw.get("cached_input") is not None else None,
+    )
 
 
 def _str_map(raw: Any, where: str) -> dict[str, str]:
@@ -242,16 +242,30 @@ def _check_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> No
 
 def _number(raw: Mapping[str, Any], key: str, default: float, where: str, *, least: float = 0.0, above: bool = False) -> float:
     """``raw[key]`` as a number >= ``least`` (> when ``above``), ``default`` when absent."""
-    value = raw.get(key, default)
+    value = raw.get(key)
+    if value is None:  # absent, or null in a JSON file
+        return float(default)
     try:
         if isinstance(value, bool):
             raise ValueError
         number = float(value)
-    except (TypeError, ValueError):
+        if not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
         raise GatewayConfigError(f"{where}: {key} must be a number (got {value!r})") from None
-    if number < least or (above and number == least) or number != number:
+    if number < least or (above and number == least):
         raise GatewayConfigError(f"{where}: {key} must be {'above' if above else 'at least'} {least:g} (got {value!r})")
     return number
+
+
+def _flag(raw: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    """``raw[key]`` as true / false; a string such as "false" is refused rather than read as true."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise GatewayConfigError(f"{where}: {key} must be true or false (got {value!r})")
+    return value
 
 
 def _integer(raw: Mapping[str, Any], key: str, default: int, where: str, *, least: int = 0) -> int:
@@ -262,7 +276,9 @@ def _integer(raw: Mapping[str, Any], key: str, default: int, where: str, *, leas
 
 
 def _str_list(raw: Mapping[str, Any], key: str, where: str, default: Any = ()) -> tuple[str, ...]:
-    value = raw.get(key, default)
+    value = raw.get(key)
+    if value is None:
+        value = default
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise GatewayConfigError(f'{where}: {key} must be a list of strings, like ["a", "b"] (got {value!r})')
     return tuple(value)
@@ -315,7 +331,9 @@ def provider_config(
         raise GatewayConfigError(f"{where}: base_url is required (or name a preset with preset = \"...\")")
     url = urlsplit(str(base_url))
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise GatewayConfigError(f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {base_url!r})")
+        # Without any user:password part: this message is printed.
+        shown = str(base_url).split("@", 1)[-1] if "@" in url.netloc else str(base_url)
+        raise GatewayConfigError(f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {shown!r})")
     if raw.get("api_key") is not None:
         raise GatewayConfigError(
             f"{where}: put the key in an environment variable and name it with api_key_env, not api_key"
@@ -333,17 +351,19 @@ def provider_config(
     t = _timeouts(raw, timeouts, where)
     eos = _str_list(raw, "eos_markers", where, preset.eos_markers if preset else ())
     tokenizer = raw.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise GatewayConfigError(f"{where}: tokenizer must be the path of a GGUF file (got {tokenizer!r})")
     return ProviderConfig(
         name=name,
         base_url=str(base_url),
         model=raw.get("model") or (preset.model if preset else None),
         api_key_env=key_env,
         api_key=key,
-        requires_key=bool(raw.get("requires_key", preset.requires_key if preset else False)),
+        requires_key=_flag(raw, "requires_key", preset.requires_key if preset else False, where),
         headers=headers,
         dialect=dialect,
         timeouts=t,
-        include_usage=bool(raw.get("include_usage", preset.include_usage if preset else True)),
+        include_usage=_flag(raw, "include_usage", preset.include_usage if preset else True, where),
         eos_markers=eos,
         drop_params=_str_list(raw, "drop_params", where),
         prices=_prices(raw.get("prices"), where) or Prices(),
@@ -359,7 +379,7 @@ def _target(raw: Any, where: str) -> TargetConfig:
     if not isinstance(raw, Mapping):
         raise GatewayConfigError(f"{where}: a target is a provider name or a table {{ provider = \"...\" }}")
     _check_keys(raw, _TARGET_KEYS, f"{where}: target")
-    embedded = bool(raw.get("embedded", False))
+    embedded = _flag(raw, "embedded", False, f"{where}: target")
     provider = raw.get("provider")
     if embedded == bool(provider):
         raise GatewayConfigError(f"{where}: a target has either provider = \"NAME\" or embedded = true")
@@ -387,9 +407,9 @@ def _route(raw: Any, index: int) -> RouteConfig:
         targets=tuple(_target(t, where) for t in targets),
         aliases=_str_list(raw, "aliases", where),
         policy=policy,
-        default=bool(raw.get("default", False)),
+        default=_flag(raw, "default", False, where),
         prices=_prices(raw.get("prices"), where),
-        context_length=_integer(raw, "context_length", 0, where, least=1) if "context_length" in raw else None,
+        context_length=_integer(raw, "context_length", 0, where, least=1) if raw.get("context_length") is not None else None,
     )
 
 
@@ -476,7 +496,9 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
             if model:
                 aliases.append(model)
         name = _chain_name(chain, providers)
-        routes = [RouteConfig(name=name, targets=tuple(chain), aliases=_unique(aliases), default=True), *routes]
+        # The flags' route is the default: a file route marked default would otherwise win without a word.
+        file_routes = [replace(r, default=False) for r in routes]
+        routes = [RouteConfig(name=name, targets=tuple(chain), aliases=_unique(aliases), default=True), *file_routes]
     elif not routes and providers:
         names = list(providers)
         routes = [
@@ -510,8 +532,6 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
 
 
 def replace_requires(p: ProviderConfig) -> ProviderConfig:
-    from dataclasses import replace
-
     return replace(p, requires_key=False)
 
 

@@ -417,11 +417,7 @@ class RouteEngine(Engine):
         if rate_limited_wait is not None and all(
             isinstance(e, AttemptFailed) and e.kind == "rate_limited" for e in errors
         ):
-            seconds = max(1, round(rate_limited_wait))
-            raise RateLimited(
-                f"Every upstream for this model is rate limiting; retry after {seconds}s.",
-                headers={"Retry-After": str(seconds)},
-            )
+            raise _rate_limited(rate_limited_wait)
         raise self._unavailable(errors)
 
     def _unavailable(self, errors: list[R1ServeError]) -> R1ServeError:
@@ -432,13 +428,10 @@ class RouteEngine(Engine):
             return UpstreamError(f"No upstream could answer: {detail}", code="upstream_unavailable")
         now = time.monotonic()
         wait = min(m.target.unblocked_in(now) for m in self.members)
-        seconds = max(1, round(wait))
         if all(now < m.target.cooldown_until and m.target.breaker.available() for m in self.members):
             # Every target is waiting out an upstream's Retry-After: the client is being rate limited too.
-            return RateLimited(
-                f"Every upstream for this model is rate limiting; retry after {seconds}s.",
-                headers={"Retry-After": str(seconds)},
-            )
+            return _rate_limited(wait)
+        seconds = max(1, round(wait))
         return UpstreamError(
             f"Every upstream for this model is unavailable (circuit open or cooling down); retry in {seconds}s.",
             status=503,
@@ -467,6 +460,14 @@ class RouteEngine(Engine):
             "policy": self.policy,
             "targets": targets,
         }
+
+
+def _rate_limited(wait: float) -> RateLimited:
+    seconds = max(1, round(wait))
+    return RateLimited(
+        f"Every upstream for this model is rate limiting; retry after {seconds}s.",
+        headers={"Retry-After": str(seconds)},
+    )
 
 
 async def _aclose(stream: AsyncIterator[Delta]) -> None:
