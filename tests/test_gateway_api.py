@@ -232,6 +232,9 @@ def test_missing_key_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(GatewayConfigError) as info:
         load_gateway_config(GatewayOptions(provider=("huggingface",), env_file=tmp_path / "none"), env={})
     assert "HUGGINGFACE_ACCESS_TOKEN" in str(info.value) and "HF_TOKEN" in str(info.value)
+    with pytest.raises(GatewayConfigError) as both:  # a fallback chain: every missing key at once
+        load_gateway_config(GatewayOptions(provider=("deepinfra", "together"), env_file=tmp_path / "none"), env={})
+    assert "'deepinfra'" in str(both.value) and "'together'" in str(both.value), str(both.value)
     with pytest.raises(GatewayConfigError):
         load_gateway_config(GatewayOptions(provider=("nonesuch",), env_file=None), env={})
     with pytest.raises(GatewayConfigError) as info:

@@ -512,7 +512,8 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
     if not routes:
         raise GatewayConfigError("the providers file defines no providers and no routes")
 
-    used = {t.provider for r in routes for t in r.targets if t.provider is not None}
+    used = _unique([t.provider for r in routes for t in r.targets if t.provider is not None])
+    missing: list[str] = []  # every provider without its key, not only the first
     for name in used:
         if name not in providers:
             raise GatewayConfigError(f"a route names provider {name!r}, which is not defined")
@@ -520,10 +521,9 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
         if p.requires_key and not p.api_key:
             preset = find_preset(name)
             names = preset.api_key_env if preset and p.api_key_env in preset.api_key_env else (p.api_key_env,)
-            raise GatewayConfigError(
-                f"provider {name!r} needs an API key: set {' or '.join(n for n in names if n)} in the environment "
-                "or in .env"
-            )
+            missing.append(f"provider {name!r} needs an API key: set {' or '.join(n for n in names if n)}")
+    if missing:
+        raise GatewayConfigError("; ".join(missing) + " (in the environment or in .env)")
     return GatewayConfig(
         providers=providers,
         routes=tuple(routes),
