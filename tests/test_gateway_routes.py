@@ -327,3 +327,18 @@ def test_breaker_state_machine() -> None:
     assert b.acquire()
     b.success()
     assert b.state == "closed" and b.failures == 0
+
+
+async def test_a_timeout_fails_over_without_a_retry_on_the_same_target() -> None:
+    """Waiting the same timeout again would double what the client waits; another target may answer."""
+    slow = Reply(first_byte_delay=3)
+    async with FakeUpstream(default=slow) as a, FakeUpstream(default=OK) as b:
+        engine = route(target("a", a.base_url), target("b", b.base_url), retries=2)
+        await engine.start()
+        started = time.perf_counter()
+        assert await answer(engine) == ("hmm", "fine")
+        elapsed = time.perf_counter() - started
+        await engine.close()
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    assert elapsed < 2 * FAST.first_byte, elapsed  # one first-byte timeout, not three
+

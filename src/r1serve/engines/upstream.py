@@ -623,8 +623,10 @@ class UpstreamEngine(Engine):
         except TimeoutError:
             if resp is not None:
                 resp.close()
+            # Not retried on this target: it has had its whole wait, and retrying would double what the
+            # client waits (a JSON answer's 600 s by default). Other targets are still tried.
             raise AttemptFailed(
-                f"upstream {cfg.name} sent no response within {first_wait:g}s", kind="timeout", retryable=True
+                f"upstream {cfg.name} sent no response within {first_wait:g}s", kind="timeout", retryable=False
             ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             if resp is None:
@@ -671,7 +673,8 @@ class UpstreamEngine(Engine):
                     phase = "idle" if yielded or buf else "first-byte"
                     secs = t.idle if phase == "idle" else first_wait
                     raise self._failure(
-                        f"upstream {cfg.name} sent nothing for {secs:g}s ({phase} timeout)", "timeout", yielded
+                        f"upstream {cfg.name} sent nothing for {secs:g}s ({phase} timeout)", "timeout", yielded,
+                        retryable=False,  # as above: fail over, do not wait the same timeout again
                     ) from None
                 if not data:  # end of body
                     break
@@ -771,10 +774,10 @@ class UpstreamEngine(Engine):
             else:
                 resp.close()
 
-    def _failure(self, message: str, kind: str, yielded: bool) -> UpstreamError:
+    def _failure(self, message: str, kind: str, yielded: bool, *, retryable: bool = True) -> UpstreamError:
         if yielded:
             return UpstreamError(message, code=kind)
-        return AttemptFailed(message, kind=kind, retryable=True)
+        return AttemptFailed(message, kind=kind, retryable=retryable)
 
     def _whole(self, raw: bytes, request: GenerationRequest, norm: Normaliser) -> Delta:
         """A plain JSON answer (an upstream that ignores ``stream``)."""

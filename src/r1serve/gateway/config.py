@@ -3,7 +3,7 @@
 The providers file (``R1SERVE_PROVIDERS_FILE``)::
 
     [gateway]                      # all optional
-    retries = 1                    # extra tries on the same target (connect error, timeout, 5xx)
+    retries = 1                    # extra tries on the same target (connect error, 5xx; a timeout fails over)
     health_interval = 15           # seconds between GET {base}/models checks; 0: off
     breaker_threshold = 5          # consecutive failures that open a target's circuit
     breaker_cooldown = 15          # seconds before a half-open trial
