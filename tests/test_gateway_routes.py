@@ -342,3 +342,21 @@ async def test_a_timeout_fails_over_without_a_retry_on_the_same_target() -> None
     assert len(a.requests) == 1 and len(b.requests) == 1
     assert elapsed < 2 * FAST.first_byte, elapsed  # one first-byte timeout, not three
 
+
+
+async def test_an_upstream_without_a_model_is_asked_again_once_its_health_check_passes() -> None:
+    """`--upstream` to a server that was down at start-up: its model is adopted when it comes up, instead
+    of every request going without one."""
+    async with FakeUpstream(default=OK, model="served-model") as up:
+        engine = UpstreamEngine(UpstreamConfig(name="up", base_url=up.base_url, dialect="auto", timeouts=FAST))
+        t = Target("up", engine, breaker=CircuitBreaker(5, 15.0), health_interval=0)
+        up.models_status = 503
+        assert await t.check_health() is False and engine.config.model is None
+        up.models_status = 200
+        assert await t.check_health() is True
+        assert engine.config.model == "served-model"
+        r = route(t)
+        await r.start()
+        await answer(r)
+        await r.close()
+    assert up.requests[-1]["body"]["model"] == "served-model"

@@ -177,7 +177,11 @@ class Target:
         self.last_check = time.time()
         if isinstance(self.engine, UpstreamEngine):
             try:
-                await self.engine.list_models()
+                models = await self.engine.list_models()
+                if models and self.engine.config.model is None:
+                    # Start-up could not ask (the upstream was down): adopt its model now, as start-up would.
+                    self.engine.set_model(models[0])
+                    log.info("%s serves %s", self.name, models[0])
             except AttemptFailed as exc:
                 # A server without /models (404) is reachable: not a health failure.
                 ok = exc.upstream_status == 404
