@@ -11,7 +11,6 @@ import json
 from typing import Any, TypeVar
 
 import orjson
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError

@@ -237,10 +237,13 @@ def _check_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> No
     """A misspelt key would otherwise be ignored without a word."""
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
-        raise GatewayConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+        names, known_names = ", ".join(map(repr, unknown)), ", ".join(sorted(known))
+        raise GatewayConfigError(f"{where}: unknown key {names} (known: {known_names})")
 
 
-def _number(raw: Mapping[str, Any], key: str, default: float, where: str, *, least: float = 0.0, above: bool = False) -> float:
+def _number(
+    raw: Mapping[str, Any], key: str, default: float, where: str, *, least: float = 0.0, above: bool = False
+) -> float:
     """``raw[key]`` as a number >= ``least`` (> when ``above``), ``default`` when absent."""
     value = raw.get(key)
     if value is None:  # absent, or null in a JSON file
@@ -333,7 +336,9 @@ def provider_config(
     if url.scheme not in ("http", "https") or not url.hostname:
         # Without any user:password part: this message is printed.
         shown = str(base_url).split("@", 1)[-1] if "@" in url.netloc else str(base_url)
-        raise GatewayConfigError(f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {shown!r})")
+        raise GatewayConfigError(
+            f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {shown!r})"
+        )
     if raw.get("api_key") is not None:
         raise GatewayConfigError(
             f"{where}: put the key in an environment variable and name it with api_key_env, not api_key"
@@ -409,7 +414,9 @@ def _route(raw: Any, index: int) -> RouteConfig:
         policy=policy,
         default=_flag(raw, "default", False, where),
         prices=_prices(raw.get("prices"), where),
-        context_length=_integer(raw, "context_length", 0, where, least=1) if raw.get("context_length") is not None else None,
+        context_length=(
+            _integer(raw, "context_length", 0, where, least=1) if raw.get("context_length") is not None else None
+        ),
     )
 
 

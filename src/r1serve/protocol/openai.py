@@ -78,6 +78,7 @@ class StreamOptions(BaseModel):
 
 ReasoningEffort = Literal["low", "medium", "high"]
 
+
 def _null_means(default: Any) -> BeforeValidator:
     """For a field OpenAI documents as nullable whose null means its default (clients send it so)."""
     return BeforeValidator(lambda value: default if value is None else value)
