@@ -137,6 +137,7 @@ class _Scripted:
     """An engine that answers from a script, or hangs until cancelled; it records how each generation ended."""
 
     name = "scripted"
+    scores_prompts = False
 
     def __init__(self, hang: bool = False) -> None:
         self.hang = hang
@@ -314,3 +315,19 @@ async def test_null_means_the_default_for_fields_openai_documents_as_nullable() 
         inf = await client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
                                 b'"repetition_penalty": Infinity}', headers={"Content-Type": "application/json"})  # fmt: skip
         assert inf.status_code == 400 and inf.json()["error"]["param"] == "repetition_penalty", inf.text
+
+
+async def test_echo_with_logprobs_needs_an_engine_that_scores_prompts() -> None:
+    engine = _Scripted()
+    transport = httpx.ASGITransport(app=_scripted_app(engine), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        both = {"prompt": "2+2=", "echo": True, "logprobs": 1}
+        for stream in (False, True):
+            error = _assert_error(await client.post("/v1/completions", json={**both, "stream": stream}), 400)
+            assert error["param"] == "echo" and error["code"] == "unsupported_value"
+            assert "scripted" in error["message"]
+        assert not engine.requests  # refused before the engine saw it
+        echoed = await client.post("/v1/completions", json={"prompt": "2+2=", "echo": True})
+        assert echoed.status_code == 200 and echoed.json()["choices"][0]["text"].startswith("2+2=")
+        scored = await client.post("/v1/completions", json={"prompt": "2+2=", "logprobs": 1})
+        assert scored.status_code == 200, scored.text

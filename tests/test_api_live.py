@@ -188,6 +188,42 @@ def test_raw_completion(server_url: str) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices)
 
 
+def test_completion_echo_with_logprobs_scores_the_prompt(server_url: str) -> None:
+    # How lm-evaluation-harness asks an OpenAI-style server for loglikelihoods.
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    client = _sdk(server_url)
+    whole = client.completions.create(
+        model=DEFAULT_MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=3, temperature=0
+    )
+    choice = whole.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.text_offset and lp.top_logprobs
+    assert whole.usage is not None
+    n_prompt = whole.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + whole.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
+    assert "".join(lp.tokens[:n_prompt]) == prompt
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # "Paris" follows "The capital of France is" far more surely than "The" starts a text.
+    paris = lp.tokens.index(" Paris")
+    assert lp.token_logprobs[paris] > -3
+
+    body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server_url}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        events = _sse(resp)
+    assert events[-1] == "[DONE]"
+    first = events[0]["choices"][0]
+    assert first["text"] == prompt and "".join(first["logprobs"]["tokens"]) == prompt
+    assert first["logprobs"]["token_logprobs"] == lp.token_logprobs[:n_prompt]
+    streamed = [t for e in events[:-1] for t in e["choices"][0]["logprobs"]["tokens"]]
+    offsets = [o for e in events[:-1] for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert streamed == lp.tokens and offsets == lp.text_offset
+
+
 # ----------------------------------------------------------------------------- raw HTTP
 
 
@@ -328,6 +364,8 @@ def test_docs_and_openapi(server_url: str) -> None:
 def test_health_and_metrics(server_url: str) -> None:
     health = httpx.get(f"{server_url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["model"] == DEFAULT_MODEL
+    head = httpx.head(f"{server_url}/health", timeout=10)
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "application/json"
     metrics = httpx.get(f"{server_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "r1serve_http_requests_total" in metrics.text
 

@@ -260,7 +260,8 @@ async def deepseek_chat(request: Request) -> Response:
 ops = APIRouter()
 
 
-@ops.get("/health", summary="Liveness and the engines' state")
+# HEAD too: load balancers and uptime checkers (HAProxy, `curl -I`) probe with it.
+@ops.api_route("/health", methods=["GET", "HEAD"], summary="Liveness and the engines' state")
 async def health(request: Request) -> JSONResponse:
     router = router_of(request)
     engines = [engine.health() for engine in router.engines()]

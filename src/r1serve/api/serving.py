@@ -46,6 +46,7 @@ from r1serve.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    PromptLogprob,
     TokenLogprob,
     jsonfast,
 )
@@ -157,6 +158,15 @@ def completion_generation_request(
     req: CompletionRequest, route: Route, settings: Settings, request_id: str
 ) -> GenerationRequest:
     _check_n(req.n)
+    # Echo with logprobs scores the prompt too (lm-evaluation-harness computes loglikelihoods this way).
+    score_prompt = req.echo and req.logprobs is not None
+    if score_prompt and not route.engine.scores_prompts:
+        raise InvalidRequest(
+            f"echo with logprobs needs the prompt's logprobs, which {route.engine.name} does not give; "
+            "send echo or logprobs, not both.",
+            param="echo",
+            code="unsupported_value",
+        )
     return GenerationRequest(
         request_id=request_id,
         prompt=completion_prompt(req),
@@ -164,6 +174,7 @@ def completion_generation_request(
         sampling=_sampling(req, route.entry.sampling_defaults),
         stop=req.stop_list(),
         logprobs=req.logprobs,
+        prompt_logprobs=score_prompt,
         model=route.engine_model,
         extra=dict(req.model_extra or {}),
         stream=req.stream,
@@ -212,13 +223,16 @@ def _logprobs_json(items: list[TokenLogprob]) -> list[dict[str, Any]]:
     return [lp.model_dump(mode="json") for lp in items]
 
 
-def legacy_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def legacy_logprobs(items: list[TokenLogprob] | list[PromptLogprob], offset: int) -> dict[str, Any]:
     """The Completions API's logprobs shape: parallel lists, text offsets counted from ``offset``."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for lp in items:
         tokens.append(lp.token)
         token_logprobs.append(lp.logprob)
-        top.append({t.token: t.logprob for t in lp.top_logprobs})
+        top.append(None if lp.top_logprobs is None else {t.token: t.logprob for t in lp.top_logprobs})
         offsets.append(offset)
         offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -327,6 +341,8 @@ class CompletionChunkEncoder:
         echo: str | None = None,
         want_logprobs: bool = False,
     ) -> None:
+        """With both ``echo`` and ``want_logprobs`` the echo chunk waits for the engine's delta that
+        carries the prompt's logprobs, and holds them."""
         self._head = (
             f'{{"id":{json_str(completion_id)},"object":"text_completion","created":{created},'
             f'"model":{json_str(model)},"choices":'
@@ -349,9 +365,16 @@ class CompletionChunkEncoder:
         )
 
     def start(self) -> list[str]:
-        return [self._chunk(self._echo)] if self._echo else []
+        return [self._chunk(self._echo)] if self._echo and not self._want_logprobs else []
 
     def delta(self, d: Delta) -> list[str]:
+        if d.prompt_logprobs:
+            lp = json.dumps(legacy_logprobs(d.prompt_logprobs, 0))
+            self._offset = len(self._echo or "")
+            return [
+                _event(f'{self._head}[{{"index":0,"text":{json_str(self._echo or "")},"logprobs":{lp},'
+                       f'"finish_reason":null}}]{self._tail}')
+            ]  # fmt: skip
         text = d.reasoning + d.content
         if not text and not (self._want_logprobs and d.logprobs):
             return []
@@ -436,6 +459,7 @@ class Collected:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[PromptLogprob] = []
         self.final = Delta()
 
     def add(self, d: Delta) -> None:
@@ -445,6 +469,8 @@ class Collected:
             self.content.append(d.content)
         if d.logprobs and not _hidden_reasoning_only(d, self.include_reasoning):
             self.logprobs.extend(d.logprobs)
+        if d.prompt_logprobs:
+            self.prompt_logprobs = d.prompt_logprobs
         if d.finish_reason is not None:
             self.final = d
 
@@ -504,12 +530,20 @@ def completion_body(
             {
                 "index": 0,
                 "text": text,
-                "logprobs": legacy_logprobs(c.logprobs, len(prefix)) if want_logprobs else None,
+                "logprobs": _completion_logprobs(c, len(prefix)) if want_logprobs else None,
                 "finish_reason": c.final.finish_reason,
             }
         ],
         "usage": _usage_dict(c.final.usage, prices),
     }
+
+
+def _completion_logprobs(c: Collected, offset: int) -> dict[str, Any]:
+    generated = legacy_logprobs(c.logprobs, offset)
+    if not c.prompt_logprobs:
+        return generated
+    scored = legacy_logprobs(c.prompt_logprobs, 0)
+    return {key: scored[key] + generated[key] for key in generated}
 
 
 # ----------------------------------------------------------------------------- HTTP glue

@@ -3,7 +3,7 @@
 An engine takes a :class:`GenerationRequest` and yields :class:`Delta` objects. Deltas are already split
 into reasoning and answer text (engines own the reasoning parser because the thinking budget and the
 reasoning-token count need it at token level), and the last delta carries ``finish_reason`` and ``usage``.
-An empty delta (no text, no logprobs, no finish) is a heartbeat: the request is accepted but waiting.
+An empty delta (no text, no logprobs of any kind, no finish) is a heartbeat: the request is accepted but waiting.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from r1serve.protocol import ChatMessage, TokenLogprob
+from r1serve.protocol import ChatMessage, PromptLogprob, TokenLogprob
 
 FinishReason = Literal["stop", "length"]
 
@@ -45,6 +45,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     # Number of top alternatives per token when logprobs are requested, None when they are not.
     logprobs: int | None = None
+    # Score the prompt too (Completions ``echo`` with ``logprobs``): the engine recomputes the whole prompt
+    # (no cached prefix has logits) and sends its tokens' logprobs in a delta before the first token's.
+    prompt_logprobs: bool = False
     # Reasoning tokens allowed before the engine closes the reasoning itself; None: unlimited.
     reasoning_budget: int | None = None
     # What the client asked for, kept for engines that pass it on (upstreams) rather than enforce it.
@@ -73,6 +76,7 @@ class Delta:
     reasoning: str = ""
     content: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     reasoning_truncated: bool = False
     usage: EngineUsage | None = None  # on the final delta only
@@ -82,6 +86,8 @@ class Engine(abc.ABC):
     """A source of completions for one or more models."""
 
     name: str
+    # Whether the engine honours GenerationRequest.prompt_logprobs.
+    scores_prompts: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights, open connections."""

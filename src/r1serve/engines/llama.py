@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import llama_cpp
 import llama_cpp._logger as llama_logger
@@ -37,7 +37,7 @@ from r1serve.engines.text import StopMatcher
 from r1serve.engines.vocab import Vocab
 from r1serve.errors import ContextLengthExceeded, InvalidRequest, Overloaded, R1ServeError
 from r1serve.models.catalog import LocalSource, ModelEntry, detect_reasoning_format
-from r1serve.protocol import TokenLogprob, TopLogprob
+from r1serve.protocol import PromptLogprob, TokenLogprob, TopLogprob
 from r1serve.reasoning import ReasoningParser, prompt_opens_reasoning
 from r1serve.settings import Settings
 
@@ -50,6 +50,10 @@ _PENALTY_WINDOW = 4096
 # While other sequences are decoding, a prompt is processed in chunks of at most this many tokens per
 # step, so that one long prompt does not freeze every running stream.
 _PREFILL_CHUNK_WHEN_BUSY = 256
+# A prompt being scored (echo with logprobs) needs logits at every position; llama.cpp sizes its output
+# buffer to the largest step (vocabulary x positions x 4 bytes: 39 MB for 64 positions of a 152k
+# vocabulary), so its chunks are kept small.
+_SCORING_CHUNK = 64
 _GIL_SWITCH_INTERVAL = 0.0005
 
 
@@ -70,6 +74,16 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: float = 0.0
     busy: bool = False
+
+
+class _Feed(NamedTuple):
+    """What one sequence put in a step's batch: ``fed`` tokens from batch index ``start``; ``logits_at`` is
+    where the logits to sample from are, -1 when the step only advanced a prompt."""
+
+    seq: _Sequence
+    start: int
+    fed: int
+    logits_at: int
 
 
 @dataclass(eq=False)
@@ -99,9 +113,14 @@ class _Sequence:
     submitted: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
     answered: bool = False
+    # The prompt's scored tokens while it is processed, when the request asks for them; sent (and set to
+    # None) with the first sample.
+    prompt_scores: list[PromptLogprob] | None = None
 
 
 class LlamaEngine(Engine):
+    scores_prompts = True
+
     def __init__(self, model_path: Path, entry: ModelEntry, settings: Settings) -> None:
         self.name = f"llama.cpp:{entry.id}"
         self.model_path = Path(model_path)
@@ -266,6 +285,8 @@ class LlamaEngine(Engine):
             parser=ReasoningParser(fmt, starts_in_reasoning=opened),
             stops=StopMatcher(request.stop),
         )
+        if request.prompt_logprobs:
+            seq.prompt_scores = self._unscored_head(text, prompt)
         with self._lock:
             if len(self._waiting) >= self.settings.max_queued:
                 self._metrics.refused.inc()
@@ -296,6 +317,14 @@ class LlamaEngine(Engine):
             # Client gone or stream finished: the scheduler frees the sequence at its next step.
             seq.cancelled = True
             self._wake.set()
+
+    def _unscored_head(self, text: str, prompt: list[int]) -> list[PromptLogprob]:
+        """The first entry of a scored prompt: its first token, which nothing precedes. A BOS that the
+        tokenizer added is not in the echoed text, so it gets no entry: the text's first token is then
+        scored against it."""
+        if prompt[0] == self.vocab.bos and not text.startswith(self.vocab.bos_text):
+            return []
+        return [PromptLogprob(token=self.vocab.special_text(prompt[0]))]
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -379,7 +408,9 @@ class LlamaEngine(Engine):
                 n += 1
             return n
 
-        matches = {slot.seq_id: common(slot) for slot in self._slots}
+        # A prompt being scored needs the logits of every position: no cached prefix can give them.
+        scoring = seq.prompt_scores is not None
+        matches = {slot.seq_id: 0 if scoring else common(slot) for slot in self._slots}
         donor = max(self._slots, key=lambda s: (matches[s.seq_id], s.last_used))
         longest = matches[donor.seq_id]
         in_place = [s for s in free if matches[s.seq_id] == longest and longest * 2 >= len(s.tokens)]
@@ -481,27 +512,28 @@ class LlamaEngine(Engine):
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, keep, -1)
             slot.tokens = slot.tokens[:keep]
 
-    def _fill_batch(self) -> list[tuple[_Sequence, int, int]]:
-        """Fill the batch; returns (sequence, batch index of its logits or -1, tokens fed) per sequence."""
+    def _fill_batch(self) -> list[_Feed]:
+        """Fill the batch; returns what each sequence put in it."""
         batch = self._batch
         capacity = self.settings.n_batch
         n = 0
-        feeds: list[tuple[_Sequence, int, int]] = []
+        feeds: list[_Feed] = []
 
-        def put(seq: _Sequence, tokens: list[int], want_logits: bool) -> int:
+        def put(seq: _Sequence, tokens: list[int], want_logits: bool) -> _Feed:
             nonlocal n
             assert seq.slot is not None
+            start = n
+            every = int(seq.prompt_scores is not None)
             for i, tok in enumerate(tokens):
                 batch.token[n] = tok
                 batch.pos[n] = seq.n_past + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq.slot.seq_id
-                batch.logits[n] = 0
+                batch.logits[n] = every
                 n += 1
             if want_logits:
                 batch.logits[n - 1] = 1
-                return n - 1
-            return -1
+            return _Feed(seq, start, len(tokens), n - 1 if want_logits else -1)
 
         # Decoding sequences first: one token each keeps every stream moving.
         decoding = [s for s in self._running if len(s.pending) == 1 and s.generated > 0]
@@ -509,37 +541,44 @@ class LlamaEngine(Engine):
         for seq in decoding:
             if n >= capacity:
                 break
-            feeds.append((seq, put(seq, seq.pending, True), 1))
+            feeds.append(put(seq, seq.pending, True))
         chunk_cap = _PREFILL_CHUNK_WHEN_BUSY if decoding else capacity
         for seq in prefilling:
             room = min(capacity - n, chunk_cap)
             if room <= 0:
                 break
+            if seq.prompt_scores is not None:
+                room = min(room, _SCORING_CHUNK)
             chunk = seq.pending[:room]
             done = len(chunk) == len(seq.pending)
-            feeds.append((seq, put(seq, chunk, done), len(chunk)))
+            feeds.append(put(seq, chunk, done))
             chunk_cap -= len(chunk)
         batch.n_tokens = n
         return feeds
 
-    def _fail_batch(self, feeds: list[tuple[_Sequence, int, int]], rc: int) -> None:
+    def _fail_batch(self, feeds: list[_Feed], rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d sequences", rc, len(feeds))
         mem = llama_cpp.llama_get_memory(self._ctx)
-        for seq, _, _ in feeds:
+        for seq, _, _, _ in feeds:
             assert seq.slot is not None
             llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq_id, -1, -1)
             seq.slot.tokens = []
             self._emit(seq, R1ServeError(f"the engine failed to decode (llama_decode returned {rc})"))
             self._release(seq)
 
-    def _after_decode(self, feeds: list[tuple[_Sequence, int, int]]) -> None:
-        for seq, logits_at, fed in feeds:
+    def _after_decode(self, feeds: list[_Feed]) -> None:
+        for seq, start, fed, logits_at in feeds:
             assert seq.slot is not None
+            if seq.prompt_scores is not None and not seq.cancelled:
+                self._score_prompt(seq, start, fed)
             seq.slot.tokens.extend(seq.pending[:fed])
             seq.n_past += fed
             seq.pending = seq.pending[fed:]
             if logits_at < 0 or seq.cancelled:
                 continue
+            if seq.prompt_scores is not None:
+                self._emit(seq, Delta(prompt_logprobs=seq.prompt_scores))
+                seq.prompt_scores = None
             if seq.greedy:
                 # The same choice as llama.cpp's greedy sampler (first maximum), without filling its
                 # vocabulary-sized candidate array: 25 us instead of 180 us per token here.
@@ -551,6 +590,25 @@ class LlamaEngine(Engine):
             self._advance(seq, token, logprobs)
         for seq in [s for s in self._running if s.cancelled]:
             self._release(seq)
+
+    def _score_prompt(self, seq: _Sequence, start: int, fed: int) -> None:
+        """Score the prompt tokens that this chunk's logits predict: position p's logits give the
+        logprob of the prompt's token p + 1 (the last position's give the first sample instead)."""
+        assert seq.prompt_scores is not None
+        top_n = seq.request.logprobs or 0
+        for i in range(fed):
+            target = seq.n_past + i + 1
+            if target >= len(seq.prompt):
+                break
+            token = seq.prompt[target]
+            (scored,) = self._logprobs(start + i, token, top_n)
+            # Written out with special tokens as their text: a prompt can hold them (<|im_start|>), and the
+            # text offsets must add up to the echoed prompt.
+            seq.prompt_scores.append(
+                PromptLogprob(
+                    token=self.vocab.special_text(token), logprob=scored.logprob, top_logprobs=scored.top_logprobs
+                )
+            )
 
     def _advance(self, seq: _Sequence, token: int, logprobs: list[TokenLogprob]) -> None:
         """Account for one sampled token: finish, or queue it to be fed in the next step."""

@@ -22,7 +22,8 @@ class Vocab:
         self.n_tokens = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
-        self.bos_text = self.special_text(llama_cpp.llama_vocab_bos(self._vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self._vocab)  # -1: none
+        self.bos_text = self.special_text(self.bos)
         self.eos_text = self.special_text(llama_cpp.llama_vocab_eos(self._vocab))
 
     @classmethod

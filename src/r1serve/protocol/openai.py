@@ -20,6 +20,7 @@ __all__ = [
     "CompletionRequest",
     "TopLogprob",
     "TokenLogprob",
+    "PromptLogprob",
     "ChoiceLogprobs",
     "ResponseMessage",
     "ChatChoice",
@@ -140,6 +141,15 @@ class TopLogprob(BaseModel):
 
 class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """A prompt token scored by the model (Completions ``echo`` with ``logprobs``). The prompt's first
+    token has nothing before it to be scored against: its logprob and alternatives are null."""
+
+    token: str
+    logprob: float | None = None
+    top_logprobs: list[TopLogprob] | None = None
 
 
 class ChoiceLogprobs(BaseModel):
