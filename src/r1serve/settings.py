@@ -44,10 +44,6 @@ class Settings(BaseSettings):
     n_ctx: int = 4096  # per sequence
     n_batch: int = 512  # tokens per llama_decode step (prompt chunks + one token per running sequence)
     max_running: int = 8  # sequences decoded together
-    # KV cells kept for idle sequences' prompts, for prefix reuse. They share the one cache with the
-    # running sequences and every decode step scans them (14,000 idle cells made one 0.5B stream 18-20%
-    # slower on 2 cores): past this many, the least recently used are cut back from their ends.
-    idle_cache_tokens: int = Field(default=4096, ge=0)
     max_queued: int = 64  # requests waiting for a free sequence; past that, 503
     default_max_tokens: int = 2048
     # A Jinja chat template (the text, or a path to a file holding it) used instead of the GGUF's.

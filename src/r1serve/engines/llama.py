@@ -55,6 +55,11 @@ _PREFILL_CHUNK_WHEN_BUSY = 256
 # vocabulary), so its chunks are kept small.
 _SCORING_CHUNK = 64
 _GIL_SWITCH_INTERVAL = 0.0005
+# Copying a cached prefix from another slot copies that slot's whole KV stream (llama.cpp copies across
+# streams whole or not at all). Measured here, a 4,096-cell stream copies in the time one prompt token
+# takes to compute (1.4 tokens on the 0.5B, 1.2 on the 1.5B); a copy is made when it saves at least
+# per_seq / _CELLS_PER_TOKEN tokens, a margin of about 3x.
+_CELLS_PER_TOKEN = 1024
 
 
 def _read_template(value: str | None) -> str | None:
@@ -140,6 +145,7 @@ class LlamaEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._close_tokens: list[int] = []
+        self._copy_pays_from = 1  # set by _load
         self._outbox: list[tuple[_Sequence, Delta | BaseException]] = []  # the scheduler thread's only
         self._metrics = metrics.ModelMetrics(entry.id)
 
@@ -183,20 +189,20 @@ class LlamaEngine(Engine):
         cparams.n_seq_max = n_seq
         cparams.n_threads = self.settings.n_threads
         cparams.n_threads_batch = self.settings.n_threads
-        # One KV cache shared by all sequences. With a stream per sequence instead, llama.cpp splits a
-        # batch into one ubatch per run of consecutive seq ids, so as soon as sequences finish out of
-        # order every step runs the weights several times (measured: 7 running sequences, 108 ms a
-        # step against 80 ms unified). Unified also makes prefix sharing a bookkeeping operation:
-        # llama_memory_seq_cp tags the same cells with another seq id instead of copying them.
-        cparams.kv_unified = True
+        # A KV stream per sequence, as llama-server runs: a sequence's attention scans its own cells
+        # only. In one unified cache every step scanned every cell held, idle slots' cached prompts
+        # included (measured, one stream, 0.5B: 44.5 tok/s with ~1,000 idle cells, 47.4 with none).
+        # The price is llama.cpp's batch split: one weight pass per run of consecutive seq ids, so
+        # slots are handed out lowest id first (see _assign_slot).
+        cparams.kv_unified = False
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._ctx = ctx
-        # The cache holds n_seq * per_seq cells and a slot never holds more than per_seq tokens, so
-        # every slot can always grow to its limit whatever the others hold.
+        # Each stream holds per_seq cells, and a slot never holds more than per_seq tokens.
         self.context_length = per_seq
+        self._copy_pays_from = max(1, per_seq // _CELLS_PER_TOKEN)
         self._batch = llama_cpp.llama_batch_init(self.settings.n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(n_seq)]
 
@@ -393,11 +399,13 @@ class LlamaEngine(Engine):
     def _assign_slot(self, seq: _Sequence, free: list[_Slot]) -> None:
         """Give the sequence a free slot and as much of its prompt from the KV cache as any slot holds.
 
-        A free slot is reused in place when its own cache is the best match and most of what it holds
+        While other sequences run, only a free slot inside or next to their block of seq ids will do:
+        llama.cpp runs the weights once per run of consecutive seq ids in a step. Among the slots
+        allowed, one is reused in place when its own cache is the best match and most of what it holds
         is kept; otherwise the sequence takes an empty slot, else the least recently used one, so that
-        a long cached conversation is not cut back to a shared chat-template header. The longest
-        cached prefix anywhere (busy slots included) is then shared into that slot: in the unified
-        cache that tags existing cells, it computes and copies nothing.
+        a long cached conversation is not cut back to a shared chat-template header. A longer cached
+        prefix in another slot (busy ones included) is then copied in, when it saves enough tokens to
+        pay for copying that slot's whole stream (see ``_copy_pays_from``).
         """
 
         def common(slot: _Slot) -> int:
@@ -413,18 +421,20 @@ class LlamaEngine(Engine):
         matches = {slot.seq_id: 0 if scoring else common(slot) for slot in self._slots}
         donor = max(self._slots, key=lambda s: (matches[s.seq_id], s.last_used))
         longest = matches[donor.seq_id]
-        in_place = [s for s in free if matches[s.seq_id] == longest and longest * 2 >= len(s.tokens)]
+        allowed = self._adjacent(free)
+        in_place = [s for s in allowed if matches[s.seq_id] == longest and longest * 2 >= len(s.tokens)]
         if longest and in_place:
             best = max(in_place, key=lambda s: s.last_used)
         else:
-            empty = [s for s in free if not s.tokens]
-            best = empty[0] if empty else min(free, key=lambda s: s.last_used)
+            empty = [s for s in allowed if not s.tokens]
+            best = empty[0] if empty else min(allowed, key=lambda s: s.last_used)
         keep = matches[best.seq_id]
         mem = llama_cpp.llama_get_memory(self._ctx)
-        if longest > keep:
+        if longest - keep >= self._copy_pays_from:
+            # Across streams llama.cpp copies whole streams only; the copy happens in the next decode.
             llama_cpp.llama_memory_seq_rm(mem, best.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, 0, longest)
-            best.tokens = donor.tokens[:longest]
+            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, -1, -1)
+            best.tokens = list(donor.tokens)
             keep = longest
         # At least the last prompt token is decoded again: its logits give the first sample.
         keep = min(keep, len(seq.prompt) - 1)
@@ -439,6 +449,16 @@ class LlamaEngine(Engine):
         if keep:
             self._metrics.prefix_hits.inc()
             self._metrics.cached_tokens.inc(keep)
+
+    def _adjacent(self, free: list[_Slot]) -> list[_Slot]:
+        """The free slots a new sequence may take without splitting the running seq ids into more runs:
+        a gap inside their block first, else either end of it; any slot when nothing runs."""
+        busy = [s.seq_id for s in self._slots if s.busy]
+        if not busy:
+            return free
+        lo, hi = min(busy), max(busy)
+        gaps = [s for s in free if lo < s.seq_id < hi]
+        return gaps or [s for s in free if s.seq_id in (lo - 1, hi + 1)]
 
     def _make_sampler(self, request: GenerationRequest) -> tuple[Any, bool]:
         """The request's llama.cpp sampler chain, and whether it is plain greedy (temperature 0, no
@@ -489,28 +509,6 @@ class LlamaEngine(Engine):
         if slot is not None:
             slot.busy = False
             slot.last_used = time.monotonic()
-            if seq.parser.saw_reasoning:
-                # R1's next turn carries this answer without its reasoning: no later prompt can start
-                # with the generated tokens, and every step would scan their cells for nothing.
-                self._trim(slot, len(seq.prompt))
-            self._fit_idle_caches()
-
-    def _fit_idle_caches(self) -> None:
-        """Cut the idle slots' caches to ``idle_cache_tokens`` in all, least recently used first and from
-        their ends, so that what is kept is what prompts start with (system prompts, chat headers)."""
-        idle = [s for s in self._slots if not s.busy and s.tokens]
-        excess = sum(len(s.tokens) for s in idle) - self.settings.idle_cache_tokens
-        for slot in sorted(idle, key=lambda s: s.last_used):
-            if excess <= 0:
-                break
-            keep = max(0, len(slot.tokens) - excess)
-            excess -= len(slot.tokens) - keep
-            self._trim(slot, keep)
-
-    def _trim(self, slot: _Slot, keep: int) -> None:
-        if keep < len(slot.tokens):
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, keep, -1)
-            slot.tokens = slot.tokens[:keep]
 
     def _fill_batch(self) -> list[_Feed]:
         """Fill the batch; returns what each sequence put in it."""
@@ -535,9 +533,11 @@ class LlamaEngine(Engine):
                 batch.logits[n - 1] = 1
             return _Feed(seq, start, len(tokens), n - 1 if want_logits else -1)
 
-        # Decoding sequences first: one token each keeps every stream moving.
-        decoding = [s for s in self._running if len(s.pending) == 1 and s.generated > 0]
-        prefilling = [s for s in self._running if s not in decoding and s.pending]
+        # Decoding sequences first: one token each keeps every stream moving. In seq id order: llama.cpp
+        # puts consecutive ids in one ubatch only when they come in that order.
+        running = sorted(self._running, key=lambda s: s.slot.seq_id if s.slot else 0)
+        decoding = [s for s in running if len(s.pending) == 1 and s.generated > 0]
+        prefilling = [s for s in running if s not in decoding and s.pending]
         for seq in decoding:
             if n >= capacity:
                 break
