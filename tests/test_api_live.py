@@ -359,6 +359,8 @@ def test_docs_and_openapi(server_url: str) -> None:
     schema = httpx.get(f"{server_url}/openapi.json", timeout=10).json()
     expected = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/deepseek_chat", "/health"}
     assert expected <= set(schema["paths"])
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), "operation ids must be unique for client generators"
 
 
 def test_health_and_metrics(server_url: str) -> None:

@@ -28,7 +28,7 @@ from r1serve.api.serving import (
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.errors import ContextLengthExceeded, InvalidRequest
 from r1serve.models.catalog import LocalSource, ModelEntry, Prices
-from r1serve.protocol import ChatCompletionRequest, CompletionRequest, TokenLogprob, TopLogprob
+from r1serve.protocol import ChatCompletionRequest, CompletionRequest, PromptLogprob, TokenLogprob, TopLogprob
 from r1serve.router import Route
 from r1serve.settings import Settings
 
@@ -411,6 +411,35 @@ def test_completion_echo() -> None:
     assert body["choices"][0]["text"] == "hello world"
     enc = CompletionChunkEncoder(completion_id="c", created=1, model="m", prices=PRICES, echo="hello")
     assert "".join(e["choices"][0]["text"] for e in _encode_all(enc, deltas)) == "hello world"
+
+
+def test_completion_echo_with_prompt_logprobs_in_json_and_stream() -> None:
+    prompt = [PromptLogprob(token="Hel"), PromptLogprob(token="lo", logprob=-1.5, top_logprobs=[TopLogprob(token="p", logprob=-0.2)])]
+    deltas = [
+        Delta(prompt_logprobs=prompt),
+        Delta(content=" world", logprobs=[TokenLogprob(token=" world", logprob=-0.5)]),
+        Delta(content="!", logprobs=[TokenLogprob(token="!", logprob=-0.1)], finish_reason="stop", usage=USAGE),
+    ]
+    expected = {
+        "tokens": ["Hel", "lo", " world", "!"],
+        "token_logprobs": [None, -1.5, -0.5, -0.1],
+        "top_logprobs": [None, {"p": -0.2}, {}, {}],
+        "text_offset": [0, 3, 5, 11],
+    }
+    body = completion_body(
+        _collected(deltas), completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True
+    )
+    # Not validated against the SDK's type, which types top_logprobs entries as dicts: the first prompt
+    # token's is null, as OpenAI's echo and vLLM's give it (the SDK parses responses without validation).
+    assert body["choices"][0]["text"] == "Hello world!"
+    assert body["choices"][0]["logprobs"] == expected
+    enc = CompletionChunkEncoder(completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True)
+    assert enc.start() == []  # the echo waits for the prompt's logprobs
+    events = [e for e in _encode_all(enc, deltas) if e["choices"]]
+    assert events[0]["choices"][0]["text"] == "Hello"
+    assert "".join(e["choices"][0]["text"] for e in events) == "Hello world!"
+    streamed = {k: [x for e in events for x in e["choices"][0]["logprobs"][k]] for k in expected}
+    assert streamed == expected
 
 
 def test_legacy_logprobs_shape() -> None:

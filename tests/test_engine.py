@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
-from r1serve.engines.llama import LlamaEngine
+from r1serve.engines.llama import LlamaEngine, prompt_token_texts
+from r1serve.engines.vocab import Vocab
 from r1serve.errors import ContextLengthExceeded, Overloaded
 from r1serve.models.catalog import DEFAULT_MODEL_ID, find_entry
 from r1serve.models.fetch import ensure_model
@@ -178,48 +179,98 @@ async def test_a_short_shared_header_is_reused_from_any_slot(engine: LlamaEngine
 async def test_new_sequences_join_the_block_of_running_seq_ids() -> None:
     """llama.cpp runs the weights once per run of consecutive seq ids in a step, so a sequence admitted
     while others run takes a slot next to theirs, even when its prompt's best cache or the least
-    recently used slot lies elsewhere (the prefix is then copied over)."""
+    recently used slot lies elsewhere: the cached prefix is then copied over, and answers the same."""
+    from prometheus_client import REGISTRY
+
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=5))
+    await eng.start()
+    try:
+        # Long enough that a new chat does not take over another's slot for the chat header they share.
+        detail = " Answer with numbers only, separated by commas, nothing before or after them."
+        warm = [f"List five prime numbers.{detail}", f"List five even numbers.{detail}",
+                f"Count from 1 to 300.{detail}", f"List five odd numbers.{detail}", f"Count down from 90.{detail}"]
+        alone = {q: await _collect(eng, _request(q, max_tokens=24, logprobs=2)) for q in warm}
+        assert [len(slot.tokens) > 0 for slot in eng._slots] == [True] * 5  # slot i holds warm[i]
+
+        def running_ids() -> list[int]:
+            return sorted(s.slot.seq_id for s in eng._running if s.slot is not None)
+
+        def copies() -> float:
+            return REGISTRY.get_sample_value("r1serve_engine_kv_stream_copies_total", {"model": eng.entry.id}) or 0.0
+
+        streams, got = {}, {}
+
+        async def start(question: str) -> None:
+            streams[question] = eng.generate(_request(question, max_tokens=24))
+            got[question] = [await anext(streams[question])]
+
+        await start(warm[2])  # its own chat is cached in slot 2: reused in place, nothing else runs
+        assert running_ids() == [2]
+        await start(warm[1])  # slot 1 is next to 2 and holds this chat
+        assert running_ids() == [1, 2]
+        before = copies()
+        # Cached in slot 4, which is not next to the block: it goes to 0 or 3 and the prefix is copied.
+        await start(warm[4])
+        ids = running_ids()
+        assert ids in ([0, 1, 2], [1, 2, 3])
+        assert copies() == before + 1
+
+        async def rest(q: str) -> None:
+            got[q] += [d async for d in streams[q]]
+
+        await asyncio.gather(*(rest(q) for q in streams))
+        for q, deltas in got.items():
+            usage = deltas[-1].usage
+            assert usage is not None and usage.cached_tokens == usage.prompt_tokens - 1, (q, usage)
+            assert_same_or_near_tie(alone[q], _text(deltas))
+    finally:
+        await eng.close()
+
+
+async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_continues_unchanged() -> None:
+    """A sequence that finishes in the middle of the running block leaves a gap (two weight passes per
+    step); the sequence at the top moves into it, its KV stream copied, and goes on as if never moved."""
+    from prometheus_client import REGISTRY
+
     entry = find_entry(DEFAULT_MODEL_ID)
     assert entry is not None
     path = ensure_model(entry, Settings().models_dir, progress=False)
     eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=4))
     await eng.start()
     try:
-        # Long enough that a new chat does not take over another's slot for the chat header they share.
-        detail = " Answer in one word, no punctuation, nothing before or after it, and no explanation."
-        warm = [f"Name a river.{detail}", f"Name a mountain.{detail}", "Count from 1 to 300, separated by commas.",
-                f"Name a desert.{detail}"]
-        for q in warm:
-            await _collect(eng, _request(q, max_tokens=4))
-        assert [len(slot.tokens) > 0 for slot in eng._slots] == [True] * 4  # one cached chat per slot
+        questions = ["Count from 1 to 300, separated by commas.", "List the even numbers from 2 to 400.",
+                     "Count down from 300 to 1, separated by spaces."]
+        alone = {q: await _collect(eng, _request(q, max_tokens=120, logprobs=2)) for q in questions}
 
-        def running_ids() -> list[int]:
-            return sorted(s.slot.seq_id for s in eng._running if s.slot is not None)
+        def running() -> dict[int, str]:
+            return {s.slot.seq_id: s.request.messages[0].text() for s in eng._running if s.slot and s.request.messages}
 
-        streams = []
+        streams = {q: eng.generate(_request(q, max_tokens=120)) for q in questions}
+        got = {q: [await anext(stream)] for q, stream in streams.items()}
+        ids = sorted(running())
+        assert ids == list(range(ids[0], ids[0] + 3))
+        top, middle = running()[ids[2]], running()[ids[1]]
+        copies = REGISTRY.get_sample_value("r1serve_engine_kv_stream_copies_total", {"model": eng.entry.id}) or 0.0
 
-        async def start(question: str, **kw: object) -> None:
-            stream = eng.generate(_request(question, max_tokens=150, **kw))
-            await anext(stream)
-            streams.append(stream)
+        await streams.pop(middle).aclose()  # the client leaves: the middle sequence is freed
+        got.pop(middle)
+        for _ in range(100):  # its queue may hold deltas of steps from before the close
+            got[top].append(await anext(streams[top]))
+            if sorted(running()) == ids[:2]:
+                break
+        assert running() == {ids[0]: running()[ids[0]], ids[1]: top}, "the top sequence moved into the gap"
+        assert (REGISTRY.get_sample_value("r1serve_engine_kv_stream_copies_total", {"model": eng.entry.id}) or 0) > copies
 
-        # Its own cached chat is in slot 2: reused in place (nothing else runs).
-        await start(warm[2])
-        assert running_ids() == [2]
-        # Slot 0 is the least recently used, but 1 and 3 are the ones next to 2.
-        await start(f"Count from 1 to 300 in words.{detail}")
-        first_pair = running_ids()
-        assert first_pair in ([1, 2], [2, 3])
-        # The river chat is cached in slot 0; if 0 is not next to the block, the prefix is copied in.
-        river = _request(warm[0], max_tokens=150)
-        await start(warm[0])
-        ids = running_ids()
-        assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3))
-        for stream in streams:
-            await stream.aclose()
-        # The copied prefix answers as the cold request did.
-        again = await _collect(eng, river)
-        assert again[-1].usage is not None and again[-1].usage.cached_tokens > 0
+        async def rest(q: str) -> None:
+            got[q] += [d async for d in streams[q]]
+
+        await asyncio.gather(*(rest(q) for q in streams))
+        for q, deltas in got.items():
+            assert deltas[-1].finish_reason is not None
+            assert_same_or_near_tie(alone[q], _text(deltas))
     finally:
         await eng.close()
 
@@ -441,3 +492,47 @@ async def test_scoring_does_not_disturb_concurrent_streams(engine: LlamaEngine) 
     scored = together[3][0].prompt_logprobs
     assert "".join(e.token for e in scored) == "The quick brown fox jumps over the lazy dog. " * 8
     assert all(e.top_logprobs == [] for e in scored[1:])  # logprobs=0: the token's own logprob only
+
+
+async def test_several_prompts_scored_at_once_share_one_bounded_step(engine: LlamaEngine) -> None:
+    """Logits at every position of several prompts in one step would grow llama.cpp's output buffer
+    (which it keeps) to the whole batch: a step scores at most 64 positions, all prompts together."""
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Größe, café, naïve, 東京, Ελλάδα. " * 5,
+               "def add(a, b):\n    return a + b\n" * 6]
+    scored_per_step: list[int] = []
+    fill = engine._fill_batch
+
+    def spy() -> list:  # type: ignore[type-arg]
+        feeds = fill()
+        scored_per_step.append(sum(f.fed for f in feeds if f.seq.prompt_scores is not None))
+        return feeds
+
+    engine._fill_batch = spy  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(*[_collect(engine, _raw(p, logprobs=1, prompt_logprobs=True)) for p in prompts])
+    finally:
+        del engine._fill_batch
+    assert max(scored_per_step) == 64 and sum(scored_per_step) >= 3 * 64
+    for p, deltas in zip(prompts, results):
+        scored = deltas[0].prompt_logprobs
+        # Multi-byte characters split across tokens: each token holds the characters it completes.
+        assert "".join(e.token for e in scored) == p
+        assert all(e.logprob is not None and e.logprob <= 0 for e in scored[1:])
+
+
+async def test_prompt_texts_leave_out_a_bos_the_tokenizer_added() -> None:
+    from r1_vocab import BOS_ID, cached_r1_vocab_gguf
+
+    vocab = Vocab.load(cached_r1_vocab_gguf())
+    try:
+        text = "Größe: 東京<｜User｜>hi"
+        prompt = vocab.prompt_tokens(text)
+        assert prompt[0] == BOS_ID  # R1's tokenizer adds one
+        texts, head = prompt_token_texts(vocab, text, prompt)
+        assert head == [] and texts[0] == "" and "".join(texts) == text  # the BOS is not in the echo
+        written = vocab.bos_text + text  # a prompt that writes the BOS itself echoes it
+        texts, head = prompt_token_texts(vocab, written, vocab.prompt_tokens(written))
+        assert [e.token for e in head] == [vocab.bos_text] and head[0].logprob is None
+        assert "".join(texts) == written
+    finally:
+        vocab.close()

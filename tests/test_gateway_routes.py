@@ -360,3 +360,12 @@ async def test_an_upstream_without_a_model_is_asked_again_once_its_health_check_
         await answer(r)
         await r.close()
     assert up.requests[-1]["body"]["model"] == "served-model"
+
+
+def test_a_route_scores_prompts_only_when_every_member_can() -> None:
+    class Scoring(Local):
+        scores_prompts = True
+
+    scoring, local = Target("s", Scoring(), health_interval=0), Target("l", Local(), health_interval=0)
+    assert RouteEngine("r", [Member(scoring), Member(Target("s2", Scoring(), health_interval=0))]).scores_prompts
+    assert not RouteEngine("r", [Member(scoring), Member(local)]).scores_prompts

@@ -260,8 +260,10 @@ async def deepseek_chat(request: Request) -> Response:
 ops = APIRouter()
 
 
-# HEAD too: load balancers and uptime checkers (HAProxy, `curl -I`) probe with it.
-@ops.api_route("/health", methods=["GET", "HEAD"], summary="Liveness and the engines' state")
+# HEAD too (load balancers and uptime checkers probe with it), kept out of the OpenAPI schema, where a
+# second method on one function would repeat its operation id.
+@ops.head("/health", include_in_schema=False)
+@ops.get("/health", summary="Liveness and the engines' state")
 async def health(request: Request) -> JSONResponse:
     router = router_of(request)
     engines = [engine.health() for engine in router.engines()]

@@ -51,8 +51,8 @@ _PENALTY_WINDOW = 4096
 # step, so that one long prompt does not freeze every running stream.
 _PREFILL_CHUNK_WHEN_BUSY = 256
 # A prompt being scored (echo with logprobs) needs logits at every position; llama.cpp sizes its output
-# buffer to the largest step (vocabulary x positions x 4 bytes: 39 MB for 64 positions of a 152k
-# vocabulary), so its chunks are kept small.
+# buffer to the largest step and keeps it (vocabulary x positions x 4 bytes: 39 MB for 64 positions of
+# a 152k vocabulary), so a step scores at most this many positions, all sequences together.
 _SCORING_CHUNK = 64
 _GIL_SWITCH_INTERVAL = 0.0005
 # Copying a cached prefix from another slot copies that slot's whole KV stream (llama.cpp copies across
@@ -121,6 +121,7 @@ class _Sequence:
     # The prompt's scored tokens while it is processed, when the request asks for them; sent (and set to
     # None) with the first sample.
     prompt_scores: list[PromptLogprob] | None = None
+    prompt_texts: list[str] = field(default_factory=list)  # per prompt token, when scored
 
 
 class LlamaEngine(Engine):
@@ -191,9 +192,10 @@ class LlamaEngine(Engine):
         cparams.n_threads_batch = self.settings.n_threads
         # A KV stream per sequence, as llama-server runs: a sequence's attention scans its own cells
         # only. In one unified cache every step scanned every cell held, idle slots' cached prompts
-        # included (measured, one stream, 0.5B: 44.5 tok/s with ~1,000 idle cells, 47.4 with none).
-        # The price is llama.cpp's batch split: one weight pass per run of consecutive seq ids, so
-        # slots are handed out lowest id first (see _assign_slot).
+        # included (measured, the benchmark's one-stream run on the 0.5B: 44.5 tok/s with earlier
+        # requests' prompts kept, 47.4 with none kept). The price is llama.cpp's batch split: one
+        # weight pass per run of consecutive seq ids, which _adjacent, _close_gaps and _fill_batch's
+        # order keep to one.
         cparams.kv_unified = False
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -292,7 +294,7 @@ class LlamaEngine(Engine):
             stops=StopMatcher(request.stop),
         )
         if request.prompt_logprobs:
-            seq.prompt_scores = self._unscored_head(text, prompt)
+            seq.prompt_texts, seq.prompt_scores = prompt_token_texts(self.vocab, text, prompt)
         with self._lock:
             if len(self._waiting) >= self.settings.max_queued:
                 self._metrics.refused.inc()
@@ -324,14 +326,6 @@ class LlamaEngine(Engine):
             seq.cancelled = True
             self._wake.set()
 
-    def _unscored_head(self, text: str, prompt: list[int]) -> list[PromptLogprob]:
-        """The first entry of a scored prompt: its first token, which nothing precedes. A BOS that the
-        tokenizer added is not in the echoed text, so it gets no entry: the text's first token is then
-        scored against it."""
-        if prompt[0] == self.vocab.bos and not text.startswith(self.vocab.bos_text):
-            return []
-        return [PromptLogprob(token=self.vocab.special_text(prompt[0]))]
-
     def health(self) -> dict[str, Any]:
         with self._lock:
             waiting = len(self._waiting)
@@ -352,8 +346,9 @@ class LlamaEngine(Engine):
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._drop_cancelled()  # first: a disconnected client's slot is free for the next request
                 self._admit()
-                self._drop_cancelled()
+                self._close_gaps()
                 self._observe_load()
                 feeds = self._fill_batch()
                 if not feeds:
@@ -428,16 +423,16 @@ class LlamaEngine(Engine):
         else:
             empty = [s for s in allowed if not s.tokens]
             best = empty[0] if empty else min(allowed, key=lambda s: s.last_used)
-        keep = matches[best.seq_id]
-        mem = llama_cpp.llama_get_memory(self._ctx)
-        if longest - keep >= self._copy_pays_from:
-            # Across streams llama.cpp copies whole streams only; the copy happens in the next decode.
-            llama_cpp.llama_memory_seq_rm(mem, best.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, -1, -1)
-            best.tokens = list(donor.tokens)
-            keep = longest
         # At least the last prompt token is decoded again: its logits give the first sample.
-        keep = min(keep, len(seq.prompt) - 1)
+        usable = len(seq.prompt) - 1
+        keep = min(matches[best.seq_id], usable)
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        if min(longest, usable) - keep >= self._copy_pays_from:
+            # Across streams llama.cpp copies whole streams only; the copy happens in the next decode.
+            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, -1, -1)
+            self._metrics.stream_copies.inc()
+            best.tokens = list(donor.tokens)
+            keep = min(longest, usable)
         llama_cpp.llama_memory_seq_rm(mem, best.seq_id, keep, -1)
         best.tokens = best.tokens[:keep]
         best.busy = True
@@ -451,14 +446,42 @@ class LlamaEngine(Engine):
             self._metrics.cached_tokens.inc(keep)
 
     def _adjacent(self, free: list[_Slot]) -> list[_Slot]:
-        """The free slots a new sequence may take without splitting the running seq ids into more runs:
-        a gap inside their block first, else either end of it; any slot when nothing runs."""
-        busy = [s.seq_id for s in self._slots if s.busy]
+        """The free slots a new sequence may take without adding a run of consecutive running seq ids:
+        those next to a running one, the ones that join two runs first; any slot when nothing runs."""
+        busy = {s.seq_id for s in self._slots if s.busy}
         if not busy:
             return free
-        lo, hi = min(busy), max(busy)
-        gaps = [s for s in free if lo < s.seq_id < hi]
-        return gaps or [s for s in free if s.seq_id in (lo - 1, hi + 1)]
+        joining = [s for s in free if s.seq_id - 1 in busy and s.seq_id + 1 in busy]
+        return joining or [s for s in free if s.seq_id - 1 in busy or s.seq_id + 1 in busy]
+
+    def _close_gaps(self) -> None:
+        """Move running sequences into the gaps that finished ones left in the block of running seq ids.
+
+        Each run of consecutive ids costs a pass over the weights every step; a move copies one stream
+        once, about the time of one prompt token (admission fills gaps first, so gaps only open when a
+        sequence finishes and no request is waiting). The sequence at the top of the block moves into
+        the lowest gap; the slot it leaves keeps its cells as an idle cache."""
+        by_id = {s.slot.seq_id: s for s in self._running if s.slot is not None}
+        while len(by_id) > 1:
+            ids = sorted(by_id)
+            if ids[-1] - ids[0] + 1 == len(ids):
+                return
+            gap = next(i for i in range(ids[0], ids[-1]) if i not in by_id)
+            seq = by_id.pop(ids[-1])
+            self._move(seq, self._slots[gap])
+            by_id[gap] = seq
+
+    def _move(self, seq: _Sequence, dst: _Slot) -> None:
+        src = seq.slot
+        assert src is not None and not dst.busy
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        llama_cpp.llama_memory_seq_cp(mem, src.seq_id, dst.seq_id, -1, -1)  # whole stream, in the next decode
+        dst.tokens = list(src.tokens)
+        dst.busy = True
+        src.busy = False
+        src.last_used = time.monotonic()
+        seq.slot = dst
+        self._metrics.stream_copies.inc()
 
     def _make_sampler(self, request: GenerationRequest) -> tuple[Any, bool]:
         """The request's llama.cpp sampler chain, and whether it is plain greedy (temperature 0, no
@@ -509,6 +532,11 @@ class LlamaEngine(Engine):
         if slot is not None:
             slot.busy = False
             slot.last_used = time.monotonic()
+            if seq.parser.saw_reasoning and len(slot.tokens) > len(seq.prompt):
+                # R1's next turn sends this answer back without its reasoning, so it can only reuse the
+                # prompt; cut to that, it matches the next turn in full and is reused in place.
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, len(seq.prompt), -1)
+                slot.tokens = slot.tokens[: len(seq.prompt)]
 
     def _fill_batch(self) -> list[_Feed]:
         """Fill the batch; returns what each sequence put in it."""
@@ -533,26 +561,27 @@ class LlamaEngine(Engine):
                 batch.logits[n - 1] = 1
             return _Feed(seq, start, len(tokens), n - 1 if want_logits else -1)
 
-        # Decoding sequences first: one token each keeps every stream moving. In seq id order: llama.cpp
-        # puts consecutive ids in one ubatch only when they come in that order.
-        running = sorted(self._running, key=lambda s: s.slot.seq_id if s.slot else 0)
-        decoding = [s for s in running if len(s.pending) == 1 and s.generated > 0]
-        prefilling = [s for s in running if s not in decoding and s.pending]
-        for seq in decoding:
-            if n >= capacity:
-                break
-            feeds.append(put(seq, seq.pending, True))
+        # Decoding sequences first: one token each keeps every stream moving.
+        decoding = [s for s in self._running if len(s.pending) == 1 and s.generated > 0][:capacity]
+        prefilling = [s for s in self._running if s not in decoding and s.pending]
+        chosen: list[tuple[_Sequence, list[int], bool]] = [(s, s.pending, True) for s in decoding]
+        room = capacity - len(decoding)
         chunk_cap = _PREFILL_CHUNK_WHEN_BUSY if decoding else capacity
+        scoring_cap = _SCORING_CHUNK
         for seq in prefilling:
-            room = min(capacity - n, chunk_cap)
-            if room <= 0:
-                break
+            take = min(room, chunk_cap)
             if seq.prompt_scores is not None:
-                room = min(room, _SCORING_CHUNK)
-            chunk = seq.pending[:room]
-            done = len(chunk) == len(seq.pending)
-            feeds.append(put(seq, chunk, done))
+                take = min(take, scoring_cap)
+                scoring_cap -= take
+            if take <= 0:
+                continue
+            chunk = seq.pending[:take]
+            chosen.append((seq, chunk, len(chunk) == len(seq.pending)))
+            room -= len(chunk)
             chunk_cap -= len(chunk)
+        # Written in seq id order: llama.cpp puts consecutive ids in one ubatch only in that order.
+        chosen.sort(key=lambda c: c[0].slot.seq_id if c[0].slot else 0)
+        feeds = [put(seq, tokens, want_logits) for seq, tokens, want_logits in chosen]
         batch.n_tokens = n
         return feeds
 
@@ -595,19 +624,30 @@ class LlamaEngine(Engine):
         """Score the prompt tokens that this chunk's logits predict: position p's logits give the
         logprob of the prompt's token p + 1 (the last position's give the first sample instead)."""
         assert seq.prompt_scores is not None
+        first = seq.n_past + 1
+        n = min(fed, len(seq.prompt) - first)
+        if n <= 0:
+            return
+        rows = np.stack([
+            np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, start + i), shape=(self.vocab.n_tokens,))
+            for i in range(n)
+        ])  # fmt: skip
+        peak = rows.max(axis=1, keepdims=True)
+        logsumexp = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+        targets = seq.prompt[first : first + n]
+        chosen = rows[np.arange(n), targets] - logsumexp
         top_n = seq.request.logprobs or 0
-        for i in range(fed):
-            target = seq.n_past + i + 1
-            if target >= len(seq.prompt):
-                break
-            token = seq.prompt[target]
-            (scored,) = self._logprobs(start + i, token, top_n)
-            # Written out with special tokens as their text: a prompt can hold them (<|im_start|>), and the
-            # text offsets must add up to the echoed prompt.
+        best = None
+        if top_n:
+            best = np.argpartition(-rows, top_n, axis=1)[:, :top_n]
+            best = np.take_along_axis(best, np.argsort(-np.take_along_axis(rows, best, axis=1), axis=1), axis=1)
+        for i in range(n):
+            top = []
+            if best is not None:
+                top = [TopLogprob(token=self.vocab.special_text(int(t)), logprob=float(rows[i, t] - logsumexp[i]))
+                       for t in best[i]]  # fmt: skip
             seq.prompt_scores.append(
-                PromptLogprob(
-                    token=self.vocab.special_text(token), logprob=scored.logprob, top_logprobs=scored.top_logprobs
-                )
+                PromptLogprob(token=seq.prompt_texts[first + i], logprob=float(chosen[i]), top_logprobs=top)
             )
 
     def _advance(self, seq: _Sequence, token: int, logprobs: list[TokenLogprob]) -> None:
@@ -737,6 +777,24 @@ class LlamaEngine(Engine):
             except RuntimeError:  # the client's event loop is closed: nobody is listening
                 for seq, _ in items:
                     seq.cancelled = True
+
+
+def prompt_token_texts(vocab: Vocab, text: str, prompt: list[int]) -> tuple[list[str], list[PromptLogprob]]:
+    """The text of each prompt token, and the first entry of the scored prompt.
+
+    A token's text is what it completes of the prompt's UTF-8 (special tokens written out, as a prompt
+    can hold them), so that the texts join into the echoed prompt and the offsets add up. The first
+    token has nothing before it to be scored against: its entry has no logprob. A BOS that the tokenizer
+    added is not in the echoed text: it gets no entry and no text, and the text's first token is scored
+    against it.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = [decoder.decode(vocab.special_piece(t)) for t in prompt]
+    texts[-1] += decoder.decode(b"", final=True)
+    if prompt[0] == vocab.bos and not text.startswith(vocab.bos_text):
+        texts[0] = ""
+        return texts, []
+    return texts, [PromptLogprob(token=texts[0])]
 
 
 def _deliver(items: list[tuple[_Sequence, Delta | BaseException]]) -> None:

@@ -31,6 +31,12 @@ ITL = Histogram(
     "r1serve_engine_inter_token_latency_seconds", "Time between two tokens of one sequence", ["model"],
     buckets=_ITL_BUCKETS,
 )
+STREAM_COPIES = Counter(
+    "r1serve_engine_kv_stream_copies_total",
+    "KV streams copied from one slot to another: a cached prefix brought to a new sequence's slot, or a "
+    "running sequence moved to close a gap in the running seq ids",
+    ["model"],
+)
 KV_USED = Gauge(
     "r1serve_engine_kv_cache_usage_ratio",
     "Tokens the sequences hold (cached prompts included) / their total context; a prefix shared by "
@@ -56,3 +62,4 @@ class ModelMetrics:
         self.ttfat = TTFAT.labels(model)
         self.itl = ITL.labels(model)
         self.kv_used = KV_USED.labels(model)
+        self.stream_copies = STREAM_COPIES.labels(model)

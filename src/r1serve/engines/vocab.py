@@ -73,9 +73,13 @@ class Vocab:
         return cached
 
     def special_text(self, token: int) -> str:
+        return self.special_piece(token).decode("utf-8", "replace")
+
+    def special_piece(self, token: int) -> bytes:
+        """The token's bytes, a special token's written out (``<|im_start|>``) rather than empty."""
         if token < 0:
-            return ""
-        return self._to_piece(token, special=True).decode("utf-8", "replace")
+            return b""
+        return self._to_piece(token, special=True)
 
     def is_eog(self, token: int) -> bool:
         # Cached: each ctypes call releases and retakes the GIL, which the scheduler pays per token.

@@ -285,6 +285,8 @@ class RouteEngine(Engine):
         self.name = f"route:{name}"
         self.route = name
         self.members = members
+        # Any member may serve a request, so a prompt is scored only where every member can score it.
+        self.scores_prompts = all(m.target.engine.scores_prompts for m in members)
         self.policy = policy
         self.retry = retry or RetryPolicy()
         self._rr = 0
