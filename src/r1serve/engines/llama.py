@@ -60,6 +60,7 @@ _GIL_SWITCH_INTERVAL = 0.0005
 # takes to compute (1.4 tokens on the 0.5B, 1.2 on the 1.5B); a copy is made when it saves at least
 # per_seq / _CELLS_PER_TOKEN tokens, a margin of about 3x.
 _CELLS_PER_TOKEN = 1024
+_GAP_STEPS = 2
 
 
 def _read_template(value: str | None) -> str | None:
@@ -147,6 +148,7 @@ class LlamaEngine(Engine):
         self._thread: threading.Thread | None = None
         self._close_tokens: list[int] = []
         self._copy_pays_from = 1  # set by _load
+        self._gap_steps = 0  # steps the running seq ids have had a gap
         self._outbox: list[tuple[_Sequence, Delta | BaseException]] = []  # the scheduler thread's only
         self._metrics = metrics.ModelMetrics(entry.id)
 
@@ -394,13 +396,13 @@ class LlamaEngine(Engine):
     def _assign_slot(self, seq: _Sequence, free: list[_Slot]) -> None:
         """Give the sequence a free slot and as much of its prompt from the KV cache as any slot holds.
 
-        While other sequences run, only a free slot inside or next to their block of seq ids will do:
-        llama.cpp runs the weights once per run of consecutive seq ids in a step. Among the slots
-        allowed, one is reused in place when its own cache is the best match and most of what it holds
-        is kept; otherwise the sequence takes an empty slot, else the least recently used one, so that
-        a long cached conversation is not cut back to a shared chat-template header. A longer cached
-        prefix in another slot (busy ones included) is then copied in, when it saves enough tokens to
-        pay for copying that slot's whole stream (see ``_copy_pays_from``).
+        The slot must be next to a running one (``_adjacent``). Among those allowed, one is reused in
+        place when its own cache is the best match there and most of what it holds is kept; otherwise
+        the sequence takes an empty one, else the least recently used. A longer prefix cached in another
+        slot (busy ones included) is then copied in, when it saves enough tokens to pay for copying that
+        slot's whole stream. When most of what the slot held is not kept, it is first saved to an idle
+        slot (``_save``): which slot a sequence gets depends on seq ids, not on what is cached, and
+        another conversation should not be lost for it while older ones are kept.
         """
 
         def common(slot: _Slot) -> int:
@@ -417,8 +419,9 @@ class LlamaEngine(Engine):
         donor = max(self._slots, key=lambda s: (matches[s.seq_id], s.last_used))
         longest = matches[donor.seq_id]
         allowed = self._adjacent(free)
-        in_place = [s for s in allowed if matches[s.seq_id] == longest and longest * 2 >= len(s.tokens)]
-        if longest and in_place:
+        own = max(matches[s.seq_id] for s in allowed)
+        in_place = [s for s in allowed if matches[s.seq_id] == own and own * 2 >= len(s.tokens)] if own else []
+        if in_place:
             best = max(in_place, key=lambda s: s.last_used)
         else:
             empty = [s for s in allowed if not s.tokens]
@@ -426,12 +429,12 @@ class LlamaEngine(Engine):
         # At least the last prompt token is decoded again: its logits give the first sample.
         usable = len(seq.prompt) - 1
         keep = min(matches[best.seq_id], usable)
+        copy = min(longest, usable) - keep >= self._copy_pays_from
+        if keep * 2 < len(best.tokens):
+            self._save(best, exclude=donor)
         mem = llama_cpp.llama_get_memory(self._ctx)
-        if min(longest, usable) - keep >= self._copy_pays_from:
-            # Across streams llama.cpp copies whole streams only; the copy happens in the next decode.
-            llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, best.seq_id, -1, -1)
-            self._metrics.stream_copies.inc()
-            best.tokens = list(donor.tokens)
+        if copy:
+            self._copy(donor, best)
             keep = min(longest, usable)
         llama_cpp.llama_memory_seq_rm(mem, best.seq_id, keep, -1)
         best.tokens = best.tokens[:keep]
@@ -457,30 +460,57 @@ class LlamaEngine(Engine):
     def _close_gaps(self) -> None:
         """Move running sequences into the gaps that finished ones left in the block of running seq ids.
 
-        Each run of consecutive ids costs a pass over the weights every step; a move copies one stream
-        once, about the time of one prompt token (admission fills gaps first, so gaps only open when a
-        sequence finishes and no request is waiting). The sequence at the top of the block moves into
-        the lowest gap; the slot it leaves keeps its cells as an idle cache."""
+        Each run of consecutive ids costs a pass over the weights every step; a move copies a stream or
+        two once, each in about the time of one prompt token. Admission fills gaps first, and a client
+        sending requests back to back sends the next within a step or two, so a gap is only closed once
+        it has lasted _GAP_STEPS steps. The sequence at the top of the block moves into the lowest gap,
+        whose finished conversation is saved first."""
         by_id = {s.slot.seq_id: s for s in self._running if s.slot is not None}
+        ids = sorted(by_id)
+        if len(ids) < 2 or ids[-1] - ids[0] + 1 == len(ids):
+            self._gap_steps = 0
+            return
+        self._gap_steps += 1
+        if self._gap_steps < _GAP_STEPS:
+            return
         while len(by_id) > 1:
             ids = sorted(by_id)
             if ids[-1] - ids[0] + 1 == len(ids):
                 return
-            gap = next(i for i in range(ids[0], ids[-1]) if i not in by_id)
+            gap = self._slots[next(i for i in range(ids[0], ids[-1]) if i not in by_id)]
             seq = by_id.pop(ids[-1])
-            self._move(seq, self._slots[gap])
-            by_id[gap] = seq
+            src = seq.slot
+            assert src is not None and not gap.busy
+            self._save(gap)
+            self._copy(src, gap)
+            gap.busy = True
+            seq.slot = gap
+            # What it leaves behind is a prefix of what the sequence goes on writing in its new slot.
+            src.busy = False
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), src.seq_id, -1, -1)
+            src.tokens = []
+            by_id[gap.seq_id] = seq
 
-    def _move(self, seq: _Sequence, dst: _Slot) -> None:
-        src = seq.slot
-        assert src is not None and not dst.busy
-        mem = llama_cpp.llama_get_memory(self._ctx)
-        llama_cpp.llama_memory_seq_cp(mem, src.seq_id, dst.seq_id, -1, -1)  # whole stream, in the next decode
+    def _save(self, slot: _Slot, exclude: _Slot | None = None) -> None:
+        """Copy an idle slot's cache to another idle slot, an empty one or else the least recently used,
+        if that one holds nothing more recent: the slot is about to be reused or overwritten."""
+        if not slot.tokens:
+            return
+        idle = [s for s in self._slots if not s.busy and s is not slot and s is not exclude]
+        if not idle:
+            return
+        empty = [s for s in idle if not s.tokens]
+        victim = empty[0] if empty else min(idle, key=lambda s: s.last_used)
+        if victim.tokens and victim.last_used >= slot.last_used:
+            return
+        self._copy(slot, victim)
+        victim.last_used = slot.last_used
+
+    def _copy(self, src: _Slot, dst: _Slot) -> None:
+        """Replace dst's cache with src's. llama.cpp copies streams whole (or not at all), in the next
+        decode, in the order asked: later copies and removals see the earlier ones done."""
+        llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(self._ctx), src.seq_id, dst.seq_id, -1, -1)
         dst.tokens = list(src.tokens)
-        dst.busy = True
-        src.busy = False
-        src.last_used = time.monotonic()
-        seq.slot = dst
         self._metrics.stream_copies.inc()
 
     def _make_sampler(self, request: GenerationRequest) -> tuple[Any, bool]:
