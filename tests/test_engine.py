@@ -244,12 +244,15 @@ async def test_a_conversation_in_the_slot_a_new_sequence_needs_is_saved_not_lost
                  f"Count from 1 to 300.{detail}", f"List five odd numbers.{detail}"]
         for q in chats:  # slot i holds chats[i]; chats[0] is the least recently used
             await _collect(eng, _request(q, max_tokens=24))
+        assert all(slot.tokens for slot in eng._slots)  # none was reused in place for the shared header
         running = eng.generate(_request(chats[2], max_tokens=60))
         await anext(running)  # in place in slot 2
         # Shares only the chat header with anything cached; slots 1 and 3 are the ones next to slot 2,
         # and slot 1 (chats[1]) is the less recently used: it is saved over slot 0 (chats[0], the oldest).
         other = await _collect(eng, _request(f"Name three colours.{detail}", max_tokens=8))
         await running.aclose()
+        while eng.n_running:  # the scheduler frees the closed sequence at its next step
+            await asyncio.sleep(0.01)
         assert other[-1].usage is not None
         for q in chats[1:]:
             again = await _collect(eng, _request(q, max_tokens=4))

@@ -60,6 +60,8 @@ _GIL_SWITCH_INTERVAL = 0.0005
 # takes to compute (1.4 tokens on the 0.5B, 1.2 on the 1.5B); a copy is made when it saves at least
 # per_seq / _CELLS_PER_TOKEN tokens, a margin of about 3x.
 _CELLS_PER_TOKEN = 1024
+# A gap in the running seq ids is closed when it is still there this many steps after it opened (a client
+# sending requests back to back fills it sooner, at no cost).
 _GAP_STEPS = 2
 
 
@@ -450,22 +452,25 @@ class LlamaEngine(Engine):
 
     def _adjacent(self, free: list[_Slot]) -> list[_Slot]:
         """The free slots a new sequence may take without adding a run of consecutive running seq ids:
-        those next to a running one, the ones that join two runs first; any slot when nothing runs."""
+        those next to a running one, the ones that join two runs first, then those inside a gap (which
+        otherwise a move will close); any slot when nothing runs."""
         busy = {s.seq_id for s in self._slots if s.busy}
         if not busy:
             return free
-        joining = [s for s in free if s.seq_id - 1 in busy and s.seq_id + 1 in busy]
-        return joining or [s for s in free if s.seq_id - 1 in busy or s.seq_id + 1 in busy]
+        lo, hi = min(busy), max(busy)
+        nearby = [s for s in free if s.seq_id - 1 in busy or s.seq_id + 1 in busy]
+        joining = [s for s in nearby if s.seq_id - 1 in busy and s.seq_id + 1 in busy]
+        inside = [s for s in nearby if lo < s.seq_id < hi]
+        return joining or inside or nearby
 
     def _close_gaps(self) -> None:
         """Move running sequences into the gaps that finished ones left in the block of running seq ids.
 
         Each run of consecutive ids costs a pass over the weights every step; a move copies a stream or
-        two once, each in about the time of one prompt token. Admission fills gaps first, and a client
-        sending requests back to back sends the next within a step or two, so a gap is only closed once
-        it has lasted _GAP_STEPS steps. The sequence at the top of the block moves into the lowest gap,
-        whose finished conversation is saved first."""
-        by_id = {s.slot.seq_id: s for s in self._running if s.slot is not None}
+        two once, each in about the time of one prompt token. Admission takes a slot inside a gap first,
+        so a gap is only closed when no request has filled it for _GAP_STEPS steps. The sequence at the
+        top of the block moves into the lowest gap, whose finished conversation is saved first."""
+        by_id = {s.slot.seq_id: s for s in self._running if s.slot is not None and not s.cancelled}
         ids = sorted(by_id)
         if len(ids) < 2 or ids[-1] - ids[0] + 1 == len(ids):
             self._gap_steps = 0
@@ -493,14 +498,19 @@ class LlamaEngine(Engine):
 
     def _save(self, slot: _Slot, exclude: _Slot | None = None) -> None:
         """Copy an idle slot's cache to another idle slot, an empty one or else the least recently used,
-        if that one holds nothing more recent: the slot is about to be reused or overwritten."""
+        if that one holds nothing more recent: the slot is about to be reused or overwritten. Among empty
+        slots, the one farthest from the running ones, which new sequences take last."""
         if not slot.tokens:
             return
         idle = [s for s in self._slots if not s.busy and s is not slot and s is not exclude]
         if not idle:
             return
         empty = [s for s in idle if not s.tokens]
-        victim = empty[0] if empty else min(idle, key=lambda s: s.last_used)
+        if empty:
+            busy = [s.seq_id for s in self._slots if s.busy] or [slot.seq_id]
+            victim = max(empty, key=lambda s: min(abs(s.seq_id - b) for b in busy))
+        else:
+            victim = min(idle, key=lambda s: s.last_used)
         if victim.tokens and victim.last_used >= slot.last_used:
             return
         self._copy(slot, victim)
