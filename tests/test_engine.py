@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -78,6 +80,27 @@ def assert_same_or_near_tie(reference: list[Delta], other: str, *, tie: float = 
             return
         pos += len(token)
     pytest.fail(f"outputs differ past the reference's end: {ref!r} vs {other!r}")
+
+
+@contextlib.asynccontextmanager
+async def _own_engine(**settings: object) -> AsyncIterator[LlamaEngine]:
+    """An engine of the default model with its own settings, for tests that need a particular shape."""
+    entry = find_entry(DEFAULT_MODEL_ID)
+    assert entry is not None
+    path = ensure_model(entry, Settings().models_dir, progress=False)
+    eng = LlamaEngine(path, entry, Settings(**settings))  # type: ignore[arg-type]
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
+
+
+# Long enough that a new chat does not take over another's slot for the chat header they share.
+_NUMBERS_ONLY = " Answer with numbers only, separated by commas, nothing before or after them."
+_NUMBER_CHATS = [f"List five prime numbers.{_NUMBERS_ONLY}", f"List five even numbers.{_NUMBERS_ONLY}",
+                 f"Count from 1 to 300.{_NUMBERS_ONLY}", f"List five odd numbers.{_NUMBERS_ONLY}",
+                 f"Count down from 90.{_NUMBERS_ONLY}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +205,8 @@ async def test_new_sequences_join_the_block_of_running_seq_ids() -> None:
     recently used slot lies elsewhere: the cached prefix is then copied over, and answers the same."""
     from prometheus_client import REGISTRY
 
-    entry = find_entry(DEFAULT_MODEL_ID)
-    assert entry is not None
-    path = ensure_model(entry, Settings().models_dir, progress=False)
-    eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=5))
-    await eng.start()
-    try:
-        # Long enough that a new chat does not take over another's slot for the chat header they share.
-        detail = " Answer with numbers only, separated by commas, nothing before or after them."
-        warm = [f"List five prime numbers.{detail}", f"List five even numbers.{detail}",
-                f"Count from 1 to 300.{detail}", f"List five odd numbers.{detail}", f"Count down from 90.{detail}"]
+    async with _own_engine(n_ctx=512, max_running=5) as eng:
+        warm = _NUMBER_CHATS
         alone = {q: await _collect(eng, _request(q, max_tokens=24, logprobs=2)) for q in warm}
         assert [len(slot.tokens) > 0 for slot in eng._slots] == [True] * 5  # slot i holds warm[i]
 
@@ -226,22 +241,13 @@ async def test_new_sequences_join_the_block_of_running_seq_ids() -> None:
             usage = deltas[-1].usage
             assert usage is not None and usage.cached_tokens == usage.prompt_tokens - 1, (q, usage)
             assert_same_or_near_tie(alone[q], _text(deltas))
-    finally:
-        await eng.close()
 
 
 async def test_a_conversation_in_the_slot_a_new_sequence_needs_is_saved_not_lost() -> None:
     """Which slot a sequence gets depends on the running seq ids, not on what is cached there: what it
     held goes to the least recently used idle slot first, so only the oldest conversation is lost."""
-    entry = find_entry(DEFAULT_MODEL_ID)
-    assert entry is not None
-    path = ensure_model(entry, Settings().models_dir, progress=False)
-    eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=4))
-    await eng.start()
-    try:
-        detail = " Answer with numbers only, separated by commas, nothing before or after them."
-        chats = [f"List five prime numbers.{detail}", f"List five even numbers.{detail}",
-                 f"Count from 1 to 300.{detail}", f"List five odd numbers.{detail}"]
+    async with _own_engine(n_ctx=512, max_running=4) as eng:
+        chats = _NUMBER_CHATS[:4]
         for q in chats:  # slot i holds chats[i]; chats[0] is the least recently used
             await _collect(eng, _request(q, max_tokens=24))
         assert all(slot.tokens for slot in eng._slots)  # none was reused in place for the shared header
@@ -249,7 +255,7 @@ async def test_a_conversation_in_the_slot_a_new_sequence_needs_is_saved_not_lost
         await anext(running)  # in place in slot 2
         # Shares only the chat header with anything cached; slots 1 and 3 are the ones next to slot 2,
         # and slot 1 (chats[1]) is the less recently used: it is saved over slot 0 (chats[0], the oldest).
-        other = await _collect(eng, _request(f"Name three colours.{detail}", max_tokens=8))
+        other = await _collect(eng, _request(f"Name three colours.{_NUMBERS_ONLY}", max_tokens=8))
         await running.aclose()
         while eng.n_running:  # the scheduler frees the closed sequence at its next step
             await asyncio.sleep(0.01)
@@ -257,8 +263,6 @@ async def test_a_conversation_in_the_slot_a_new_sequence_needs_is_saved_not_lost
         for q in chats[1:]:
             again = await _collect(eng, _request(q, max_tokens=4))
             assert again[-1].usage is not None and again[-1].usage.cached_tokens == again[-1].usage.prompt_tokens - 1, q
-    finally:
-        await eng.close()
 
 
 async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_continues_unchanged() -> None:
@@ -266,12 +270,7 @@ async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_conti
     step); the sequence at the top moves into it, its KV stream copied, and goes on as if never moved."""
     from prometheus_client import REGISTRY
 
-    entry = find_entry(DEFAULT_MODEL_ID)
-    assert entry is not None
-    path = ensure_model(entry, Settings().models_dir, progress=False)
-    eng = LlamaEngine(path, entry, Settings(n_ctx=512, max_running=4))
-    await eng.start()
-    try:
+    async with _own_engine(n_ctx=512, max_running=4) as eng:
         questions = ["Count from 1 to 300, separated by commas.", "List the even numbers from 2 to 400.",
                      "Count down from 300 to 1, separated by spaces."]
         alone = {q: await _collect(eng, _request(q, max_tokens=120, logprobs=2)) for q in questions}
@@ -302,8 +301,6 @@ async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_conti
         for q, deltas in got.items():
             assert deltas[-1].finish_reason is not None
             assert_same_or_near_tie(alone[q], _text(deltas))
-    finally:
-        await eng.close()
 
 
 async def test_every_slot_can_fill_its_whole_context_at_once() -> None:
