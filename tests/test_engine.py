@@ -75,7 +75,9 @@ def assert_same_or_near_tie(reference: list[Delta], other: str, *, tie: float = 
     diverge = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), min(len(ref), len(other)))
     pos = 0
     for token, margin in _token_texts(reference):
-        if pos + len(token) > diverge:
+        # A token without text (the end of the output) is the choice at its position: "Mount Everest"
+        # ending there or going on with "." can flip like any other near tie.
+        if pos + len(token) > diverge or (not token and pos >= diverge):
             assert margin < tie, f"diverged at a confident token {token!r} (margin {margin:.3f}): {ref!r} vs {other!r}"
             return
         pos += len(token)
@@ -564,3 +566,23 @@ async def test_prompt_texts_leave_out_a_bos_the_tokenizer_added() -> None:
         assert "".join(texts) == written
     finally:
         vocab.close()
+
+
+async def test_near_tie_check_covers_the_end_of_the_output() -> None:
+    """The check above must accept a flip between ending and going on only when that choice was close."""
+    from r1serve.protocol import TokenLogprob, TopLogprob
+
+    def ref(end_margin: float) -> list[Delta]:
+        def lp(token: str, margin: float) -> TokenLogprob:
+            return TokenLogprob(token=token, logprob=-0.1, top_logprobs=[
+                TopLogprob(token=token, logprob=-0.1), TopLogprob(token="x", logprob=-0.1 - margin)])  # fmt: skip
+
+        return [Delta(content="Mount", logprobs=[lp("Mount", 2.0)]),
+                Delta(content=" Everest", logprobs=[lp(" Everest", 2.0)]),
+                Delta(finish_reason="stop", logprobs=[lp("", end_margin)])]  # fmt: skip
+
+    assert_same_or_near_tie(ref(0.1), "Mount Everest.")
+    with pytest.raises(AssertionError, match="confident"):
+        assert_same_or_near_tie(ref(2.0), "Mount Everest.")
+    with pytest.raises(AssertionError, match="confident"):
+        assert_same_or_near_tie(ref(0.1), "Mount Fuji")
