@@ -56,8 +56,8 @@ _PREFILL_CHUNK_WHEN_BUSY = 256
 _SCORING_CHUNK = 64
 _GIL_SWITCH_INTERVAL = 0.0005
 # Copying a cached prefix from another slot copies that slot's whole KV stream (llama.cpp copies across
-# streams whole or not at all). Measured here, a 4,096-cell stream copies in the time one prompt token
-# takes to compute (1.4 tokens on the 0.5B, 1.2 on the 1.5B); a copy is made when it saves at least
+# streams whole or not at all). A 4,096-cell stream copies in the time of 1.3 prompt tokens, on the 0.5B
+# and on the 1.5B (bench/engine/copycost.py); a copy is made when it saves at least
 # per_seq / _CELLS_PER_TOKEN tokens, a margin of about 3x.
 _CELLS_PER_TOKEN = 1024
 # A gap in the running seq ids is closed when it is still there this many steps after it opened (a client
