@@ -354,7 +354,9 @@ class CompletionChunkEncoder:
         self._want_logprobs = want_logprobs
         self._offset = 0
 
-    def _chunk(self, text: str, logprobs: list[TokenLogprob] | None = None, finish: str | None = None) -> str:
+    def _chunk(
+        self, text: str, logprobs: list[TokenLogprob] | list[PromptLogprob] | None = None, finish: str | None = None
+    ) -> str:
         lp = "null"
         if self._want_logprobs:
             lp = json.dumps(legacy_logprobs(logprobs or [], self._offset))
@@ -368,13 +370,8 @@ class CompletionChunkEncoder:
         return [self._chunk(self._echo)] if self._echo and not self._want_logprobs else []
 
     def delta(self, d: Delta) -> list[str]:
-        if d.prompt_logprobs:
-            lp = json.dumps(legacy_logprobs(d.prompt_logprobs, 0))
-            self._offset = len(self._echo or "")
-            return [
-                _event(f'{self._head}[{{"index":0,"text":{json_str(self._echo or "")},"logprobs":{lp},'
-                       f'"finish_reason":null}}]{self._tail}')
-            ]  # fmt: skip
+        if d.prompt_logprobs:  # the echo, held back by start() for these
+            return [self._chunk(self._echo or "", d.prompt_logprobs)]
         text = d.reasoning + d.content
         if not text and not (self._want_logprobs and d.logprobs):
             return []

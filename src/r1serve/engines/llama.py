@@ -434,12 +434,10 @@ class LlamaEngine(Engine):
         copy = min(longest, usable) - keep >= self._copy_pays_from
         if keep * 2 < len(best.tokens):
             self._save(best, exclude=donor)
-        mem = llama_cpp.llama_get_memory(self._ctx)
         if copy:
             self._copy(donor, best)
             keep = min(longest, usable)
-        llama_cpp.llama_memory_seq_rm(mem, best.seq_id, keep, -1)
-        best.tokens = best.tokens[:keep]
+        self._cut(best, keep)
         best.busy = True
         seq.slot = best
         seq.n_past = keep
@@ -492,8 +490,7 @@ class LlamaEngine(Engine):
             seq.slot = gap
             # What it leaves behind is a prefix of what the sequence goes on writing in its new slot.
             src.busy = False
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), src.seq_id, -1, -1)
-            src.tokens = []
+            self._cut(src, 0)
             by_id[gap.seq_id] = seq
 
     def _save(self, slot: _Slot, exclude: _Slot | None = None) -> None:
@@ -515,6 +512,11 @@ class LlamaEngine(Engine):
             return
         self._copy(slot, victim)
         victim.last_used = slot.last_used
+
+    def _cut(self, slot: _Slot, keep: int) -> None:
+        """Drop a slot's cached tokens from position ``keep`` on."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, keep, -1)
+        slot.tokens = slot.tokens[:keep]
 
     def _copy(self, src: _Slot, dst: _Slot) -> None:
         """Replace dst's cache with src's. llama.cpp copies streams whole (or not at all), in the next
@@ -572,11 +574,10 @@ class LlamaEngine(Engine):
         if slot is not None:
             slot.busy = False
             slot.last_used = time.monotonic()
-            if seq.parser.saw_reasoning and len(slot.tokens) > len(seq.prompt):
+            if seq.parser.saw_reasoning:
                 # R1's next turn sends this answer back without its reasoning, so it can only reuse the
                 # prompt; cut to that, it matches the next turn in full and is reused in place.
-                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), slot.seq_id, len(seq.prompt), -1)
-                slot.tokens = slot.tokens[: len(seq.prompt)]
+                self._cut(slot, len(seq.prompt))
 
     def _fill_batch(self) -> list[_Feed]:
         """Fill the batch; returns what each sequence put in it."""
@@ -627,11 +628,9 @@ class LlamaEngine(Engine):
 
     def _fail_batch(self, feeds: list[_Feed], rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d sequences", rc, len(feeds))
-        mem = llama_cpp.llama_get_memory(self._ctx)
         for seq, _, _, _ in feeds:
             assert seq.slot is not None
-            llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq_id, -1, -1)
-            seq.slot.tokens = []
+            self._cut(seq.slot, 0)
             self._emit(seq, R1ServeError(f"the engine failed to decode (llama_decode returned {rc})"))
             self._release(seq)
 
