@@ -13,14 +13,14 @@ import httpx
 import pytest
 
 from r1serve.api import create_app
-from r1serve.router import Router
+from r1serve.routing.registry import ModelRegistry
 from r1serve.settings import Settings
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 def _client(**settings: Any) -> tuple[httpx.AsyncClient, Any]:
-    app = create_app(Settings(**settings), router=Router())
+    app = create_app(Settings(**settings), registry=ModelRegistry())
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test"), app
 
@@ -130,7 +130,7 @@ async def test_metrics_count_requests_by_route() -> None:
     assert "r1serve_http_request_duration_seconds_bucket" in text
 
 
-# ----------------------------------------------------------------------------- the fast path (api/fastpath.py)
+# ----------------------------------------------------------------------------- the hot paths (api/hotpaths.py)
 
 
 class _Scripted:
@@ -172,15 +172,15 @@ class _Scripted:
 
 def _scripted_app(engine: Any, **settings: Any) -> Any:
     from r1serve.models.catalog import LocalSource, ModelEntry
-    from r1serve.router import Route
+    from r1serve.routing.registry import ServedModel
 
-    router = Router()
+    registry = ModelRegistry()
     entry = ModelEntry(id="m", source=LocalSource(path=__import__("pathlib").Path("m.gguf")))
-    router.add(Route(entry=entry, engine=engine), default=True)
-    return create_app(Settings(**settings), router=router)
+    registry.add(ServedModel(entry=entry, engine=engine), default=True)
+    return create_app(Settings(**settings), registry=registry)
 
 
-async def test_fast_path_serves_chat_and_completions_with_ids_usage_and_headers() -> None:
+async def test_hot_path_serves_chat_and_completions_with_ids_usage_and_headers() -> None:
     engine = _Scripted()
     app = _scripted_app(engine, api_keys=["sk-a"])
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -209,14 +209,70 @@ async def test_fast_path_serves_chat_and_completions_with_ids_usage_and_headers(
     assert 'r1serve_http_requests_total{method="POST",route="/v1/completions",status="200"}' in metrics
 
 
-async def _disconnect_after(app: Any, body: dict[str, Any], delay: float) -> list[dict[str, Any]]:
+async def test_a_middleware_added_with_add_middleware_sees_every_request_the_hot_paths_too() -> None:
+    seen: list[tuple[str, str, int]] = []
+
+    class Spy:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def spy_send(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    seen.append((scope["method"], scope["path"], message["status"]))
+                    message["headers"] = [*message["headers"], (b"x-spy", b"1")]
+                await send(message)
+
+            await self.app(scope, receive, spy_send)
+
+    app = _scripted_app(_Scripted())
+    app.add_middleware(Spy)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        replies = [
+            await client.post("/v1/chat/completions", json=chat),
+            await client.post("/v1/chat/completions", json={**chat, "stream": True}),
+            await client.post("/v1/completions", json={"prompt": "2+2="}),
+            await client.post("/deepseek_chat", json={"prompt": "hi"}),
+            await client.get("/v1/models"),
+        ]
+    assert [r.headers.get("x-spy") for r in replies] == ["1"] * 5
+    assert seen == [
+        ("POST", "/v1/chat/completions", 200), ("POST", "/v1/chat/completions", 200), ("POST", "/v1/completions", 200),
+        ("POST", "/deepseek_chat", 200), ("GET", "/v1/models", 200),
+    ]  # fmt: skip
+
+
+def test_a_hot_route_needing_more_than_authentication_is_refused_at_start() -> None:
+    from fastapi import APIRouter, Depends
+
+    from r1serve.api.auth import authenticate
+    from r1serve.api.hotpaths import hot_routes
+
+    async def extra() -> None:
+        pass
+
+    router = APIRouter(dependencies=[Depends(authenticate), Depends(extra)])
+
+    @router.post("/v1/chat/completions")
+    async def chat() -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match="runs only the authenticate dependency"):
+        hot_routes(router.routes)
+
+
+async def _disconnect_after(
+    app: Any, body: dict[str, Any], delay: float, path: str = "/v1/chat/completions"
+) -> list[dict[str, Any]]:
     """Drive the app like a server whose client hangs up ``delay`` seconds after sending the request."""
     import json as _json
 
     raw = _json.dumps(body).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
     }  # fmt: skip
@@ -237,7 +293,7 @@ async def _disconnect_after(app: Any, body: dict[str, Any], delay: float) -> lis
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_fast_path_client_disconnect_cancels_the_generation(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+async def test_hot_path_client_disconnect_cancels_the_generation(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
     engine = _Scripted(hang=True)
     app = _scripted_app(engine)
     with caplog.at_level(logging.INFO, logger="r1serve.access"):
@@ -247,7 +303,13 @@ async def test_fast_path_client_disconnect_cancels_the_generation(stream: bool, 
     assert any("POST /v1/chat/completions 499" in r.getMessage() for r in caplog.records)
 
 
-async def test_fast_path_client_disconnect_mid_stream_closes_the_generation() -> None:
+async def test_hot_path_client_disconnect_on_deepseek_chat_cancels_the_generation() -> None:
+    engine = _Scripted(hang=True)
+    sent = await _disconnect_after(_scripted_app(engine), {"prompt": "hi"}, 0.2, path="/deepseek_chat")
+    assert sent == [] and engine.ended == ["CancelledError"]
+
+
+async def test_hot_path_client_disconnect_mid_stream_closes_the_generation() -> None:
     engine = _Scripted(hang="mid-stream")  # type: ignore[arg-type]
     app = _scripted_app(engine)
     sent = await _disconnect_after(app, {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 0.2)
@@ -256,7 +318,7 @@ async def test_fast_path_client_disconnect_mid_stream_closes_the_generation() ->
     assert engine.ended and engine.ended[0] in ("CancelledError", "GeneratorExit")
 
 
-async def test_fast_path_leaves_other_methods_to_fastapi() -> None:
+async def test_hot_path_leaves_other_methods_to_fastapi() -> None:
     client, _ = _client()
     async with client:
         resp = await client.get("/v1/chat/completions")

@@ -12,24 +12,15 @@ from openai.types.chat import ChatCompletion as SDKChatCompletion
 from openai.types.chat import ChatCompletionChunk as SDKChatCompletionChunk
 
 from r1serve.api.errors import param_path, validation_error
-from r1serve.api.serving import (
-    ChatChunkEncoder,
-    Collected,
-    CompletionChunkEncoder,
-    chat_completion_body,
-    chat_generation_request,
-    completion_body,
-    completion_generation_request,
-    error_event,
-    estimate_cost,
-    legacy_logprobs,
-    sse_events,
-)
+from r1serve.accounts.prices import cost_usd
+from r1serve.api.bodies import Collected, chat_completion_body, completion_body, legacy_logprobs
+from r1serve.api.chunks import ChatChunkEncoder, CompletionChunkEncoder, error_event, sse_events
+from r1serve.api.requests import chat_generation_request, completion_generation_request
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.errors import ContextLengthExceeded, InvalidRequest
 from r1serve.models.catalog import LocalSource, ModelEntry, Prices
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, PromptLogprob, TokenLogprob, TopLogprob
-from r1serve.router import Route
+from r1serve.routing.registry import ServedModel
 from r1serve.settings import Settings
 
 USAGE = EngineUsage(prompt_tokens=12, completion_tokens=9, reasoning_tokens=5, cached_tokens=4)
@@ -52,13 +43,18 @@ class _NoEngine(Engine):
         raise AssertionError("the pure tests never generate")
 
 
-def _route(**entry_fields: Any) -> Route:
+def _route(**entry_fields: Any) -> ServedModel:
     entry = ModelEntry(id="m", source=LocalSource(path=__import__("pathlib").Path("m.gguf")), **entry_fields)
-    return Route(entry=entry, engine=_NoEngine())
+    return ServedModel(entry=entry, engine=_NoEngine())
 
 
 def _chat(**fields: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def _split(items: list[str]) -> list[str]:
+    """The SSE events in sse_events' items (each item holds all the events of one delta)."""
+    return [event + "\n\n" for item in items for event in item.split("\n\n") if event]
 
 
 def _events(chunks: list[str]) -> list[Any]:
@@ -170,13 +166,13 @@ def test_completion_prompt_list_of_one_ok_more_is_400() -> None:
 def test_cost_cached_tokens_at_cached_price() -> None:
     # 8 uncached input at 0.55, 4 cached at 0.14, 9 output at 2.19 ($ per million)
     expected = (8 * 0.55 + 4 * 0.14 + 9 * 2.19) / 1e6
-    assert estimate_cost(USAGE, PRICES) == pytest.approx(expected)
+    assert cost_usd(USAGE, PRICES) == pytest.approx(expected)
 
 
 def test_cost_cached_tokens_at_input_price_without_cached_price() -> None:
     prices = Prices(input=1.0, output=3.0)
-    assert estimate_cost(USAGE, prices) == pytest.approx((12 * 1.0 + 9 * 3.0) / 1e6)
-    assert estimate_cost(USAGE, Prices()) == 0.0
+    assert cost_usd(USAGE, prices) == pytest.approx((12 * 1.0 + 9 * 3.0) / 1e6)
+    assert cost_usd(USAGE, Prices()) == 0.0
 
 
 # ----------------------------------------------------------------------------- chat streaming
@@ -213,7 +209,7 @@ def test_stream_usage_chunk_only_when_asked() -> None:
     assert last["usage"]["total_tokens"] == 21
     assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
     assert last["usage"]["prompt_tokens_details"]["cached_tokens"] == 4
-    assert last["usage"]["estimated_cost"] == pytest.approx(estimate_cost(USAGE, PRICES))
+    assert last["usage"]["estimated_cost"] == pytest.approx(cost_usd(USAGE, PRICES))
 
 
 def test_stream_include_reasoning_false_drops_text_keeps_counts() -> None:
@@ -281,7 +277,7 @@ async def test_sse_events_end_with_done_and_close_the_engine_stream() -> None:
         finally:
             closed = True
 
-    chunks = [c async for c in sse_events(R1_DELTAS[0], rest(), _encoder())]
+    chunks = _split([c async for c in sse_events(R1_DELTAS[0], rest(), _encoder())])
     assert chunks[-1] == "data: [DONE]\n\n"
     assert closed
 
@@ -292,7 +288,7 @@ async def test_sse_heartbeats_become_keep_alive_comments() -> None:
         yield Delta(content="hi")
         yield Delta(finish_reason="stop", usage=USAGE)
 
-    chunks = [c async for c in sse_events(Delta(), queued_then_served(), _encoder())]
+    chunks = _split([c async for c in sse_events(Delta(), queued_then_served(), _encoder())])
     assert chunks[1] == ": keep-alive\n\n" and chunks[2] == ": keep-alive\n\n"
     assert chunks[-1] == "data: [DONE]\n\n"
     assert sum(c.startswith(":") for c in chunks) == 2
@@ -303,7 +299,7 @@ async def test_sse_error_after_start_is_an_error_event_then_done() -> None:
         yield Delta(content="partial")
         raise ContextLengthExceeded("too long", param="messages")
 
-    events = _events([c async for c in sse_events(Delta(content="a"), failing(), _encoder())])
+    events = _events(_split([c async for c in sse_events(Delta(content="a"), failing(), _encoder())]))
     assert events[-1] == "[DONE]"
     assert events[-2]["error"] == {
         "message": "too long",
@@ -318,13 +314,13 @@ async def test_sse_internal_error_hides_details() -> None:
         raise RuntimeError("secret internals at 0xdeadbeef")
         yield  # pragma: no cover
 
-    chunks = [c async for c in sse_events(Delta(content="a"), failing(), _encoder())]
+    chunks = _split([c async for c in sse_events(Delta(content="a"), failing(), _encoder())])
     assert "secret" not in "".join(chunks)
     assert _events(chunks)[-2]["error"]["type"] == "server_error"
 
 
 async def test_sse_stream_ending_without_finish_is_an_error() -> None:
-    chunks = [c async for c in sse_events(Delta(content="a"), _aiter([]), _encoder())]
+    chunks = _split([c async for c in sse_events(Delta(content="a"), _aiter([]), _encoder())])
     assert "error" in _events(chunks)[-2]
 
 

@@ -1,4 +1,4 @@
-"""The gateway through the real API: r1serve's app under uvicorn on loopback with a gateway router,
+"""The gateway through the real API: r1serve's app under uvicorn on loopback with a gateway registry,
 fake upstreams on loopback, the openai SDK as the client. Also the configuration paths: the providers
 file, ``--provider`` with a ``.env``, the one-off ``--upstream`` route."""
 
@@ -19,11 +19,11 @@ import uvicorn
 from fake_upstream import FakeUpstream, Reply, think_content
 
 from r1serve.api import create_app
-from r1serve.api.state import close_router
+from r1serve.routing.build import close_registry
 from r1serve.gateway import GatewayConfigError, GatewayOptions, build_from_config, load_gateway_config
 from r1serve.models.catalog import R1_ALIASES
 from r1serve.reasoning import split_reasoning
-from r1serve.router import Router
+from r1serve.routing.registry import ModelRegistry
 from r1serve.settings import Settings
 
 REASONING = "The user greets me. I should greet back."
@@ -37,8 +37,8 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(router: Router, **settings: Any) -> AsyncIterator[str]:
-    app = create_app(Settings(_env_file=None, **settings), router=router)  # type: ignore[call-arg]
+async def serving(registry: ModelRegistry, **settings: Any) -> AsyncIterator[str]:
+    app = create_app(Settings(_env_file=None, **settings), registry=registry)  # type: ignore[call-arg]
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     task = asyncio.create_task(server.serve())
@@ -49,7 +49,7 @@ async def serving(router: Router, **settings: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
-        await close_router(router)
+        await close_registry(registry)
 
 
 def providers_file(tmp_path: Path, text: str) -> Path:
@@ -58,7 +58,7 @@ def providers_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-async def gateway(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Router:
+async def gateway(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> ModelRegistry:
     config = load_gateway_config(
         GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None, health_interval=0), env=env or {}
     )
@@ -97,8 +97,8 @@ ENV = {"PRIMARY_KEY": "sk-primary-0123456789abcdef", "BACKUP_KEY": "sk-backup-01
 async def test_openai_sdk_non_streaming_and_streaming(tmp_path: Path) -> None:
     text = think_content(REASONING, ANSWER)
     async with FakeUpstream(default=Reply(fields=text, chunk=3, chunk_delay=0.01)) as a, FakeUpstream() as b:
-        router = await gateway(tmp_path, two_targets(a, b), ENV)
-        async with serving(router) as url:
+        registry = await gateway(tmp_path, two_targets(a, b), ENV)
+        async with serving(registry) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
             resp = await client.chat.completions.with_raw_response.create(
                 model="deepseek-reasoner", messages=[{"role": "user", "content": "hi"}]
@@ -150,8 +150,8 @@ async def test_failover_history_and_estimated_usage(tmp_path: Path) -> None:
     async with FakeUpstream(default=Reply(kind="status", status=503, body="{}")) as a, FakeUpstream(
         default=Reply(fields=[("reasoning_content", "r"), ("content", "\nanswer")], usage=False)
     ) as b:
-        router = await gateway(tmp_path, two_targets(a, b), ENV)
-        async with serving(router) as url:
+        registry = await gateway(tmp_path, two_targets(a, b), ENV)
+        async with serving(registry) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
             completion = await client.chat.completions.create(
                 model="deepseek-r1",
@@ -181,8 +181,8 @@ async def test_errors_before_and_after_output(tmp_path: Path) -> None:
     drop = Reply(kind="drop", fields=[("content", "x" * 40)], drop_after=4, chunk=2, chunk_delay=0.05)
     async with FakeUpstream(default=drop) as a, FakeUpstream(default=Reply(kind="status", status=401, body="{}")) as b:
         text = two_targets(a, b).replace('dialect = "think_in_content"', 'dialect = "none"')
-        router = await gateway(tmp_path, text, ENV)
-        async with serving(router) as url, httpx.AsyncClient(base_url=url) as http:
+        registry = await gateway(tmp_path, text, ENV)
+        async with serving(registry) as url, httpx.AsyncClient(base_url=url) as http:
             body = {"model": "deepseek-r1", "messages": [{"role": "user", "content": "hi"}], "stream": True}
             async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
                 assert resp.status_code == 200
@@ -208,18 +208,18 @@ async def test_provider_preset_with_dotenv(tmp_path: Path) -> None:
     token = "hf_TutorialTokenFromDotEnv123456"
     (tmp_path / ".env").write_text(f'HUGGINGFACE_ACCESS_TOKEN="{token}"\n')
     async with FakeUpstream(default=Reply(fields=think_content("x", "y", open_tag=True)), api_key=token) as hf:
-        # The preset's URL is the real router; only the base URL is pointed at the fake.
+        # The preset's URL is HF's real router; only the base URL is pointed at the fake.
         path = providers_file(tmp_path, f'[providers.huggingface]\nbase_url = "{hf.base_url}"\n')
         options = GatewayOptions(providers_file=path, provider=("huggingface",), env_file=tmp_path / ".env", health_interval=0)
         config = load_gateway_config(options, env=None)
         assert config is not None
         assert token not in repr(config)
-        router = await build_from_config(config)
-        route = router.resolve(None)
+        registry = await build_from_config(config)
+        route = registry.resolve(None)
         assert route.entry.id == "deepseek-ai/DeepSeek-R1@huggingface"
         for alias in R1_ALIASES:
-            assert router.resolve(alias) is route
-        async with serving(router) as url, httpx.AsyncClient(base_url=url) as http:
+            assert registry.resolve(alias) is route
+        async with serving(registry) as url, httpx.AsyncClient(base_url=url) as http:
             # The Plumber tutorial's own endpoint, as its R client calls it.
             resp = await http.post("/deepseek_chat", data={"prompt": "hello"})
             assert resp.status_code == 200, resp.text
@@ -255,11 +255,11 @@ async def test_one_off_upstream_route(tmp_path: Path) -> None:
         )
         config = load_gateway_config(options, env={})
         assert config is not None
-        router = await build_from_config(config)
-        route = router.resolve(None)
+        registry = await build_from_config(config)
+        route = registry.resolve(None)
         for name in (*R1_ALIASES, "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"):
-            assert router.resolve(name) is route, name
-        async with serving(router) as url:
+            assert registry.resolve(name) is route, name
+        async with serving(registry) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
             completion = await client.chat.completions.create(
                 model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": "hi"}]

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from r1serve.api.context import (
+from r1serve.api.context import scope_header
+from r1serve.logs import (
     ACCESS_LOGGER,
     BatchedStreamHandler,
     RequestIdFilter,
@@ -23,7 +24,6 @@ from r1serve.api.context import (
     configure_logging,
     log_access,
     request_id_var,
-    scope_header,
 )
 
 
@@ -185,7 +185,7 @@ def test_configure_logging_stamps_the_request_id(
 
 _KILLED_BY_SIGTERM = """
 import logging, os, signal, time
-from r1serve.api.context import configure_logging, log_access
+from r1serve.logs import configure_logging, log_access
 configure_logging("info")
 log_access("GET", "/v1/models", 200, 0.001)
 logging.getLogger("uvicorn.error").info("Shutting down")

@@ -79,8 +79,8 @@ def serve(
     import uvicorn
 
     from r1serve.api import create_app
-    from r1serve.api.context import configure_logging
-    from r1serve.api.state import resolve_model
+    from r1serve.logs import configure_logging
+    from r1serve.routing.build import resolve_model
 
     from r1serve.gateway import GatewayConfigError, gateway_plan
 
@@ -185,7 +185,7 @@ def pull(
     model: Annotated[str | None, typer.Argument(help="Catalog id or alias; default: the configured model.")] = None,
 ) -> None:
     """Fetch a model into the cache (verified by checksum) and print its path."""
-    from r1serve.api.state import model_entry
+    from r1serve.routing.build import model_entry
 
     settings = _settings()
     try:

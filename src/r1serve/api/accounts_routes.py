@@ -19,6 +19,7 @@ from r1serve.accounts import Accounts, Principal
 from r1serve.api.auth import authenticate
 from r1serve.api.billing import AccountsAuth, accounts_of, principal_of
 from r1serve.api.errors import validation_error
+from r1serve.api.requests import json_object
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.settings import Settings
 
@@ -125,10 +126,8 @@ class KeyUpdate(BaseModel):
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
-    from r1serve.api.routes import _json_object
-
     try:
-        return model.model_validate(await _json_object(request))
+        return model.model_validate(json_object(await request.body()))
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
 

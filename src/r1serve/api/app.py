@@ -1,4 +1,13 @@
-"""The FastAPI application: routes, error rendering, the request middleware, and the engines' lifetime."""
+"""The FastAPI application: routes, error rendering, the middleware stack, and the engines' lifetime.
+
+A request's way through it (:meth:`R1ServeApp.build_middleware_stack`)::
+
+    middlewares added with add_middleware, outermost first: RequestContextMiddleware (request id,
+    body limit, access line, metrics, last-resort 500) and any added later
+      -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat
+         -> their handlers in routes.py / plumber.py, called directly
+      -> FastAPI's own stack and router: everything else
+"""
 
 from __future__ import annotations
 
@@ -8,51 +17,54 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp
 
 import r1serve
 from r1serve.accounts import Accounts
 from r1serve.api.accounts_routes import accounts_api, open_accounts, use_accounts
 from r1serve.api.auth import StaticKeys
 from r1serve.api.errors import install_error_handlers
-from r1serve.api.fastpath import fast_route, serve_fast
+from r1serve.api.hotpaths import HotPaths, hot_routes
 from r1serve.api.metrics import metrics_endpoint
 from r1serve.api.middleware import RequestContextMiddleware
-from r1serve.api.routes import api, ops, plumber
-from r1serve.api.serving import ClientDisconnected
-from r1serve.api.state import build_router, close_router
+from r1serve.api.plumber import plumber
+from r1serve.api.routes import api, ops
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest
-from r1serve.router import Router
+from r1serve.routing import ModelRegistry
+from r1serve.routing.build import build_registry, close_registry
 from r1serve.settings import Settings
 
-# Bodies parsed by routes.py itself, so FastAPI does not see their schemas.
+# Bodies parsed by the handlers themselves, so FastAPI does not see their schemas.
 _BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
 
 
 class R1ServeApp(FastAPI):
-    """FastAPI, with the completion endpoints served by the raw-ASGI fast path (api/fastpath.py) in front of
-    it. Everything else (and the OpenAPI description of those endpoints too) is FastAPI's."""
+    """FastAPI, with the generation endpoints' hot paths between the middlewares and FastAPI's own stack."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.root_path:
-            scope["root_path"] = self.root_path
-        fast = fast_route(scope)
-        if fast is None:
-            await super().__call__(scope, receive, send)
-            return
-        scope["app"] = self
-        await serve_fast(self, fast[0], fast[1], scope, receive, send)
+    # The routers holding the hot paths' routes (set by create_app, read when the stack is built).
+    hot_routers: tuple[APIRouter, ...] = ()
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # FastAPI's stack without the user middlewares: its error middlewares, exception handlers, router.
+        user, self.user_middleware = self.user_middleware, []
+        try:
+            inner = super().build_middleware_stack()
+        finally:
+            self.user_middleware = user
+        app: ASGIApp = HotPaths(inner, hot_routes(r for router in self.hot_routers for r in router.routes))
+        for cls, args, kwargs in reversed(user):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
-def create_app(settings: Settings, router: Router | None = None, accounts: Accounts | None = None) -> FastAPI:
+def create_app(settings: Settings, registry: ModelRegistry | None = None, accounts: Accounts | None = None) -> FastAPI:
     """The server for ``settings``.
 
-    Without ``router`` the app owns its engines: startup fetches ``settings.model`` if needed and loads
-    it into the embedded engine, shutdown closes it. A given router is used as it is: its engines must
+    Without ``registry`` the app owns its engines: startup fetches ``settings.model`` if needed and loads
+    it into the embedded engine, shutdown closes it. A given registry is used as it is: its engines must
     be running already and whoever built it closes them.
 
     Accounts (keys, limits, ledger): a given ``accounts`` is used as it is (its owner starts and closes
@@ -62,20 +74,20 @@ def create_app(settings: Settings, router: Router | None = None, accounts: Accou
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if router is not None:
+        if registry is not None:
             _settle_heap()
             yield
             return
         owned = await asyncio.to_thread(open_accounts, settings)
         use_accounts(app, owned)
         try:
-            built = await build_router(settings)
-            app.state.router = built
+            built = await build_registry(settings)
+            app.state.registry = built
             _settle_heap()
             try:
                 yield
             finally:
-                await close_router(built)  # generations end and settle before the ledger's last flush
+                await close_registry(built)  # generations end and settle before the ledger's last flush
         finally:
             await asyncio.to_thread(owned.close)
 
@@ -86,8 +98,8 @@ def create_app(settings: Settings, router: Router | None = None, accounts: Accou
         lifespan=lifespan,
     )
     app.state.settings = settings
-    if router is not None:
-        app.state.router = router
+    if registry is not None:
+        app.state.registry = registry
     app.state.authenticator = StaticKeys(settings.api_keys)
     app.state.accounts = None  # set, so that per-request lookups find it without raising AttributeError
     if accounts is not None:
@@ -95,12 +107,12 @@ def create_app(settings: Settings, router: Router | None = None, accounts: Accou
 
     app.include_router(api)
     app.include_router(plumber)
+    app.hot_routers = (api, plumber)
     app.include_router(accounts_api)
     app.include_router(ops)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     install_error_handlers(app)
-    app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -127,14 +139,6 @@ def _settle_heap() -> None:
     gen0, gen1, gen2 = gc.get_threshold()
     if 0 < gen0 < GC_GEN0_THRESHOLD:  # 0: the collector was disabled on purpose
         gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-async def _client_disconnected(request: Request, exc: Exception) -> Response:
-    # Nobody reads this; 499 (nginx's "client closed request") keeps it apart in logs and metrics.
-    meter = getattr(request.state, "meter", None)
-    if meter is not None:
-        meter.finish("cancelled")  # idempotent: settles a reservation whose generation never started
-    return Response(status_code=499)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from r1serve.accounts.prices import PriceVersion
 from r1serve.api.auth import Caller, bearer_token
 from r1serve.engines.base import Delta, EngineUsage, GenerationRequest
 from r1serve.models.catalog import Prices
-from r1serve.router import Route
+from r1serve.routing.registry import ServedModel
 
 log = logging.getLogger("r1serve.api")
 
@@ -73,7 +73,7 @@ def _texts(gen: GenerationRequest) -> tuple[list[str], int]:
 
 
 def open_meter(
-    request: Request, route: Route, gen: GenerationRequest, *, model_name: str, response_id: str
+    request: Request, route: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str
 ) -> Meter | None:
     """The request's :class:`Meter`, or None when there is nothing to meter: no accounts database, or a
     caller the accounts layer did not identify (then ``Meter.active`` would be False, and every one of its
@@ -86,7 +86,7 @@ def open_meter(
 class Meter:
     """One request's accounting. Create, ``await admit()``, then ``wrap()`` the engine's stream."""
 
-    def __init__(self, request: Request, route: Route, gen: GenerationRequest, *, model_name: str, response_id: str):
+    def __init__(self, request: Request, route: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str):
         self.accounts = accounts_of(request)
         self.principal = principal_of(request)
         self.route = route
@@ -101,7 +101,7 @@ class Meter:
         self._received: list[str] = []
         self._usage: EngineUsage | None = None
         self._done = False
-        # The app's ClientDisconnected handler settles through this when the client left before the
+        # The hot path settles through this when the client left before the
         # generation even started (the wrapper never ran, so its finally cannot).
         request.state.meter = self
 

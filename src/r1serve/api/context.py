@@ -1,20 +1,26 @@
-"""The request id: one per HTTP request, echoed in ``x-request-id`` and stamped on every log line."""
+"""What every HTTP request carries from its first byte to its access line: :class:`RequestContext`.
+
+:class:`~r1serve.api.middleware.RequestContextMiddleware` opens one per request (request id, start
+time) and closes it (metrics, access line); the hot paths (api/hotpaths.py) find it in the scope and
+record what the middleware cannot see, such as a client that hung up before any response (499).
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import threading
 import time
 from collections.abc import MutableMapping
-from contextvars import ContextVar
-from typing import Any, TextIO
+from contextvars import Token
+from typing import Any
 
-request_id_var: ContextVar[str] = ContextVar("r1serve_request_id", default="-")
+from r1serve.api.metrics import observe
+from r1serve.logs import log_access, request_id_var
 
 # A client's own id is echoed only when it is safe to put in a log line and a header.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_HEADERS_KEY = "r1serve.headers"
+_CONTEXT_KEY = "r1serve.context"
 
 
 def scope_header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
@@ -28,9 +34,6 @@ def scope_header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
         # Reversed, so that the first of repeated headers is the one kept.
         cached = scope[_HEADERS_KEY] = (raw, dict(reversed(raw)))
     return cached[1].get(name)  # type: ignore[no-any-return]
-
-
-_HEADERS_KEY = "r1serve.headers"
 
 
 def new_request_id() -> str:
@@ -47,184 +50,29 @@ def request_id_from(scope: MutableMapping[str, Any]) -> str:
     return new_request_id()
 
 
-class RequestIdFilter(logging.Filter):
-    """Adds ``%(request_id)s`` to every record (``-`` outside a request)."""
+class RequestContext:
+    """One HTTP request's id, start time and final status."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
+    __slots__ = ("request_id", "id_header", "started", "status", "_token")
 
+    def __init__(self, scope: MutableMapping[str, Any]) -> None:
+        self.request_id = request_id_from(scope)
+        self.id_header = (b"x-request-id", self.request_id.encode("latin-1"))
+        self.started = time.perf_counter()
+        # The status sent, or one recorded without a response (499: the client left first); 0: none yet.
+        self.status = 0
+        self._token: Token[str] = request_id_var.set(self.request_id)
+        scope[_CONTEXT_KEY] = self
+        scope.setdefault("state", {})["request_id"] = self.request_id
 
-# The access log: a line per request, so the one logger whose lines are worth batching.
-ACCESS_LOGGER = "r1serve.access"
-access_log = logging.getLogger(ACCESS_LOGGER)
-_root = logging.getLogger()
-# The handler configure_logging installed, while it is still the only place access lines can go.
-_installed: BatchedStreamHandler | None = None
-
-
-def log_access(method: str, path: str, status: int, seconds: float) -> None:
-    """The request's access line (INFO on ``r1serve.access``).
-
-    With the set-up :func:`configure_logging` makes (its handler alone on the root logger, nothing
-    added to the access logger), the line goes straight into the handler's batch: the same text, built
-    from the same format, without a LogRecord and the logging module's passes over it, which were most
-    of a line's cost (a line per request). Any other set-up gets the line through the logger."""
-    handler = _installed
-    if handler is not None and _only_destination(handler):
-        if access_log.isEnabledFor(logging.INFO):
-            handler.add_access_line("%s %s %d %.0fms" % (method, path, status, seconds * 1000))
-        return
-    access_log.info("%s %s %d %.0fms", method, path, status, seconds * 1000)
+    def close(self, scope: MutableMapping[str, Any]) -> None:
+        """Metrics and the access line; the route label is the matched route's path template."""
+        elapsed = time.perf_counter() - self.started
+        route = scope.get("route")
+        observe(getattr(route, "path", None) or "unmatched", scope["method"], self.status, elapsed)
+        log_access(scope["method"], scope["path"], self.status, elapsed)
+        request_id_var.reset(self._token)
 
 
-def _only_destination(handler: BatchedStreamHandler) -> bool:
-    """Whether a record of the access logger would reach ``handler`` and nothing else, unfiltered."""
-    if access_log.filters or len(_root.handlers) != 1 or _root.handlers[0] is not handler:
-        return False
-    logger: logging.Logger | None = access_log
-    while logger is not _root and logger is not None:  # the loggers a record propagates through
-        if logger.handlers or not logger.propagate:
-            return False
-        logger = logger.parent
-    return handler.takes_access_lines()
-
-
-class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes the access log's lines in batches instead of one write (a system
-    call) each.
-
-    Written one by one, an access line cost 7.9 us to a file and 10.1 us to a pipe here; batched, 5.6 us
-    (formatting, mostly). Only INFO lines of ``r1serve.access`` wait, for at most ``FLUSH_EVERY`` seconds
-    (a daemon thread writes them) or until ``MAX_PENDING`` are waiting. Every other line is written at
-    once, after what waits, so the order of lines is kept and the server's own messages (start-up,
-    warnings, uvicorn's "Shutting down") are never late: whatever stops the server, the access lines of
-    the requests it finished have been written before its last message."""
-
-    FLUSH_EVERY = 0.5
-    MAX_PENDING = 512
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        super().__init__(stream)
-        self._pending: list[str] = []
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, name="r1serve-log-flush", daemon=True)
-        self._flusher.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Called with the handler's lock held (Handler.handle).
-        try:
-            self._pending.append(self.format(record))
-            if (
-                record.name != ACCESS_LOGGER
-                or record.levelno != logging.INFO
-                or len(self._pending) >= self.MAX_PENDING
-                or self._stop.is_set()  # closed: no timer any more
-            ):
-                self.flush()
-        except Exception:
-            self.handleError(record)
-
-    def takes_access_lines(self) -> bool:
-        """Whether :meth:`add_access_line` renders what ``emit`` would: INFO passes the handler's level,
-        and its formatter and filter are still the ones :func:`configure_logging` gave it."""
-        formatter = self.formatter
-        return (
-            self.level <= logging.INFO
-            and isinstance(formatter, _Formatter)
-            and len(self.filters) == 1
-            and isinstance(self.filters[0], RequestIdFilter)
-        )
-
-    def add_access_line(self, message: str) -> None:
-        """An access line, formatted as a record of it would be (see :func:`log_access`)."""
-        level = logging.getLevelName(logging.INFO)
-        line = self.formatter.line(time.time(), level, ACCESS_LOGGER, request_id_var.get(), message)  # type: ignore[union-attr]
-        with self.lock:  # type: ignore[union-attr]
-            self._pending.append(line)
-            if len(self._pending) >= self.MAX_PENDING or self._stop.is_set():
-                try:
-                    self.flush()
-                except Exception:
-                    # A broken stream: these lines are lost, as a failed emit loses its record; the
-                    # request that logged must not fail for it.
-                    pass
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if self._pending:
-                # Taken before the write: a stream that fails loses these lines (as a failed emit loses
-                # its record) rather than failing again on every later line.
-                lines, self._pending = self._pending, []
-                self.stream.write(self.terminator.join(lines) + self.terminator)
-            if self.stream and hasattr(self.stream, "flush"):
-                self.stream.flush()
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            self.flush()
-        finally:
-            super().close()
-
-    def _flush_periodically(self) -> None:
-        while not self._stop.wait(self.FLUSH_EVERY):
-            if self._pending:
-                try:
-                    self.flush()
-                except Exception:
-                    # A broken stream (a closed pipe): its lines are lost, as they would be one at a time;
-                    # later ones are tried again.
-                    pass
-
-
-class _Formatter(logging.Formatter):
-    """Renders the time once per second rather than once per line (an access line per request)."""
-
-    def __init__(self, fmt: str, datefmt: str) -> None:
-        super().__init__(fmt, datefmt)
-        self._datefmt = datefmt
-        # One tuple, replaced whole: threads formatting at the same time never pair a second with
-        # another second's text.
-        self._stamp: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        return self._time(record.created)
-
-    def _time(self, created: float) -> str:
-        second = int(created)
-        stamp = self._stamp
-        if stamp[0] != second:
-            stamp = self._stamp = (second, time.strftime(self._datefmt, self.converter(created)))
-        return stamp[1]
-
-    def line(self, created: float, level: str, name: str, request_id: str, message: str) -> str:
-        """The line ``format`` gives a record with these fields (a message without a traceback)."""
-        fields = {"asctime": self._time(created), "levelname": level, "name": name, "request_id": request_id,
-                  "message": message}  # fmt: skip
-        return self._fmt % fields  # type: ignore[operator]
-
-
-def configure_logging(level: str = "info") -> None:
-    """Console logging for the server, request id included; uvicorn's loggers share the handler."""
-    # Per-record work nothing here prints (the format has no file, line, thread or process): the
-    # logging HOWTO's "Optimization" settings. Finding the caller walks the stack on every record.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = BatchedStreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    for old in root.handlers:
-        if isinstance(old, BatchedStreamHandler):
-            old.close()  # an earlier call's: stops its flusher thread
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    global _installed
-    _installed = handler
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
+def context_of(scope: MutableMapping[str, Any]) -> RequestContext | None:
+    return scope.get(_CONTEXT_KEY)  # type: ignore[no-any-return]

@@ -21,6 +21,8 @@ from r1serve.errors import InvalidRequest, R1ServeError
 
 log = logging.getLogger("r1serve.api")
 
+INTERNAL_ERROR = "The server had an error while processing your request."
+
 _HTTP_ERROR_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     403: ("permission_error", None),
@@ -131,20 +133,22 @@ def _shown(value: Any) -> str:
 # --- handlers
 
 
-async def _r1serve_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, R1ServeError)
-    if exc.status >= 500:
-        log.warning("%s: %s", type(exc).__name__, exc.message)
-    return r1serve_error_response(exc)
+async def render_error(request: Request, exc: Exception) -> Response:
+    """The response for an expected failure: r1serve's errors, pydantic validation and HTTP errors.
+    FastAPI's exception handlers and the hot paths (api/hotpaths.py) both render through it; anything
+    else is a bug, left to the middleware's last-resort 500."""
+    if isinstance(exc, R1ServeError):
+        if exc.status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return r1serve_error_response(exc)
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return r1serve_error_response(validation_error(exc.errors()))
+    if isinstance(exc, StarletteHTTPException):
+        return _http_error(request, exc)
+    raise exc
 
 
-async def _request_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError | ValidationError)
-    return r1serve_error_response(validation_error(exc.errors()))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
+def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     type_, code = _HTTP_ERROR_TYPES.get(exc.status_code, ("invalid_request_error", None))
     if exc.status_code >= 500:
         type_ = "server_error"
@@ -157,8 +161,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, message, type_, None, code, dict(exc.headers or {}))
 
 
+HANDLED: tuple[type[Exception], ...] = (R1ServeError, RequestValidationError, ValidationError, StarletteHTTPException)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette's ServerErrorMiddleware (inside RequestContextMiddleware, see app.py) renders a bug with
+    # this, then re-raises it to RequestContextMiddleware, which logs it with the request id.
+    return error_response(500, INTERNAL_ERROR, "server_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(R1ServeError, _r1serve_error)
-    app.add_exception_handler(RequestValidationError, _request_validation_error)
-    app.add_exception_handler(ValidationError, _request_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for exc_type in HANDLED:
+        app.add_exception_handler(exc_type, render_error)
+    app.add_exception_handler(Exception, _internal_error)

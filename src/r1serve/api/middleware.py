@@ -1,5 +1,6 @@
 """One pure-ASGI middleware for what every request needs: request id, body limit, access log, metrics,
-and the last-resort 500.
+and the last-resort 500. Every request passes through it, the hot paths' included (see api/app.py for
+the order of the stack).
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: that one runs the app in a separate task and
 hides ``http.disconnect`` from streaming responses, and a client that hangs up must stop its
@@ -10,15 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
-from starlette.datastructures import MutableHeaders
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r1serve.api.context import log_access, request_id_from, request_id_var, scope_header
-from r1serve.api.errors import error_body
-from r1serve.api.metrics import observe
+from r1serve.api.context import RequestContext, scope_header
+from r1serve.api.errors import INTERNAL_ERROR, error_body
 
 log = logging.getLogger("r1serve.api")
 
@@ -35,17 +32,18 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id = request_id_from(scope)
-        token = request_id_var.set(request_id)
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-        status = 0
+        ctx = RequestContext(scope)
+        id_header = ctx.id_header
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                ctx.status = message["status"]
+                headers = message.get("headers")
+                # Responses here build their headers as a fresh list: append in place, no copy.
+                if isinstance(headers, list):
+                    headers.append(id_header)
+                else:
+                    message["headers"] = [*(headers or ()), id_header]
             await send(message)
 
         try:
@@ -59,19 +57,10 @@ class RequestContextMiddleware:
             # Handlers render every expected error; this is a bug. Log it with the request id, tell
             # the client nothing about the internals.
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if status == 0:
-                await _send_json(
-                    send_with_id,
-                    500,
-                    error_body("The server had an error while processing your request.", "server_error"),
-                )
+            if ctx.status == 0:
+                await _send_json(send_with_id, 500, error_body(INTERNAL_ERROR, "server_error"))
         finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            route_label = getattr(route, "path", None) or "unmatched"
-            observe(route_label, scope["method"], status, elapsed)
-            log_access(scope["method"], scope["path"], status, elapsed)
-            request_id_var.reset(token)
+            ctx.close(scope)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """The whole body, enforcing the limit; returns a receive that replays it, or None when a
@@ -79,7 +68,8 @@ class RequestContextMiddleware:
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
         except BodyTooLarge as exc:
-            await _send_too_large(send, exc.limit)
+            # The unread rest of the body makes the connection unusable for another request.
+            await _send_json(send, 413, too_large_body(exc.limit), extra_headers=[(b"connection", b"close")])
             return None
         if body is None:
             return None
@@ -136,25 +126,13 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _too_large_body(limit: int) -> dict[str, object]:
+def too_large_body(limit: int) -> dict[str, object]:
     return error_body(
         f"Request body too large: the limit is {limit} bytes (R1SERVE_MAX_BODY_BYTES).",
         "invalid_request_error",
         None,
         "request_too_large",
     )
-
-
-def too_large_response(limit: int) -> Response:
-    # The unread rest of the body makes the connection unusable for another request.
-    return Response(
-        json.dumps(_too_large_body(limit)), status_code=413, media_type="application/json", headers={"connection": "close"}
-    )
-
-
-async def _send_too_large(send: Send, limit: int) -> None:
-    # The unread rest of the body makes the connection unusable for another request.
-    await _send_json(send, 413, _too_large_body(limit), extra_headers=[(b"connection", b"close")])
 
 
 async def _send_json(

@@ -1,4 +1,4 @@
-"""From configuration to a running :class:`~r1serve.router.Router` of gateway routes."""
+"""From configuration to a running :class:`~r1serve.routing.ModelRegistry` of gateway routes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from r1serve.gateway.config import (
 from r1serve.gateway.group import CircuitBreaker, Member, RetryPolicy, RouteEngine, Target
 from r1serve.gateway.tokens import token_counter
 from r1serve.models.catalog import ModelEntry, Prices
-from r1serve.router import Route, Router
+from r1serve.routing.registry import ModelRegistry, ServedModel
 
 log = logging.getLogger("r1serve.gateway")
 
@@ -44,18 +44,18 @@ def gateway_plan(settings: Any, options: GatewayOptions | None = None) -> Gatewa
     return load_gateway_config(options or options_from_settings(settings))
 
 
-async def build_gateway_router(
+async def build_gateway_registry(
     settings: Any,
     *,
     options: GatewayOptions | None = None,
     config: GatewayConfig | None = None,
     embedded: EmbeddedFactory | None = None,
-    router: Router | None = None,
-) -> Router | None:
-    """A router serving the configured gateway routes, engines started; None when none is configured.
+    registry: ModelRegistry | None = None,
+) -> ModelRegistry | None:
+    """A registry serving the configured gateway routes, engines started; None when none is configured.
 
     ``embedded`` starts the local engine; it is called (once) only when a route has an embedded target.
-    The router's engines are :class:`RouteEngine` s: closing them (``close_router``) closes everything,
+    The registry's engines are :class:`RouteEngine` s: closing them (``close_registry``) closes everything,
     the shared HTTP session included.
     """
     if config is None:
@@ -63,7 +63,7 @@ async def build_gateway_router(
     if config is None:
         return None
     return await build_from_config(
-        config, embedded=embedded, models_dir=getattr(settings, "models_dir", None), router=router
+        config, embedded=embedded, models_dir=getattr(settings, "models_dir", None), registry=registry
     )
 
 
@@ -72,10 +72,10 @@ async def build_from_config(
     *,
     embedded: EmbeddedFactory | None = None,
     models_dir: Path | None = None,
-    router: Router | None = None,
+    registry: ModelRegistry | None = None,
     client: HttpClient | None = None,
-) -> Router:
-    router = router if router is not None else Router()
+) -> ModelRegistry:
+    registry = registry if registry is not None else ModelRegistry()
     connect = max((p.timeouts.connect for p in config.providers.values()), default=10.0)
     client = client or HttpClient(limit=config.max_connections, connect_timeout=connect)
     targets: dict[str | None, Target] = {}
@@ -118,12 +118,12 @@ async def build_from_config(
             started.append(engine)
             await _discover_models(members)
             entry = _route_entry(rc, members, config)
-            router.add(Route(entry=entry, engine=engine), default=rc.default)
+            registry.add(ServedModel(entry=entry, engine=engine), default=rc.default)
             for m in members:  # a discovered upstream model id is a name clients may send too
                 if isinstance(m.target.engine, UpstreamEngine) and m.target.engine.config.model:
                     name = m.target.engine.config.model
                     if name != entry.id and name not in entry.aliases:
-                        router.alias(name, entry.id)
+                        registry.alias(name, entry.id)
             log.info(
                 "route %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), rc.policy
             )
@@ -131,8 +131,8 @@ async def build_from_config(
         for engine in started:
             await engine.close()
         raise
-    router.add_r1_aliases()
-    return router
+    registry.add_r1_aliases()
+    return registry
 
 
 def _upstream_config(p: ProviderConfig) -> UpstreamConfig:

@@ -1,4 +1,4 @@
-"""Building what the server serves from Settings: the model's weights, its engine, the router.
+"""Building what the server serves from Settings: the model's weights, its engine, the registry.
 
 One place for it because ``r1serve serve``, the app's lifespan and (later) the gateway all need the
 same steps in the same order.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
 from r1serve.models.fetch import ModelFetchError, ensure_model
-from r1serve.router import Route, Router
+from r1serve.routing.registry import ServedModel, ModelRegistry
 from r1serve.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,29 +60,29 @@ async def start_embedded(settings: Settings, *, progress: bool = False) -> Llama
     return engine
 
 
-async def build_router(settings: Settings, *, progress: bool = False) -> Router:
+async def build_registry(settings: Settings, *, progress: bool = False) -> ModelRegistry:
     """The gateway's routes when providers are configured (the embedded engine started only if a route
     uses it), else the embedded engine alone with the R1 aliases routed to it."""
-    from r1serve.gateway import build_gateway_router, gateway_plan
+    from r1serve.gateway import build_gateway_registry, gateway_plan
 
     plan = gateway_plan(settings)
     if plan is not None:
-        gateway = await build_gateway_router(
+        gateway = await build_gateway_registry(
             settings, config=plan, embedded=lambda: start_embedded(settings, progress=progress)
         )
         assert gateway is not None
         return gateway
     engine = await start_embedded(settings, progress=progress)
-    router = Router()
+    registry = ModelRegistry()
     # The engine's entry, not the catalog's: it carries the detected reasoning format and the real
     # per-sequence context length.
-    router.add(Route(entry=engine.entry, engine=engine), default=True)
-    router.add_r1_aliases()
-    return router
+    registry.add(ServedModel(entry=engine.entry, engine=engine), default=True)
+    registry.add_r1_aliases()
+    return registry
 
 
-async def close_router(router: Router) -> None:
-    for engine in router.engines():
+async def close_registry(registry: ModelRegistry) -> None:
+    for engine in registry.engines():
         try:
             await engine.close()
         except Exception:
