@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
-from r1serve.engines.llama import LlamaEngine, prompt_token_texts
+from r1serve.engines.llama import LlamaEngine
+from r1serve.engines.llama.sampling import prompt_token_texts
 from r1serve.engines.vocab import Vocab
 from r1serve.errors import ContextLengthExceeded, Overloaded
 from r1serve.models.catalog import DEFAULT_MODEL_ID, find_entry

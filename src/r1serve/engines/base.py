@@ -89,10 +89,10 @@ class Engine(abc.ABC):
     # Whether the engine honours GenerationRequest.prompt_logprobs.
     scores_prompts: bool = False
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:  # an optional hook, not abstract
         """Load weights, open connections."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:  # an optional hook, not abstract
         """Release everything; pending generations end."""
 
     @abc.abstractmethod
