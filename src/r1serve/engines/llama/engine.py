@@ -22,7 +22,7 @@ import logging
 import sys
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from r1serve.errors import (
     R1ServeError,
 )
 from r1serve.models.catalog import LocalSource, ModelEntry, detect_reasoning_format
+from r1serve.protocol import PromptLogprob
 from r1serve.reasoning import ReasoningParser, prompt_opens_reasoning
 from r1serve.settings import Settings
 
@@ -66,6 +67,22 @@ def _no_context(*_: int) -> None:
     raise RuntimeError("the engine has no llama.cpp context")
 
 
+@dataclass(eq=False)
+class _Prepared:
+    """A request's rendered and tokenized prompt, kept in ``GenerationRequest.prepared``: counting the
+    prompt's tokens and generating render and tokenize it once between them. Valid only for the engine
+    that made it and the messages (or prompt) it was made from."""
+
+    owner: LlamaEngine
+    source: object  # request.messages or request.prompt, compared by identity
+    text: str
+    opened: bool  # the prompt already opened the reasoning
+    tokens: list[int]
+    # With prompt_logprobs: each token's text, and the scored prompt's first entry (see prompt_token_texts).
+    texts: list[str] | None = None
+    head: list[PromptLogprob] | None = None
+
+
 class LlamaEngine(Scheduler, Engine):
     scores_prompts = True
 
@@ -85,6 +102,9 @@ class LlamaEngine(Scheduler, Engine):
         self._thread: threading.Thread | None = None
         self._close_tokens: list[int] = []
         self._metrics = metrics.ModelMetrics(entry.id)
+        # Worker threads rendering and tokenizing prompts: close() frees the model only once they are done.
+        self._preparing = 0
+        self._prepared_cond = threading.Condition()
 
     @property
     def _slots(self) -> list[Slot]:
@@ -106,6 +126,7 @@ class LlamaEngine(Scheduler, Engine):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        await asyncio.to_thread(self._wait_for_preparations)
         self._free()
 
     def _load(self) -> None:
@@ -174,6 +195,10 @@ class LlamaEngine(Scheduler, Engine):
             self.model_path.name, self.context_length, n_seq, self.settings.n_threads, fmt,
         )
 
+    def _wait_for_preparations(self) -> None:
+        with self._prepared_cond:
+            self._prepared_cond.wait_for(lambda: self._preparing == 0)
+
     def _free(self) -> None:
         for slot_seq in self._running:
             if slot_seq.sampler:
@@ -200,13 +225,54 @@ class LlamaEngine(Scheduler, Engine):
             return text, opened
         return request.prompt or "", False
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The prompt's exact token count. The rendered, tokenized prompt is kept on the request, and
+        ``generate`` uses it. Raises InvalidRequest when the chat template refuses the messages."""
+        if self._model is None or self._stopping:
+            return None
+        return len((await self._prepare(request)).tokens)
+
+    def count_tokens(self, text: str) -> int | None:
+        if self._model is None:
+            return None
+        return len(self.vocab.tokenize(text, add_special=False))
+
+    async def _prepare(self, request: GenerationRequest) -> _Prepared:
+        """The request's prompt, rendered and tokenized: the one kept on the request, else made now in
+        a worker thread (a long conversation takes seconds to render, which would stall every stream
+        on the event loop) and kept."""
+        source = request.messages if request.messages is not None else request.prompt
+        prepared = request.prepared
+        if isinstance(prepared, _Prepared) and prepared.owner is self and prepared.source is source:
+            return prepared
+        prepared = await asyncio.to_thread(self._prepare_now, request, source)
+        request.prepared = prepared
+        return prepared
+
+    def _prepare_now(self, request: GenerationRequest, source: object) -> _Prepared:
+        with self._prepared_cond:
+            if self._model is None or self._stopping:
+                raise R1ServeError("the engine is not running")
+            self._preparing += 1
+        try:
+            text, opened = self.render_prompt(request)
+            tokens = self.vocab.prompt_tokens(text)
+            prepared = _Prepared(self, source, text, opened, tokens)
+            if request.prompt_logprobs and tokens:
+                prepared.texts, prepared.head = prompt_token_texts(self.vocab, text, tokens)
+            return prepared
+        finally:
+            with self._prepared_cond:
+                self._preparing -= 1
+                self._prepared_cond.notify_all()
+
     # ----------------------------------------------------------------- the async side
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._ctx is None:
             raise R1ServeError("the engine is not running")
-        text, opened = self.render_prompt(request)
-        prompt = self.vocab.prompt_tokens(text)
+        prepared = await self._prepare(request)
+        prompt = prepared.tokens
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="messages" if request.messages else "prompt")
         room = self.context_length - len(prompt)
@@ -236,11 +302,12 @@ class LlamaEngine(Scheduler, Engine):
             max_tokens=max_tokens,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
-            parser=ReasoningParser(fmt, starts_in_reasoning=opened),
+            parser=ReasoningParser(fmt, starts_in_reasoning=prepared.opened),
             stops=StopMatcher(request.stop),
         )
         if request.prompt_logprobs:
-            seq.prompt_texts, seq.prompt_scores = prompt_token_texts(self.vocab, text, prompt)
+            assert prepared.texts is not None and prepared.head is not None
+            seq.prompt_texts, seq.prompt_scores = prepared.texts, list(prepared.head)
         with self._lock:
             if len(self._waiting) >= self.settings.max_queued:
                 self._metrics.refused.inc()
