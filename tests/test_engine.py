@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
-from r1serve.engines.llama import LlamaEngine, prompt_token_texts
+from r1serve.engines.llama import LlamaEngine
+from r1serve.engines.llama.sampling import prompt_token_texts
 from r1serve.engines.vocab import Vocab
 from r1serve.errors import ContextLengthExceeded, Overloaded
 from r1serve.models.catalog import DEFAULT_MODEL_ID, find_entry
@@ -586,3 +587,63 @@ async def test_near_tie_check_covers_the_end_of_the_output() -> None:
         assert_same_or_near_tie(ref(2.0), "Mount Everest.")
     with pytest.raises(AssertionError, match="confident"):
         assert_same_or_near_tie(ref(0.1), "Mount Fuji")
+
+
+async def test_prompt_tokens_are_counted_once_off_the_event_loop(engine: LlamaEngine) -> None:
+    """count_prompt_tokens renders and tokenizes in a worker thread and keeps the result on the request;
+    generate reuses it. A long conversation rendered on the event loop would stall every stream."""
+    import threading
+
+    renders: list[int] = []
+    render = engine.render_prompt
+
+    def spy(request: GenerationRequest) -> tuple[str, bool]:
+        renders.append(threading.get_ident())
+        return render(request)
+
+    engine.render_prompt = spy  # type: ignore[method-assign]
+    try:
+        req = _request("Name a planet.", max_tokens=4)
+        n = await engine.count_prompt_tokens(req)
+        assert n == len(engine.vocab.prompt_tokens(render(req)[0]))
+        assert await engine.count_prompt_tokens(req) == n
+        deltas = await _collect(engine, req)
+        assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == n
+        assert len(renders) == 1 and renders[0] != threading.get_ident()
+        # Without a count first, generate renders in a worker thread as well.
+        await _collect(engine, _request("Name a moon.", max_tokens=2))
+        assert len(renders) == 2 and renders[1] != threading.get_ident()
+        # What was kept for other messages is not reused.
+        moved = replace(req, messages=[ChatMessage(role="user", content="Name a star.")])
+        assert moved.prepared is req.prepared
+        await engine.count_prompt_tokens(moved)
+        assert len(renders) == 3
+    finally:
+        del engine.render_prompt
+    raw = GenerationRequest(request_id="t", prompt="def f(x):")
+    assert await engine.count_prompt_tokens(raw) == len(engine.vocab.prompt_tokens("def f(x):"))
+    assert engine.count_tokens("Hello, world!") == len(engine.vocab.tokenize("Hello, world!", add_special=False))
+    assert engine.count_tokens("") == 0
+
+
+async def test_a_counted_empty_prompt_still_fails_before_the_first_delta(engine: LlamaEngine) -> None:
+    from r1serve.errors import InvalidRequest
+
+    req = _raw("")
+    assert await engine.count_prompt_tokens(req) == 0
+    with pytest.raises(InvalidRequest):
+        await _collect(engine, req)
+
+
+async def test_engines_that_cannot_count_say_so() -> None:
+    from r1serve.engines.base import Engine
+
+    class Silent(Engine):
+        name = "silent"
+
+        async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+            yield Delta(finish_reason="stop")
+
+    silent = Silent()
+    assert await silent.count_prompt_tokens(_request("hi")) is None
+    assert silent.count_tokens("hi") is None

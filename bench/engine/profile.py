@@ -44,7 +44,7 @@ def summarize(raw: Path, top: int) -> str:
         text = ";".join(frames)
         if "llama_decode" in text:
             kind = "llama_decode (C, GIL released)"
-        elif "_run (r1serve/engines/llama.py" in text and ("wait (threading.py" in text):
+        elif "_run (r1serve/engines/llama/scheduler.py" in text and ("wait (threading.py" in text):
             kind = "idle: scheduler waiting for work"
         elif "select (selectors.py" in text or "_run_once (asyncio" in text and "select" in text:
             kind = "idle: event loop waiting on sockets"

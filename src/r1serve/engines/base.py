@@ -59,6 +59,10 @@ class GenerationRequest:
     # Whether the client reads a stream; False (a whole JSON answer) lets an upstream engine ask for one too.
     # The engine interface streams deltas either way.
     stream: bool = True
+    # Engine-private: what an engine worked out about this request ahead of ``generate`` (the embedded
+    # engine's rendered and tokenized prompt, from ``count_prompt_tokens``), so it is not worked out
+    # twice. Callers leave it alone; an engine checks that what it finds there is its own and still fits.
+    prepared: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -89,10 +93,10 @@ class Engine(abc.ABC):
     # Whether the engine honours GenerationRequest.prompt_logprobs.
     scores_prompts: bool = False
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:  # an optional hook, not abstract
         """Load weights, open connections."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:  # an optional hook, not abstract
         """Release everything; pending generations end."""
 
     @abc.abstractmethod
@@ -101,6 +105,17 @@ class Engine(abc.ABC):
 
         Closing the iterator early (client gone) cancels the generation.
         """
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The exact number of tokens of the request's prompt (as ``generate`` would feed it), or None
+        when the engine cannot count them (the default): the caller then estimates. An engine that
+        counts may keep what it computed in ``request.prepared`` for ``generate`` to reuse."""
+        return None
+
+    def count_tokens(self, text: str) -> int | None:
+        """The number of tokens of a piece of generated text, or None when the engine cannot count them
+        (the default)."""
+        return None
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok"}

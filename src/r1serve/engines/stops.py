@@ -1,4 +1,4 @@
-"""Text-level helpers for engines that produce tokens: stop strings."""
+"""Stop strings for engines that produce tokens: where streamed text must end."""
 
 from __future__ import annotations
 
