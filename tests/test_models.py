@@ -43,7 +43,7 @@ from r1serve.models.catalog import (
     find_entry,
 )
 from r1serve.models.fetch import ModelFetchError, ensure_model, local_path
-from r1serve.models.gguf_header import (
+from gguf_header import (
     GGUFFormatError,
     ValueType,
     read_chat_info,

@@ -16,7 +16,6 @@ All run under uvicorn with uvloop and httptools, one worker, without uvicorn's p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import time
@@ -171,8 +170,8 @@ async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
         GatewayOptions(upstream=upstream, reasoning_dialect="reasoning_content", env_file=None), env={}
     )
     assert config is not None
-    router = await build_from_config(config)
-    app = create_app(settings, router=router)
+    registry = await build_from_config(config)
+    app = create_app(settings, registry=registry)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools", log_config=None,
                        access_log=False, proxy_headers=False, backlog=4096)  # fmt: skip  (as `r1serve serve`)
@@ -180,9 +179,9 @@ async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
     try:
         await server.serve()
     finally:
-        from r1serve.api.state import close_router
+        from r1serve.routing.build import close_registry
 
-        await close_router(router)
+        await close_registry(registry)
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ __all__ = [
     "strip_reasoning_from_history",
 ]
 
-# Mirrors r1serve.models.catalog.ReasoningFormat; redefined because this module sits below the catalog.
+# How a model marks its thinking (the catalog's entries and the engines use this one definition).
 ReasoningFormat = Literal["deepseek_r1", "none"]
 
 THINK_OPEN = "<think>"

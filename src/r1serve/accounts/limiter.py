@@ -168,10 +168,6 @@ class LocalLimiter(Limiter):
             for k, v in spent.items():
                 self._budgets.setdefault(k, [v, 0])
 
-    def spent(self, key_id: str, period_start: int) -> tuple[int, int]:
-        entry = self._budgets.get((key_id, period_start), [0, 0])
-        return entry[0], entry[1]
-
     async def admit(self, principal: Principal, tokens: int, amount_nanos: int) -> Admission:
         return self.admit_now(principal, tokens, amount_nanos)
 

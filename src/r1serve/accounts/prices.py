@@ -47,6 +47,7 @@ def cost_nanos(usage: EngineUsage, prices: Prices) -> int:
 
 
 def cost_usd(usage: EngineUsage, prices: Prices) -> float:
+    """Dollars for ``usage``: :func:`cost_nanos` as dollars (in every response's usage)."""
     return round(nanos_to_usd(cost_nanos(usage, prices)), 10)
 
 

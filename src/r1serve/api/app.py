@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import r1serve
 from r1serve.accounts import Accounts
@@ -46,6 +46,20 @@ class R1ServeApp(FastAPI):
 
     # The routers holding the hot paths' routes (set by create_app, read when the stack is built).
     hot_routers: tuple[APIRouter, ...] = ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # lifespan, websockets: FastAPI's as they are
+            return
+        # Starlette's __call__, without FastAPI's: that one looks up OpenTelemetry's providers on every
+        # request (about 13 us each here, /tmp-free measure: bench/gateway/count.py), for a tracing
+        # integration r1serve does not use (its metrics are Prometheus, /metrics).
+        if self.root_path:
+            scope["root_path"] = self.root_path
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         # FastAPI's stack without the user middlewares: its error middlewares, exception handlers, router.

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,23 +72,23 @@ def _texts(gen: GenerationRequest) -> tuple[list[str], int]:
 
 
 def open_meter(
-    request: Request, route: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str
+    request: Request, served: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str
 ) -> Meter | None:
     """The request's :class:`Meter`, or None when there is nothing to meter: no accounts database, or a
     caller the accounts layer did not identify (then ``Meter.active`` would be False, and every one of its
     methods a no-op)."""
     if accounts_of(request) is None or principal_of(request) is None:
         return None
-    return Meter(request, route, gen, model_name=model_name, response_id=response_id)
+    return Meter(request, served, gen, model_name=model_name, response_id=response_id)
 
 
 class Meter:
     """One request's accounting. Create, ``await admit()``, then ``wrap()`` the engine's stream."""
 
-    def __init__(self, request: Request, route: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str):
+    def __init__(self, request: Request, served: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str):
         self.accounts = accounts_of(request)
         self.principal = principal_of(request)
-        self.route = route
+        self.served = served
         self.gen = gen
         self.model_name = model_name
         self.response_id = response_id
@@ -100,6 +99,7 @@ class Meter:
         self._ttft: float | None = None
         self._received: list[str] = []
         self._usage: EngineUsage | None = None
+        self._prompt: int | None = None
         self._done = False
         # The hot path settles through this when the client left before the
         # generation even started (the wrapper never ran, so its finally cannot).
@@ -116,9 +116,12 @@ class Meter:
         if not self.active:
             return
         assert self.accounts is not None and self.principal is not None
-        entry = self.route.entry
+        entry = self.served.entry
         self.accounts.check_model(self.principal, self.model_name, entry.id)
         self.price = self.accounts.price(entry.id, entry.prices, requested=self.model_name)
+        # Exact where the engine can count (the embedded engine renders and tokenizes once, off the event
+        # loop, and its generation reuses that); kept for billing a stream that is cut.
+        self._prompt = await self.served.engine.count_prompt_tokens(self.gen)
         if not self.principal.limited:
             return
         prompt = self._prompt_tokens()
@@ -129,32 +132,22 @@ class Meter:
         )
 
     def _default_max_tokens(self) -> int:
-        settings = getattr(getattr(self.route.engine, "settings", None), "default_max_tokens", None)
-        return int(settings or self.route.entry.context_length)
+        return self.served.engine.default_max_tokens or self.served.entry.context_length
 
     def _prompt_tokens(self) -> int:
-        """Exact with the embedded engine's tokenizer, else an upper bound from the text."""
-        engine: Any = self.route.engine
-        try:
-            if self.gen.messages is not None and hasattr(engine, "render_prompt"):
-                return len(engine.vocab.prompt_tokens(engine.render_prompt(self.gen)[0]))
-            if self.gen.prompt is not None and hasattr(engine, "vocab"):
-                return len(engine.vocab.prompt_tokens(self.gen.prompt))
-        except Exception:
-            log.debug("prompt token count fell back to an estimate", exc_info=True)
+        """Exact when the engine counted them, else an upper bound from the text."""
+        if self._prompt is not None:
+            return self._prompt
         texts, n = _texts(self.gen)
         return estimate_prompt_tokens(texts, n)
 
     def _count(self, text: str) -> int:
-        engine: Any = self.route.engine
         if not text:
             return 0
-        try:
-            return len(engine.vocab.tokenize(text, add_special=False))
-        except Exception:
-            return max(1, len(text.encode()) // 4)
+        counted = self.served.engine.count_tokens(text)
+        return counted if counted is not None else max(1, len(text.encode()) // 4)
 
-    async def wrap(self, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    async def wrap(self, stream: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
         status = "error"
         try:
             async for delta in stream:
@@ -180,9 +173,7 @@ class Meter:
             status = "cancelled" if self._received else "error"
             raise
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await stream.aclose()
             if status == "error" and self._received:
                 status = "cancelled"
             self.finish(status)
@@ -207,18 +198,14 @@ class Meter:
                 response_id=self.response_id,
                 request_id=self.request_id,
                 principal=self.principal,
-                model_served=self.route.entry.id,
+                model_served=self.served.entry.id,
                 model_requested=self.model_name,
-                target=self.route.engine_model or getattr(self.route.engine, "name", None),
+                target=self.served.engine_model or self.served.engine.name,
                 usage=usage,
-                price=self.price or self.accounts.price(self.route.entry.id, self.route.entry.prices),
+                price=self.price or self.accounts.price(self.served.entry.id, self.served.entry.prices),
                 status=status,
                 latency_ms=(time.monotonic() - self._started) * 1000,
                 ttft_ms=None if self._ttft is None else self._ttft * 1000,
             )
         except Exception:
             log.exception("recording usage failed")
-
-
-def new_response_id() -> str:
-    return uuid.uuid4().hex

@@ -53,7 +53,7 @@ def request_id_from(scope: MutableMapping[str, Any]) -> str:
 class RequestContext:
     """One HTTP request's id, start time and final status."""
 
-    __slots__ = ("request_id", "id_header", "started", "status", "_token")
+    __slots__ = ("request_id", "id_header", "started", "status", "body", "_token")
 
     def __init__(self, scope: MutableMapping[str, Any]) -> None:
         self.request_id = request_id_from(scope)
@@ -61,6 +61,7 @@ class RequestContext:
         self.started = time.perf_counter()
         # The status sent, or one recorded without a response (499: the client left first); 0: none yet.
         self.status = 0
+        self.body: bytes | None = None  # the whole request body, once the middleware has read it
         self._token: Token[str] = request_id_var.set(self.request_id)
         scope[_CONTEXT_KEY] = self
         scope.setdefault("state", {})["request_id"] = self.request_id

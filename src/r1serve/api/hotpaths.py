@@ -86,7 +86,14 @@ class HotPaths:
 
 async def serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
     request = Request(scope, receive)
-    await request.body()  # cached on the request; the next message can only be http.disconnect
+    ctx = context_of(scope)
+    if ctx is not None and ctx.body is not None:
+        # The body RequestContextMiddleware read, where Request.body() caches it: its replay and
+        # Starlette's stream generator cost this hot path more than its routing.
+        request._body = ctx.body
+    else:
+        await request.body()
+    # The body has been read (the watcher skips its replay): the next message can only be http.disconnect.
     watch = Watch(receive)
     try:
         try:
@@ -108,7 +115,6 @@ async def serve(handler: Handler, scope: Scope, receive: Receive, send: Send) ->
         meter = scope["state"].get("meter")
         if meter is not None:
             meter.finish("cancelled")  # idempotent: settles a reservation whose generation never started
-        ctx = context_of(scope)
         if ctx is not None and ctx.status == 0:
             ctx.status = 499  # nginx's "client closed request", for the access line and metrics
     finally:

@@ -48,7 +48,7 @@ class RequestContextMiddleware:
 
         try:
             if scope["method"] in _BODY_METHODS:
-                replay = await self._read_body(scope, receive, send_with_id)
+                replay = await self._read_body(scope, receive, send_with_id, ctx)
                 if replay is None:
                     return
                 receive = replay
@@ -62,9 +62,9 @@ class RequestContextMiddleware:
         finally:
             ctx.close(scope)
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """The whole body, enforcing the limit; returns a receive that replays it, or None when a
-        response (413) was already sent or the client left."""
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext) -> Receive | None:
+        """The whole body, enforcing the limit, kept in ``ctx``; returns a receive that replays it, or
+        None when a response (413) was already sent or the client left."""
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
         except BodyTooLarge as exc:
@@ -73,6 +73,7 @@ class RequestContextMiddleware:
             return None
         if body is None:
             return None
+        ctx.body = body
 
         pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 

@@ -46,12 +46,13 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+# From the scope: Request.app and app.state are properties and __getattr__ lookups, twice per request.
 def registry_of(request: Request) -> ModelRegistry:
-    return request.app.state.registry  # type: ignore[no-any-return]
+    return request.scope["app"].state.registry  # type: ignore[no-any-return]
 
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.scope["app"].state.settings  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- OpenAI API

@@ -9,7 +9,7 @@ An empty delta (no text, no logprobs of any kind, no finish) is a heartbeat: the
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,6 +90,8 @@ class Engine(abc.ABC):
     """A source of completions for one or more models."""
 
     name: str
+    # The completion length a request that sets no max_tokens gets; None: not known here (a provider's).
+    default_max_tokens: int | None = None
     # Whether the engine honours GenerationRequest.prompt_logprobs.
     scores_prompts: bool = False
 
@@ -100,7 +102,7 @@ class Engine(abc.ABC):
         """Release everything; pending generations end."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Stream deltas. Raises an r1serve.errors.R1ServeError before the first delta on bad input.
 
         Closing the iterator early (client gone) cancels the generation.

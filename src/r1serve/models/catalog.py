@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
-ReasoningFormat = Literal["deepseek_r1", "none"]
+from r1serve.reasoning import ReasoningFormat
+
 
 # Names that clients written for DeepSeek's own API (and for hosted R1) send. They resolve to the
 # configured R1 model, or to the embedded default when no R1 model is present.

@@ -37,7 +37,6 @@ __all__ = [
     "ModelList",
     "ErrorBody",
     "ErrorResponse",
-    "DeepseekChatRequest",
 ]
 
 
@@ -267,8 +266,3 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-class DeepseekChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    prompt: Annotated[str, Field(min_length=1)]

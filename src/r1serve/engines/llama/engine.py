@@ -21,7 +21,7 @@ import functools
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ class LlamaEngine(Scheduler, Engine):
         self.model_path = Path(model_path)
         self.entry = entry
         self.settings = settings
+        self.default_max_tokens = settings.default_max_tokens
         self.context_length = settings.n_ctx
         self._model: Any = None
         self._ctx: Any = None
@@ -268,7 +269,7 @@ class LlamaEngine(Scheduler, Engine):
 
     # ----------------------------------------------------------------- the async side
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if self._ctx is None:
             raise R1ServeError("the engine is not running")
         prepared = await self._prepare(request)
