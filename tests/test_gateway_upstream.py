@@ -23,15 +23,10 @@ from fake_upstream import (
 )
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
-from r1serve.engines.upstream import (
-    ApproxTokenCounter,
-    AttemptFailed,
-    Normaliser,
-    Timeouts,
-    UpstreamConfig,
-    UpstreamEngine,
-    scrub_secret,
-)
+from r1serve.engines.upstream import AttemptFailed, Timeouts, UpstreamConfig, UpstreamEngine
+from r1serve.engines.upstream.errors import scrub_secret
+from r1serve.engines.upstream.normalise import Normaliser
+from r1serve.engines.upstream.usage import ApproxTokenCounter
 from r1serve.errors import InvalidRequest, UpstreamError
 from r1serve.gateway.config import GatewayOptions, load_gateway_config
 from r1serve.gateway.build import _upstream_config

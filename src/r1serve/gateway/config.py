@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from r1serve.engines.upstream import DIALECTS, Timeouts
+from r1serve.engines.upstream import Timeouts
+from r1serve.engines.upstream.config import DIALECTS
 from r1serve.gateway.presets import find_preset
 from r1serve.models.catalog import R1_ALIASES, Prices
 

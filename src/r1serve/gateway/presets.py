@@ -1,6 +1,6 @@
 """Known upstreams: base URL, where the key lives, the R1 model id there, and the reasoning dialect.
 
-Dialect choices (see :data:`r1serve.engines.upstream.Dialect`; every dialect also accepts the
+Dialect choices (see :data:`r1serve.engines.upstream.config.Dialect`; every dialect also accepts the
 ``reasoning_content`` / ``reasoning`` fields, so a provider that switches to fields keeps working):
 
 * DeepInfra: ``think_tags``. Its documented R1 answer (``/deepseek-ai/DeepSeek-R1/api``) is plain
