@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from r1serve.engines.upstream import Dialect
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -36,7 +38,7 @@ class Preset:
     base_url: str
     api_key_env: tuple[str, ...]  # first one set wins
     model: str | None
-    dialect: str
+    dialect: Dialect
     headers: dict[str, str] = field(default_factory=dict)
     eos_markers: tuple[str, ...] = ()
     include_usage: bool = True

@@ -98,7 +98,7 @@ def token_counter(tokenizer: Path | None, *, models_dir: Path | None = None) -> 
     counter = gguf_counter(path)
     try:
         counter.load()
-    except Exception as exc:  # a broken tokenizer must not stop serving: fall back, say so
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer must not stop serving: fall back, say so
         log.warning("tokenizer %s could not be loaded (%s); counting ~4 characters a token", path, exc)
         return ApproxTokenCounter()
     return counter
