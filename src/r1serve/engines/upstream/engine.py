@@ -103,6 +103,7 @@ class UpstreamEngine(Engine):
         return self._dialect
 
     def scrub(self, text: str) -> str:
+        """Upstream text without this target's key, cut to a message's length."""
         return scrub(text, self.config)
 
     # ------------------------------------------------------------------ health
