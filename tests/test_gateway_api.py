@@ -301,7 +301,7 @@ def test_settings_options_are_read_when_present() -> None:
         ("[gateway]\nfirst_byte_timeout = 0\n", "first_byte_timeout must be above 0"),
         ("[gateway]\nconect_timeout = 5\n", "unknown key 'conect_timeout'"),
         ("[gatway]\nretries = 1\n", "unknown key 'gatway'"),
-        ('[providers]\nfake = "http://127.0.0.1:9/v1"\n', "provider 'fake' must be a table"),
+        ('[providers]\nfake = "http://127.0.0.1:9/v1"\n', 'providers.fake must be a table, like [providers.fake] base_url = "..."'),
         ('[providers.p]\nbase_url = "ftp://127.0.0.1:9/v1"\n', "base_url must be an http:// or https:// URL"),
         ('[providers.p]\nbase_url = "not-a-url"\n', "base_url must be an http:// or https:// URL"),
         ('[providers.p]\nbase_url = "http://h/v1"\nprices = { input = nan }\n', "input must be a number"),
@@ -343,10 +343,10 @@ def test_json_nulls_mean_defaults_and_the_flags_route_is_the_default(tmp_path: P
         "routes": [{"name": "r", "targets": ["p"], "context_length": None, "default": True}],
     }))  # fmt: skip
     config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
-    assert config is not None and config.retries == 1 and config.routes[0].context_length is None
+    assert config is not None and config.settings.retries == 1 and config.groups[0].context_length is None
     flagged = load_gateway_config(GatewayOptions(providers_file=path, upstream="http://127.0.0.1:9/v1", env_file=None), env={})
-    assert flagged is not None and [r.name for r in flagged.routes if r.default] == [flagged.routes[0].name]
-    assert flagged.routes[0].name != "r"
+    assert flagged is not None and [g.name for g in flagged.groups if g.default] == [flagged.groups[0].name]
+    assert flagged.groups[0].name != "r"
 
 
 def test_the_sample_in_the_config_docstring_loads(tmp_path: Path) -> None:
@@ -358,5 +358,5 @@ def test_the_sample_in_the_config_docstring_loads(tmp_path: Path) -> None:
     text = "\n".join(line[4:] for line in sample.splitlines())
     env = {"GPU_BOX_KEY": "k", "DEEPINFRA_API_KEY": "k", "DEEPINFRA_TOKEN": "k"}
     config = load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env=env)
-    assert config is not None and config.routes[0].name == "deepseek-r1" and len(config.routes[0].targets) == 3
+    assert config is not None and config.groups[0].name == "deepseek-r1" and len(config.groups[0].targets) == 3
 

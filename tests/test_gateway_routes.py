@@ -1,4 +1,4 @@
-"""Routes over several targets, against real HTTP servers on loopback: failover, retries, 429 and
+"""Model groups over several targets, against real HTTP servers on loopback: failover, retries, 429 and
 Retry-After, circuit breakers, health checks, selection policies."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fake_upstream import FakeUpstream, Reply
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.engines.upstream import Timeouts, UpstreamConfig, UpstreamEngine
 from r1serve.errors import InvalidRequest, Overloaded, RateLimited, UpstreamError
-from r1serve.gateway.group import CircuitBreaker, Member, RetryPolicy, RouteEngine, Target
+from r1serve.gateway.group import CircuitBreaker, GroupEngine, Member, RetryPolicy, Target
 from r1serve.protocol import ChatMessage
 
 FAST = Timeouts(connect=1.0, first_byte=2.0, idle=1.0)
@@ -32,14 +32,14 @@ def target(name: str, base_url: str, *, threshold: int = 5, cooldown: float = 15
     return Target(name, engine, breaker=CircuitBreaker(threshold, cooldown), health_interval=health)
 
 
-def route(*targets: Target, policy: str = "priority", retries: int = 1, weights: list[float] | None = None, max_wait: float = 2.0) -> RouteEngine:
+def group(*targets: Target, policy: str = "priority", retries: int = 1, weights: list[float] | None = None, max_wait: float = 2.0) -> GroupEngine:
     members = [
         Member(t, weight=(weights[i] if weights else 1.0), priority=i) for i, t in enumerate(targets)
     ]
-    return RouteEngine("r1", members, policy=policy, retry=RetryPolicy(retries=retries, backoff=0.01, max_retry_wait=max_wait))  # type: ignore[arg-type]
+    return GroupEngine("r1", members, policy=policy, retry=RetryPolicy(retries=retries, backoff=0.01, max_retry_wait=max_wait))  # type: ignore[arg-type]
 
 
-async def answer(engine: RouteEngine) -> tuple[str, str]:
+async def answer(engine: GroupEngine) -> tuple[str, str]:
     deltas = [d async for d in engine.generate(chat())]
     assert deltas[-1].finish_reason == "stop"
     return "".join(d.reasoning for d in deltas), "".join(d.content for d in deltas)
@@ -47,7 +47,7 @@ async def answer(engine: RouteEngine) -> tuple[str, str]:
 
 async def test_priority_failover_after_retries() -> None:
     async with FakeUpstream(default=ERR500) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), retries=2)
+        engine = group(target("a", a.base_url), target("b", b.base_url), retries=2)
         await engine.start()
         try:
             assert await answer(engine) == ("hmm", "fine")
@@ -66,7 +66,7 @@ async def test_priority_failover_after_retries() -> None:
 async def test_retry_on_same_target_succeeds() -> None:
     async with FakeUpstream(default=OK) as a:
         a.push(ERR500, Reply(kind="drop", drop_after=0))
-        engine = route(target("a", a.base_url), retries=2)
+        engine = group(target("a", a.base_url), retries=2)
         await engine.start()
         assert await answer(engine) == ("hmm", "fine")
         await engine.close()
@@ -75,7 +75,7 @@ async def test_retry_on_same_target_succeeds() -> None:
 
 async def test_connect_error_fails_over() -> None:
     async with FakeUpstream(default=OK) as b:
-        engine = route(target("dead", "http://127.0.0.1:9/v1"), target("b", b.base_url), retries=0)
+        engine = group(target("dead", "http://127.0.0.1:9/v1"), target("b", b.base_url), retries=0)
         await engine.start()
         assert await answer(engine) == ("hmm", "fine")
         await engine.close()
@@ -84,7 +84,7 @@ async def test_connect_error_fails_over() -> None:
 async def test_429_fails_over_at_once_and_cools_down() -> None:
     limited = Reply(kind="status", status=429, headers={"Retry-After": "30"}, body='{"error": {"message": "slow down"}}')
     async with FakeUpstream(default=limited) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), retries=3)
+        engine = group(target("a", a.base_url), target("b", b.base_url), retries=3)
         await engine.start()
         assert await answer(engine) == ("hmm", "fine")
         assert await answer(engine) == ("hmm", "fine")
@@ -99,7 +99,7 @@ async def test_429_alone_honours_retry_after() -> None:
     limited = Reply(kind="status", status=429, headers={"Retry-After": "1"}, body="{}")
     async with FakeUpstream(default=OK) as a:
         a.push(limited)
-        engine = route(target("a", a.base_url), retries=1)
+        engine = group(target("a", a.base_url), retries=1)
         await engine.start()
         started = time.perf_counter()
         assert await answer(engine) == ("hmm", "fine")
@@ -110,7 +110,7 @@ async def test_429_alone_honours_retry_after() -> None:
 async def test_429_too_long_becomes_429_with_retry_after() -> None:
     limited = Reply(kind="status", status=429, headers={"Retry-After": "60"}, body="{}")
     async with FakeUpstream(default=limited) as a:
-        engine = route(target("a", a.base_url), retries=1, max_wait=2)
+        engine = group(target("a", a.base_url), retries=1, max_wait=2)
         await engine.start()
         with pytest.raises(RateLimited) as info:
             await answer(engine)
@@ -121,7 +121,7 @@ async def test_429_too_long_becomes_429_with_retry_after() -> None:
 async def test_requests_during_a_rate_limit_cooldown_are_429_with_the_time_left() -> None:
     limited = Reply(kind="status", status=429, headers={"Retry-After": "30"}, body="{}")
     async with FakeUpstream(default=limited) as a:
-        engine = route(target("a", a.base_url), retries=0)
+        engine = group(target("a", a.base_url), retries=0)
         await engine.start()
         with pytest.raises(RateLimited):
             await answer(engine)
@@ -134,7 +134,7 @@ async def test_requests_during_a_rate_limit_cooldown_are_429_with_the_time_left(
 
 async def test_no_failover_once_text_was_sent() -> None:
     async with FakeUpstream(default=Reply(kind="drop", drop_after=3, chunk=2, chunk_delay=0.05)) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), retries=2)
+        engine = group(target("a", a.base_url), target("b", b.base_url), retries=2)
         await engine.start()
         got: list[Delta] = []
         with pytest.raises(UpstreamError) as info:
@@ -149,7 +149,7 @@ async def test_no_failover_once_text_was_sent() -> None:
 async def test_bad_request_is_not_failed_over() -> None:
     bad = Reply(kind="status", status=400, body='{"error": {"message": "max_tokens too large"}}')
     async with FakeUpstream(default=bad) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url))
+        engine = group(target("a", a.base_url), target("b", b.base_url))
         await engine.start()
         with pytest.raises(InvalidRequest) as info:
             await answer(engine)
@@ -162,7 +162,7 @@ async def test_bad_request_is_not_failed_over() -> None:
 async def test_401_fails_over_and_hides_the_key() -> None:
     key = "sk-proj-ABCDEFGH12345678secret"
     async with FakeUpstream(default=OK, api_key="other") as a, FakeUpstream(default=ERR500) as b:
-        engine = route(target("a", a.base_url, key=key), target("b", b.base_url), retries=0)
+        engine = group(target("a", a.base_url, key=key), target("b", b.base_url), retries=0)
         await engine.start()
         with pytest.raises(UpstreamError) as info:
             await answer(engine)
@@ -175,7 +175,7 @@ async def test_401_fails_over_and_hides_the_key() -> None:
 async def test_circuit_opens_then_half_opens() -> None:
     async with FakeUpstream(default=ERR500) as a, FakeUpstream(default=OK) as b:
         ta = target("a", a.base_url, threshold=2, cooldown=0.5)
-        engine = route(ta, target("b", b.base_url), retries=0)
+        engine = group(ta, target("b", b.base_url), retries=0)
         await engine.start()
         await answer(engine)
         await answer(engine)
@@ -193,7 +193,7 @@ async def test_success_resets_failures_when_the_reader_stops_at_the_final_delta(
     """The API closes the stream as soon as it has the final delta; that is a success for the breaker."""
     async with FakeUpstream(default=ERR500) as a:
         ta = target("a", a.base_url, threshold=3)
-        engine = route(ta, retries=0)
+        engine = group(ta, retries=0)
         await engine.start()
         try:
             with pytest.raises(UpstreamError):
@@ -212,7 +212,7 @@ async def test_success_resets_failures_when_the_reader_stops_at_the_final_delta(
 
 async def test_every_circuit_open_is_503_with_retry_after() -> None:
     async with FakeUpstream(default=ERR500) as a:
-        engine = route(target("a", a.base_url, threshold=1, cooldown=30), retries=0)
+        engine = group(target("a", a.base_url, threshold=1, cooldown=30), retries=0)
         await engine.start()
         with pytest.raises(UpstreamError):
             await answer(engine)
@@ -226,7 +226,7 @@ async def test_every_circuit_open_is_503_with_retry_after() -> None:
 async def test_health_checks_mark_and_recover() -> None:
     async with FakeUpstream(default=OK) as a, FakeUpstream(default=OK) as b:
         ta, tb = target("a", a.base_url, health=0.1), target("b", b.base_url, health=0.1)
-        engine = route(ta, tb)
+        engine = group(ta, tb)
         await engine.start()
         a.models_status = 503
         await asyncio.sleep(0.35)
@@ -248,7 +248,7 @@ async def test_health_checks_mark_and_recover() -> None:
 
 async def test_weighted_policy_spreads_by_weight() -> None:
     async with FakeUpstream(default=OK) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), policy="weighted", weights=[3, 1])
+        engine = group(target("a", a.base_url), target("b", b.base_url), policy="weighted", weights=[3, 1])
         await engine.start()
         for _ in range(200):
             await answer(engine)
@@ -260,7 +260,7 @@ async def test_weighted_policy_spreads_by_weight() -> None:
 async def test_least_outstanding_prefers_the_idle_target() -> None:
     slow = Reply(fields=[("content", "x" * 10)], chunk=1, chunk_delay=0.05)
     async with FakeUpstream(default=slow) as a, FakeUpstream(default=slow) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), policy="least_outstanding")
+        engine = group(target("a", a.base_url), target("b", b.base_url), policy="least_outstanding")
         await engine.start()
         await asyncio.gather(*(answer(engine) for _ in range(10)))
         await engine.close()
@@ -299,7 +299,7 @@ async def test_embedded_targets_mix_with_upstreams() -> None:
             Member(target("a", a.base_url), priority=1, model="provider-model"),
             Member(Target("local", Local(), health_interval=0), priority=2),
         ]
-        engine = RouteEngine("mixed", members, retry=RetryPolicy(retries=0))
+        engine = GroupEngine("mixed", members, retry=RetryPolicy(retries=0))
         await engine.start()
         assert await answer(engine) == ("", "local answer")
         await engine.close()
@@ -332,7 +332,7 @@ async def test_a_timeout_fails_over_without_a_retry_on_the_same_target() -> None
     """Waiting the same timeout again would double what the client waits; another target may answer."""
     slow = Reply(first_byte_delay=3)
     async with FakeUpstream(default=slow) as a, FakeUpstream(default=OK) as b:
-        engine = route(target("a", a.base_url), target("b", b.base_url), retries=2)
+        engine = group(target("a", a.base_url), target("b", b.base_url), retries=2)
         await engine.start()
         started = time.perf_counter()
         assert await answer(engine) == ("hmm", "fine")
@@ -354,17 +354,17 @@ async def test_an_upstream_without_a_model_is_asked_again_once_its_health_check_
         up.models_status = 200
         assert await t.check_health() is True
         assert engine.config.model == "served-model"
-        r = route(t)
+        r = group(t)
         await r.start()
         await answer(r)
         await r.close()
     assert up.requests[-1]["body"]["model"] == "served-model"
 
 
-def test_a_route_scores_prompts_only_when_every_member_can() -> None:
+def test_a_group_scores_prompts_only_when_every_member_can() -> None:
     class Scoring(Local):
         scores_prompts = True
 
     scoring, local = Target("s", Scoring(), health_interval=0), Target("l", Local(), health_interval=0)
-    assert RouteEngine("r", [Member(scoring), Member(Target("s2", Scoring(), health_interval=0))]).scores_prompts
-    assert not RouteEngine("r", [Member(scoring), Member(local)]).scores_prompts
+    assert GroupEngine("r", [Member(scoring), Member(Target("s2", Scoring(), health_interval=0))]).scores_prompts
+    assert not GroupEngine("r", [Member(scoring), Member(local)]).scores_prompts

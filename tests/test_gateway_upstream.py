@@ -23,18 +23,12 @@ from fake_upstream import (
 )
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
-from r1serve.engines.upstream import (
-    ApproxTokenCounter,
-    AttemptFailed,
-    Normaliser,
-    Timeouts,
-    UpstreamConfig,
-    UpstreamEngine,
-    scrub_secret,
-)
+from r1serve.engines.upstream import AttemptFailed, Timeouts, UpstreamConfig, UpstreamEngine
+from r1serve.engines.upstream.errors import scrub_secret
+from r1serve.engines.upstream.normalise import Normaliser
+from r1serve.engines.upstream.usage import ApproxTokenCounter
 from r1serve.errors import InvalidRequest, UpstreamError
-from r1serve.gateway.config import GatewayOptions, load_gateway_config
-from r1serve.gateway.build import _upstream_config
+from r1serve.gateway import GatewayOptions, load_gateway_config
 from r1serve.protocol import ChatMessage
 from r1serve.reasoning import split_reasoning
 
@@ -152,11 +146,11 @@ async def test_nosana_shape_through_the_vllm_preset() -> None:
             GatewayOptions(providers_file=None, provider=("vllm",), env_file=None), env={}
         )
         assert config is not None
-        p = config.providers["vllm"]
+        p = config.providers["vllm"].upstream
         assert p.dialect == "think_in_content" and p.model is None
         from dataclasses import replace
 
-        engine = UpstreamEngine(_upstream_config(replace(p, base_url=up.base_url, timeouts=FAST)))
+        engine = UpstreamEngine(replace(p, base_url=up.base_url, timeouts=FAST))
         reasoning, content, _, _ = await run(engine)
     assert content is not None and content.startswith("The Roman Empire") and reasoning is not None
 
@@ -188,8 +182,8 @@ async def test_deepinfra_stream_shape() -> None:
         assert config is not None
         from dataclasses import replace
 
-        p = replace(config.providers["deepinfra"], base_url=up.base_url, timeouts=FAST)
-        reasoning, content, final, _ = await run(UpstreamEngine(_upstream_config(p)))
+        p = replace(config.providers["deepinfra"].upstream, base_url=up.base_url, timeouts=FAST)
+        reasoning, content, final, _ = await run(UpstreamEngine(p))
         assert up.requests[0]["headers"]["Authorization"] == "Bearer di-secret-token-123"
         assert up.requests[0]["body"]["model"] == "deepseek-ai/DeepSeek-R1"
     assert (reasoning, content) == (None, "  Hi!")
@@ -613,7 +607,7 @@ def test_whole_timeout_is_configurable(tmp_path: Any) -> None:
     )
     config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
     assert config is not None
-    assert config.providers["a"].timeouts.whole == 900 and config.providers["b"].timeouts.whole == 30
+    assert config.providers["a"].upstream.timeouts.whole == 900 and config.providers["b"].upstream.timeouts.whole == 30
 
 
 # ----------------------------------------------------------------------------- whole answers

@@ -1,4 +1,4 @@
-"""From configuration to a running :class:`~r1serve.routing.ModelRegistry` of gateway routes."""
+"""From configuration to a running :class:`~r1serve.routing.ModelRegistry` of gateway model groups."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from r1serve.engines.base import Engine
-from r1serve.engines.upstream import HttpClient, UpstreamConfig, UpstreamEngine
+from r1serve.engines.upstream import HttpClient, UpstreamEngine
 from r1serve.gateway.config import (
     GatewayConfig,
     GatewayOptions,
-    ProviderConfig,
-    RouteConfig,
+    GroupConfig,
     load_gateway_config,
     options_from_settings,
 )
-from r1serve.gateway.group import CircuitBreaker, Member, RetryPolicy, RouteEngine, Target
+from r1serve.gateway.group import (
+    CircuitBreaker,
+    GroupEngine,
+    Member,
+    RetryPolicy,
+    Target,
+)
 from r1serve.gateway.tokens import token_counter
 from r1serve.models.catalog import ModelEntry, Prices
 from r1serve.routing.registry import ModelRegistry, ServedModel
@@ -34,7 +39,7 @@ EmbeddedFactory = Callable[[], Awaitable[Engine]]
 
 @dataclass(frozen=True)
 class UpstreamSource:
-    """Where a gateway route's model lives: not on this machine (``ModelEntry.source`` for a route)."""
+    """Where a model group's model lives: not on this machine (``ModelEntry.source`` for a group)."""
 
     description: str
 
@@ -52,10 +57,10 @@ async def build_gateway_registry(
     embedded: EmbeddedFactory | None = None,
     registry: ModelRegistry | None = None,
 ) -> ModelRegistry | None:
-    """A registry serving the configured gateway routes, engines started; None when none is configured.
+    """A registry serving the configured model groups, engines started; None when none is configured.
 
-    ``embedded`` starts the local engine; it is called (once) only when a route has an embedded target.
-    The registry's engines are :class:`RouteEngine` s: closing them (``close_registry``) closes everything,
+    ``embedded`` starts the local engine; it is called (once) only when a group has an embedded target.
+    The registry's engines are :class:`GroupEngine` s: closing them (``close_registry``) closes everything,
     the shared HTTP session included.
     """
     if config is None:
@@ -76,56 +81,57 @@ async def build_from_config(
     client: HttpClient | None = None,
 ) -> ModelRegistry:
     registry = registry if registry is not None else ModelRegistry()
-    connect = max((p.timeouts.connect for p in config.providers.values()), default=10.0)
-    client = client or HttpClient(limit=config.max_connections, connect_timeout=connect)
+    tuning = config.settings
+    connect = max((p.upstream.timeouts.connect for p in config.providers.values()), default=10.0)
+    client = client or HttpClient(limit=tuning.max_connections, connect_timeout=connect)
     targets: dict[str | None, Target] = {}
-    started: list[RouteEngine] = []
+    started: list[GroupEngine] = []
 
     async def target_for(provider: str | None) -> Target:
         if provider in targets:
             return targets[provider]
-        breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        breaker = CircuitBreaker(tuning.breaker_threshold, tuning.breaker_cooldown)
         if provider is None:
             if embedded is None:
-                raise ValueError("a route has an embedded target but no embedded engine was provided")
+                raise ValueError("a model group has an embedded target but no embedded engine was provided")
             engine = await embedded()
             target = Target("embedded", engine, breaker=breaker, health_interval=0)
         else:
             p = config.providers[provider]
             tokens = await asyncio.to_thread(token_counter, p.tokenizer, models_dir=models_dir)
-            engine = UpstreamEngine(_upstream_config(p), client, tokens=tokens)
-            target = Target(provider, engine, breaker=breaker, health_interval=config.health_interval)
+            engine = UpstreamEngine(p.upstream, client, tokens=tokens)
+            target = Target(provider, engine, breaker=breaker, health_interval=tuning.health_interval)
         targets[provider] = target
         return target
 
     retry = RetryPolicy(
-        retries=config.retries,
-        backoff=config.backoff,
-        max_backoff=config.max_backoff,
-        max_retry_wait=config.max_retry_wait,
+        retries=tuning.retries,
+        backoff=tuning.backoff,
+        max_backoff=tuning.max_backoff,
+        max_retry_wait=tuning.max_retry_wait,
     )
     try:
-        for rc in config.routes:
+        for group in config.groups:
             members = []
-            for tc in rc.targets:
+            for tc in group.targets:
                 target = await target_for(tc.provider)
                 model = tc.model
                 if model is None and tc.provider is not None:
-                    model = config.providers[tc.provider].models.get(rc.name)
+                    model = config.providers[tc.provider].models.get(group.name)
                 members.append(Member(target, model=model, weight=tc.weight, priority=tc.priority))
-            engine = RouteEngine(rc.name, members, policy=rc.policy, retry=retry)  # type: ignore[arg-type]
+            engine = GroupEngine(group.name, members, policy=group.policy, retry=retry)
             await engine.start()
             started.append(engine)
             await _discover_models(members)
-            entry = _route_entry(rc, members, config)
-            registry.add(ServedModel(entry=entry, engine=engine), default=rc.default)
+            entry = _group_entry(group, members, config)
+            registry.add(ServedModel(entry=entry, engine=engine), default=group.default)
             for m in members:  # a discovered upstream model id is a name clients may send too
                 if isinstance(m.target.engine, UpstreamEngine) and m.target.engine.config.model:
                     name = m.target.engine.config.model
                     if name != entry.id and name not in entry.aliases:
                         registry.alias(name, entry.id)
             log.info(
-                "route %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), rc.policy
+                "model group %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), group.policy
             )
     except BaseException:
         for engine in started:
@@ -135,22 +141,6 @@ async def build_from_config(
     return registry
 
 
-def _upstream_config(p: ProviderConfig) -> UpstreamConfig:
-    return UpstreamConfig(
-        name=p.name,
-        base_url=p.base_url,
-        model=p.model,
-        api_key=p.api_key,
-        api_key_env=p.api_key_env,
-        headers=dict(p.headers),
-        dialect=p.dialect,  # type: ignore[arg-type]
-        timeouts=p.timeouts,
-        include_usage=p.include_usage,
-        eos_markers=p.eos_markers,
-        drop_params=p.drop_params,
-    )
-
-
 async def _discover_models(members: list[Member]) -> None:
     """Upstreams configured without a model (``--upstream`` to a vLLM box): ask ``/models`` once."""
     for m in members:
@@ -158,7 +148,7 @@ async def _discover_models(members: list[Member]) -> None:
         if isinstance(engine, UpstreamEngine) and engine.config.model is None and m.model is None:
             try:
                 models = await engine.list_models()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - start-up goes on without a model name
                 log.warning(
                     "%s: could not list models (%s); requests go without a model name",
                     engine.config.name, getattr(exc, "message", type(exc).__name__),
@@ -169,9 +159,9 @@ async def _discover_models(members: list[Member]) -> None:
                 log.info("%s serves %s", engine.config.name, models[0])
 
 
-def _route_entry(rc: RouteConfig, members: list[Member], config: GatewayConfig) -> ModelEntry:
-    prices: Prices | None = rc.prices
-    context = rc.context_length
+def _group_entry(group: GroupConfig, members: list[Member], config: GatewayConfig) -> ModelEntry:
+    prices: Prices | None = group.prices.as_prices() if group.prices else None
+    context = group.context_length
     fmt = "none"
     for m in members:
         engine = m.target.engine
@@ -192,12 +182,12 @@ def _route_entry(rc: RouteConfig, members: list[Member], config: GatewayConfig) 
         f"{m.target.name}" + (f" ({m.model})" if m.model else "") for m in members
     )
     return ModelEntry(
-        id=rc.name,
+        id=group.name,
         source=UpstreamSource(where),  # type: ignore[arg-type]
-        aliases=tuple(a for a in rc.aliases if a != rc.name),
+        aliases=tuple(a for a in group.aliases if a != group.name),
         reasoning_format=fmt,  # type: ignore[arg-type]
         sampling_defaults=dict(R1_SAMPLING) if fmt == "deepseek_r1" else {},
         context_length=context or 65536,
         prices=prices or Prices(),
-        description=f"gateway route ({rc.policy}): {where}",
+        description=f"gateway model group ({group.policy}): {where}",
     )

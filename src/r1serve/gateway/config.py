@@ -23,7 +23,7 @@ The providers file (``R1SERVE_PROVIDERS_FILE``)::
     api_key_env = "GPU_BOX_KEY"    # the NAME of the variable; the key never goes in this file
     dialect = "think_in_content"   # auto | think_in_content | think_tags | reasoning_content | reasoning | none
     headers = { "X-Team" = "ml" }
-    models = { "deepseek-r1-32b" = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" }  # route name -> upstream id
+    models = { "deepseek-r1-32b" = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" }  # model group -> upstream id
     tokenizer = "/models/r1-vocab.gguf"  # for local token counts when upstream sends no usage
 
     [[routes]]
@@ -37,12 +37,22 @@ The providers file (``R1SERVE_PROVIDERS_FILE``)::
       { embedded = true, priority = 2 },   # the local llama.cpp model as the last resort
     ]
 
-With providers but no ``[[routes]]``: one route ``deepseek-r1`` (plus R1's aliases) over every provider
-in file order, priority policy. ``r1serve serve --provider huggingface`` (comma-separate several for a
-fallback chain) needs no file at all; ``--upstream URL`` makes a one-off provider ``upstream``.
+With providers but no ``[[routes]]``: one model group ``deepseek-r1`` (plus R1's aliases) over every
+provider in file order, priority policy. ``r1serve serve --provider huggingface`` (comma-separate several
+for a fallback chain) needs no file at all; ``--upstream URL`` makes a one-off provider ``upstream``.
+
+Each ``[[routes]]`` table defines a *model group*: one model name (and its aliases) that clients ask for,
+served by several targets under a policy (:class:`~r1serve.gateway.group.GroupEngine`). The key keeps
+its name so existing files work; in the code, "route" is left to HTTP routes.
 
 Keys are read from the process environment, then from ``.env`` in the working directory (the Plumber
 tutorial's ``HUGGINGFACE_ACCESS_TOKEN="..."`` file works as is). ``os.environ`` is not modified.
+
+The file is checked once, at start-up, by the pydantic models below (:class:`ProvidersFile` and the
+tables in it): misspelt keys are named, types are strict (an integer may stand for a number with a
+fraction, nothing else is converted), non-finite numbers are refused, and a JSON ``null`` means the
+default. A mistake is a :class:`GatewayConfigError` that names its place (``providers.gpu.base_url``).
+Nothing here runs per request: the engines get plain frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -50,19 +60,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from r1serve.engines.upstream import DIALECTS, Timeouts
-from r1serve.gateway.presets import find_preset
-from r1serve.models.catalog import R1_ALIASES, Prices
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-POLICIES = ("priority", "weighted", "least_outstanding")
-DEFAULT_ROUTE = "deepseek-r1"
+from r1serve.engines.upstream import Dialect, Timeouts, UpstreamConfig
+from r1serve.engines.upstream.config import DIALECTS
+from r1serve.gateway.group import Policy
+from r1serve.gateway.presets import PRESETS, find_preset
+from r1serve.models.catalog import R1_ALIASES, Prices, find_entry
+
+DEFAULT_GROUP = "deepseek-r1"
 # DeepSeek-R1's context window at the hosted providers (64K at DeepSeek, up to 160K elsewhere).
 DEFAULT_CONTEXT = 65536
 
@@ -71,61 +94,326 @@ class GatewayConfigError(ValueError):
     """A providers file or flag that cannot work; the message says what to change."""
 
 
+# ----------------------------------------------------------------------------- the file's tables
+
+
+def _integral(value: Any) -> Any:
+    """``2.0`` where a whole number is expected is 2; anything else is left to the strict check."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def _strings(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and all(type(item) is str for item in value):
+        return tuple(value)
+    raise PydanticCustomError("config_type", 'must be a list of strings, like ["a", "b"] (got {got})', {"got": repr(value)})
+
+
+def _gguf_path(value: Any) -> Any:
+    if type(value) is str:
+        return value
+    raise PydanticCustomError("config_type", "must be the path of a GGUF file (got {got})", {"got": repr(value)})
+
+
+Whole = Annotated[int, BeforeValidator(_integral)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_strings)]
+Seconds = Annotated[float, Field(gt=0)]  # a timeout
+Amount = Annotated[float, Field(ge=0)]  # a wait, an interval, a price
+
+
+class _Table(BaseModel):
+    """A table of the providers file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        if isinstance(data, cls):
+            return data  # built and checked already
+        data = cls._shorthand(data)
+        if not isinstance(data, dict):
+            return data  # pydantic says it must be a table
+        # Every unknown key in one message, with the known ones (extra="forbid" would name them one by one).
+        known = sorted(name for name in cls.model_fields)
+        unknown = sorted(str(key) for key in data if key not in cls.model_fields)
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_key",
+                "unknown key {names} (known: {known})",
+                {"names": ", ".join(map(repr, unknown)), "known": ", ".join(known)},
+            )
+        # A JSON null means the default, as if the key were absent.
+        return {key: value for key, value in data.items() if value is not None}
+
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """A table's shorter spelling (a string for a target), as the table it stands for."""
+        return data
+
+
+class _Timeouts(_Table):
+    """The timeout keys, in ``[gateway]`` (the defaults) and in a provider (its own)."""
+
+    connect_timeout: Seconds | None = None
+    first_byte_timeout: Seconds | None = None
+    idle_timeout: Seconds | None = None
+    whole_timeout: Seconds | None = None
+
+    def timeouts(self, defaults: Timeouts) -> Timeouts:
+        """These timeouts, ``defaults`` for the ones not set."""
+        return Timeouts(
+            connect=float(defaults.connect if self.connect_timeout is None else self.connect_timeout),
+            first_byte=float(defaults.first_byte if self.first_byte_timeout is None else self.first_byte_timeout),
+            idle=float(defaults.idle if self.idle_timeout is None else self.idle_timeout),
+            whole=float(defaults.whole if self.whole_timeout is None else self.whole_timeout),
+        )
+
+
+class GatewaySettings(_Timeouts):
+    """``[gateway]``: retries, circuit breakers, health checks, the connection pool, default timeouts
+    (the timeouts end up in each provider's :class:`~r1serve.engines.upstream.Timeouts`)."""
+
+    retries: Annotated[Whole, Field(ge=0)] = 1
+    backoff: Amount = 0.1  # seconds, doubled per retry, with jitter
+    max_backoff: Amount = 2.0
+    max_retry_wait: Amount = 5.0
+    breaker_threshold: Annotated[Whole, Field(ge=1)] = 5
+    breaker_cooldown: Amount = 15.0
+    health_interval: Amount = 15.0
+    max_connections: Annotated[Whole, Field(ge=0)] = 0  # 0: unlimited
+
+
+class PricesTable(_Table):
+    """``prices = { input = ..., output = ... }``: dollars per million tokens."""
+
+    input: Amount = 0.0
+    output: Amount = 0.0
+    cached_input: Amount | None = None
+
+    def as_prices(self) -> Prices:
+        return Prices(input=self.input, output=self.output, cached_input=self.cached_input)
+
+
+class ProviderTable(_Timeouts):
+    """``[providers.NAME]`` as written. Unset keys are None: they come from the preset, if any, when the
+    provider is resolved (:func:`_provider`), because the preset is only known with the table's name."""
+
+    preset: str | None = None
+    base_url: str | None = None
+    # Never accepted (the validator refuses any value); listed so that the message can say what to do.
+    api_key: Any = None
+    api_key_env: str | None = None  # "" for no key, even when the preset names one
+    model: str | None = None
+    dialect: Dialect | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    eos_markers: Strings | None = None
+    drop_params: Strings = ()
+    include_usage: bool | None = None
+    requires_key: bool | None = None
+    prices: PricesTable | None = None
+    context_length: Annotated[Whole, Field(ge=1)] = DEFAULT_CONTEXT
+    tokenizer: Annotated[str, BeforeValidator(_gguf_path)] | None = None
+    models: dict[str, str] = Field(default_factory=dict)  # model group name -> upstream model id
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_inline_key(cls, value: Any) -> Any:
+        raise PydanticCustomError(
+            "inline_key", "put the key in an environment variable and name it with api_key_env, not api_key"
+        )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if find_preset(value) is None:
+            raise PydanticCustomError(
+                "unknown_preset", "unknown preset {name} (presets: {presets})",
+                {"name": repr(value), "presets": ", ".join(sorted(PRESETS))},
+            )  # fmt: skip
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        problem = _url_problem(value) if value else None  # "": the preset's, as if absent
+        if problem:
+            raise PydanticCustomError("base_url", problem)
+        return value
+
+
+class TargetConfig(_Table):
+    """One target of a model group: ``{ provider = "NAME" }`` or ``{ embedded = true }``, or the provider's
+    name alone (``"embedded"`` for the embedded engine)."""
+
+    provider: str | None = None  # None: the embedded engine
+    embedded: bool = False
+    model: str | None = None  # the name the target knows the model by; None: the provider's
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    priority: Annotated[Whole, Field(ge=-(2**31))] = 0
+
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"embedded": True} if data == "embedded" else {"provider": data}
+        if not isinstance(data, dict):
+            raise PydanticCustomError(
+                "target", 'must be a provider name or a table like { provider = "NAME" } (got {got})', {"got": repr(data)}
+            )
+        if data.get("embedded") is True and data.get("provider") == "":
+            return {key: value for key, value in data.items() if key != "provider"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TargetConfig:
+        if self.embedded == bool(self.provider):
+            raise PydanticCustomError("target", 'a target has either provider = "NAME" or embedded = true')
+        return self
+
+
+class GroupConfig(_Table):
+    """A model group: one ``[[routes]]`` table. One model name (and its aliases) served by ``targets``,
+    chosen by ``policy``; the ``default`` group answers requests that name no model (or an unknown one)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    # strict=False for the tuples only: the file has lists (each target is still checked strictly).
+    targets: Annotated[tuple[TargetConfig, ...], Field(min_length=1, strict=False)]
+    aliases: Strings = ()
+    policy: Policy = "priority"
+    default: bool = False
+    prices: PricesTable | None = None
+    context_length: Annotated[Whole, Field(ge=1)] | None = None
+
+
+class ProvidersFile(_Table):
+    """The whole providers file."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    providers: dict[str, ProviderTable] = Field(default_factory=dict)
+    routes: Annotated[tuple[GroupConfig, ...], Field(strict=False)] = ()  # [[routes]]: the model groups
+
+    @field_validator("routes")
+    @classmethod
+    def _one_default(cls, groups: tuple[GroupConfig, ...]) -> tuple[GroupConfig, ...]:
+        defaults = [g.name for g in groups if g.default]
+        if len(defaults) > 1:
+            raise PydanticCustomError("default", "more than one route is the default: {names}", {"names": ", ".join(defaults)})
+        return groups
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a base URL, in words that never repeat its user:password part."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return None
+    shown = url.split("@", 1)[-1] if "@" in parts.netloc else url
+    return f"must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {shown!r})"
+
+
+# ----------------------------------------------------------------------------- errors in words
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _place(loc: tuple[int | str, ...]) -> str:
+    """``("providers", "gpu", "base_url")`` as ``providers.gpu.base_url``; ``("routes", 0)`` as ``routes[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+            out += f".{key}" if out else key
+    return out
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _say(err: Any) -> str:
+    """One pydantic error as the end of a sentence that starts with the place."""
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    ctx = err.get("ctx") or {}
+    got = f" (got {value!r})"
+    if kind == "missing":
+        return "is required"
+    if kind == "int_type" and isinstance(value, float) and math.isfinite(value):
+        return "must be a whole number" + got
+    if kind in ("int_type", "float_type", "finite_number"):
+        return "must be a number" + got
+    if kind == "bool_type":
+        return "must be true or false" + got
+    if kind == "string_type":
+        return "must be a string" + got
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "greater_than_equal":
+        return f"must be at least {_number(ctx['ge'])}" + got
+    if kind == "greater_than":
+        return f"must be above {_number(ctx['gt'])}" + got
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}" + got
+    if kind in ("model_type", "dict_type"):
+        # Without the value: a string where a table belongs is often a URL, maybe with a password in it.
+        if len(loc) == 2 and loc[0] == "providers":
+            return f'must be a table, like [providers.{loc[1]}] base_url = "..."'
+        return "must be a table"
+    if kind == "tuple_type":
+        return "must be a list of tables ([[routes]] in TOML)" if loc == ("routes",) else "must be a list" + got
+    if kind == "too_short":
+        return "must be a non-empty list"
+    return str(err["msg"])
+
+
+def _config_error(exc: ValidationError, data: Any) -> GatewayConfigError:
+    """``exc`` as one message: every mistake, each with its place (and the route it is in)."""
+    errors = exc.errors(include_url=False)
+    # A list with a bad item also reports "too short" for the items that failed: the item's error says it.
+    inner = {e["loc"][:-1] for e in errors}
+    lines: list[str] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "too_short" and any(other[: len(loc)] == loc for other in inner if len(other) >= len(loc)):
+            continue
+        said = _say(err)
+        place = _place(loc) or "providers file"
+        line = f"{place} {said}" if said.startswith(("must ", "is ")) else f"{place}: {said}"
+        if len(loc) > 2 and loc[0] == "routes" and isinstance(loc[1], int):
+            routes = data.get("routes") if isinstance(data, dict) else None
+            table = routes[loc[1]] if isinstance(routes, list) and loc[1] < len(routes) else None
+            if isinstance(table, dict) and isinstance(table.get("name"), str):
+                line += f" (in route {table['name']!r})"
+        if line not in lines:
+            lines.append(line)
+    return GatewayConfigError("; ".join(lines))
+
+
+# ----------------------------------------------------------------------------- what the gateway runs
+
+
 @dataclass(frozen=True)
 class ProviderConfig:
-    name: str
-    base_url: str
-    model: str | None = None
-    api_key_env: str | None = None
-    api_key: str | None = field(default=None, repr=False)
+    """A provider resolved (preset, environment, defaults): the engine's connection settings, and what the
+    gateway itself needs about it (whether a key is required, billing, model-group names, token counts)."""
+
+    upstream: UpstreamConfig
     requires_key: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    dialect: str = "auto"
-    timeouts: Timeouts = Timeouts()
-    include_usage: bool = True
-    eos_markers: tuple[str, ...] = ()
-    drop_params: tuple[str, ...] = ()
-    prices: Prices = Prices()
+    prices: Prices = field(default_factory=Prices)
     context_length: int = DEFAULT_CONTEXT
     tokenizer: Path | None = None
-    models: dict[str, str] = field(default_factory=dict)  # route name -> upstream model id
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    provider: str | None  # None: the embedded engine
-    model: str | None = None
-    weight: float = 1.0
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    name: str
-    targets: tuple[TargetConfig, ...]
-    aliases: tuple[str, ...] = ()
-    policy: str = "priority"
-    default: bool = False
-    prices: Prices | None = None
-    context_length: int | None = None
+    models: dict[str, str] = field(default_factory=dict)  # model group name -> upstream model id
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     providers: dict[str, ProviderConfig]
-    routes: tuple[RouteConfig, ...]
-    retries: int = 1
-    backoff: float = 0.1  # seconds, doubled per retry, with jitter
-    max_backoff: float = 2.0
-    max_retry_wait: float = 5.0
-    breaker_threshold: int = 5
-    breaker_cooldown: float = 15.0
-    health_interval: float = 15.0
-    max_connections: int = 0  # 0: unlimited
+    groups: tuple[GroupConfig, ...]
+    # [gateway] as read (with --health-interval applied); its timeouts are already in each provider's.
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
 
     @property
     def uses_embedded(self) -> bool:
-        return any(t.provider is None for r in self.routes for t in r.targets)
+        return any(t.provider is None for g in self.groups for t in g.targets)
 
 
 @dataclass(frozen=True)
@@ -139,7 +427,7 @@ class GatewayOptions:
     upstream_model: str | None = None
     reasoning_dialect: str = "auto"
     timeouts: Timeouts | None = None  # None: the file's [gateway] values, else Timeouts()
-    served_name: str | None = None  # the default model name (settings.model), an alias of a one-off route
+    served_name: str | None = None  # the default model name (settings.model), an alias of a one-off group
     env_file: Path | None = Path(".env")
     health_interval: float | None = None
 
@@ -183,14 +471,24 @@ def load_environment(env_file: Path | None) -> dict[str, str]:
     """``.env`` values overlaid by the process environment (the process wins, as with pydantic-settings)."""
     values: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
-        from dotenv import dotenv_values  # python-dotenv: a dependency of pydantic-settings
+        # python-dotenv, imported only when there is a .env to read.
+        from dotenv import dotenv_values
 
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     values.update(os.environ)
     return values
 
 
-# ----------------------------------------------------------------------------- parsing
+def _resolve_key(env_names: tuple[str, ...], env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(value, the variable it came from); the first name set wins; (None, first name) when none is."""
+    for name in env_names:
+        value = env.get(name, "").strip()
+        if value:
+            return value, name
+    return None, (env_names[0] if env_names else None)
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -210,213 +508,45 @@ def read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _prices(raw: Any, where: str) -> Prices | None:
-    """Dollars per million tokens."""
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        raise GatewayConfigError(f"{where}: prices must be a table like {{ input = 0.5, output = 2.0 }}")
-    where = f"{where}: prices"
-    _check_keys(raw, frozenset({"input", "output", "cached_input"}), where)
-    return Prices(
-        input=_number(raw, "input", 0.0, where),
-        output=_number(raw, "output", 0.0, where),
-        cached_input=_number(raw, "cached_input", 0.0, where) if raw.get("cached_input") is not None else None,
-    )
+def _provider(name: str, table: ProviderTable, env: Mapping[str, str], timeouts: Timeouts) -> ProviderConfig:
+    """``[providers.NAME]`` with its preset's values for what it leaves out, its key from ``env``."""
+    preset = find_preset(table.preset or name)
 
+    def pick(value: Any, attr: str, default: Any) -> Any:
+        """The table's value, else the preset's, else ``default``."""
+        if value is not None:
+            return value
+        return getattr(preset, attr) if preset else default
 
-def _str_map(raw: Any, where: str) -> dict[str, str]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise GatewayConfigError(f"{where} must be a table of strings")
-    return {str(k): str(v) for k, v in raw.items()}
-
-
-def _check_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> None:
-    """A misspelt key would otherwise be ignored without a word."""
-    unknown = sorted(str(k) for k in raw if k not in known)
-    if unknown:
-        names, known_names = ", ".join(map(repr, unknown)), ", ".join(sorted(known))
-        raise GatewayConfigError(f"{where}: unknown key {names} (known: {known_names})")
-
-
-def _number(
-    raw: Mapping[str, Any], key: str, default: float, where: str, *, least: float = 0.0, above: bool = False
-) -> float:
-    """``raw[key]`` as a number >= ``least`` (> when ``above``), ``default`` when absent."""
-    value = raw.get(key)
-    if value is None:  # absent, or null in a JSON file
-        return float(default)
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise GatewayConfigError(f"{where}: {key} must be a number (got {value!r})") from None
-    if number < least or (above and number == least):
-        raise GatewayConfigError(f"{where}: {key} must be {'above' if above else 'at least'} {least:g} (got {value!r})")
-    return number
-
-
-def _flag(raw: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
-    """``raw[key]`` as true / false; a string such as "false" is refused rather than read as true."""
-    value = raw.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise GatewayConfigError(f"{where}: {key} must be true or false (got {value!r})")
-    return value
-
-
-def _integer(raw: Mapping[str, Any], key: str, default: int, where: str, *, least: int = 0) -> int:
-    number = _number(raw, key, default, where, least=least)
-    if not number.is_integer():
-        raise GatewayConfigError(f"{where}: {key} must be a whole number (got {raw.get(key)!r})")
-    return int(number)
-
-
-def _str_list(raw: Mapping[str, Any], key: str, where: str, default: Any = ()) -> tuple[str, ...]:
-    value = raw.get(key)
-    if value is None:
-        value = default
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise GatewayConfigError(f'{where}: {key} must be a list of strings, like ["a", "b"] (got {value!r})')
-    return tuple(value)
-
-
-def _timeouts(raw: Mapping[str, Any], defaults: Timeouts, where: str) -> Timeouts:
-    return Timeouts(
-        connect=_number(raw, "connect_timeout", defaults.connect, where, above=True),
-        first_byte=_number(raw, "first_byte_timeout", defaults.first_byte, where, above=True),
-        idle=_number(raw, "idle_timeout", defaults.idle, where, above=True),
-        whole=_number(raw, "whole_timeout", defaults.whole, where, above=True),
-    )
-
-
-_TIMEOUT_KEYS = frozenset({"connect_timeout", "first_byte_timeout", "idle_timeout", "whole_timeout"})
-_GATEWAY_KEYS = _TIMEOUT_KEYS | {
-    "retries", "backoff", "max_backoff", "max_retry_wait", "breaker_threshold", "breaker_cooldown",
-    "health_interval", "max_connections",
-}  # fmt: skip
-_PROVIDER_KEYS = _TIMEOUT_KEYS | {
-    "preset", "base_url", "api_key", "api_key_env", "dialect", "headers", "eos_markers", "tokenizer", "model",
-    "requires_key", "include_usage", "drop_params", "prices", "context_length", "models",
-}  # fmt: skip
-_ROUTE_KEYS = frozenset({"name", "targets", "policy", "context_length", "aliases", "default", "prices"})
-_TARGET_KEYS = frozenset({"provider", "embedded", "model", "weight", "priority"})
-_TOP_KEYS = frozenset({"gateway", "providers", "routes"})
-
-
-def _resolve_key(env_names: tuple[str, ...], env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """(value, the variable it came from); the first name set wins; (None, first name) when none is."""
-    for name in env_names:
-        value = env.get(name, "").strip()
-        if value:
-            return value, name
-    return None, (env_names[0] if env_names else None)
-
-
-def provider_config(
-    name: str, raw: Mapping[str, Any], env: Mapping[str, str], timeouts: Timeouts
-) -> ProviderConfig:
-    where = f"provider {name!r}"
-    if not isinstance(raw, Mapping):
-        raise GatewayConfigError(f'{where} must be a table, like [providers.{name}] base_url = "..."')
-    _check_keys(raw, _PROVIDER_KEYS, where)
-    preset = find_preset(str(raw.get("preset", name)))
-    if "preset" in raw and preset is None:
-        raise GatewayConfigError(f"{where}: unknown preset {raw['preset']!r}")
-    base_url = raw.get("base_url") or (preset.base_url if preset else None)
+    base_url = table.base_url or pick(None, "base_url", None)
     if not base_url:
-        raise GatewayConfigError(f"{where}: base_url is required (or name a preset with preset = \"...\")")
-    url = urlsplit(str(base_url))
-    if url.scheme not in ("http", "https") or not url.hostname:
-        # Without any user:password part: this message is printed.
-        shown = str(base_url).split("@", 1)[-1] if "@" in url.netloc else str(base_url)
         raise GatewayConfigError(
-            f"{where}: base_url must be an http:// or https:// URL, like http://HOST:PORT/v1 (got {shown!r})"
+            f'{_place(("providers", name))}.base_url is required (or name a preset with preset = "...")'
         )
-    if raw.get("api_key") is not None:
-        raise GatewayConfigError(
-            f"{where}: put the key in an environment variable and name it with api_key_env, not api_key"
-        )
-    if "api_key_env" in raw:
-        env_names: tuple[str, ...] = (str(raw["api_key_env"]),) if raw["api_key_env"] else ()
-    else:
-        env_names = preset.api_key_env if preset else ()
+    env_names: tuple[str, ...] = pick(None, "api_key_env", ())
+    if table.api_key_env is not None:  # "" means no key, even when the preset names some
+        env_names = (table.api_key_env,) if table.api_key_env else ()
     key, key_env = _resolve_key(env_names, env)
-    dialect = str(raw.get("dialect") or (preset.dialect if preset else "auto"))
-    if dialect not in DIALECTS:
-        raise GatewayConfigError(f"{where}: dialect must be one of {', '.join(DIALECTS)} (got {dialect!r})")
-    headers = dict(preset.headers) if preset else {}
-    headers.update(_str_map(raw.get("headers"), f"{where}: headers"))
-    t = _timeouts(raw, timeouts, where)
-    eos = _str_list(raw, "eos_markers", where, preset.eos_markers if preset else ())
-    tokenizer = raw.get("tokenizer")
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        raise GatewayConfigError(f"{where}: tokenizer must be the path of a GGUF file (got {tokenizer!r})")
-    return ProviderConfig(
+    upstream = UpstreamConfig(
         name=name,
-        base_url=str(base_url),
-        model=raw.get("model") or (preset.model if preset else None),
-        api_key_env=key_env,
+        base_url=base_url,
+        model=table.model or pick(None, "model", None),
         api_key=key,
-        requires_key=_flag(raw, "requires_key", preset.requires_key if preset else False, where),
-        headers=headers,
-        dialect=dialect,
-        timeouts=t,
-        include_usage=_flag(raw, "include_usage", preset.include_usage if preset else True, where),
-        eos_markers=eos,
-        drop_params=_str_list(raw, "drop_params", where),
-        prices=_prices(raw.get("prices"), where) or Prices(),
-        context_length=_integer(raw, "context_length", DEFAULT_CONTEXT, where, least=1),
-        tokenizer=Path(tokenizer).expanduser() if tokenizer else None,
-        models=_str_map(raw.get("models"), f"{where}: models"),
+        api_key_env=key_env,
+        headers={**pick(None, "headers", {}), **table.headers},
+        dialect=pick(table.dialect, "dialect", "auto"),
+        timeouts=table.timeouts(timeouts),
+        include_usage=pick(table.include_usage, "include_usage", True),
+        eos_markers=pick(table.eos_markers, "eos_markers", ()),
+        drop_params=table.drop_params,
     )
-
-
-def _target(raw: Any, where: str) -> TargetConfig:
-    if isinstance(raw, str):
-        return TargetConfig(provider=None if raw == "embedded" else raw)
-    if not isinstance(raw, Mapping):
-        raise GatewayConfigError(f"{where}: a target is a provider name or a table {{ provider = \"...\" }}")
-    _check_keys(raw, _TARGET_KEYS, f"{where}: target")
-    embedded = _flag(raw, "embedded", False, f"{where}: target")
-    provider = raw.get("provider")
-    if embedded == bool(provider):
-        raise GatewayConfigError(f"{where}: a target has either provider = \"NAME\" or embedded = true")
-    return TargetConfig(
-        provider=None if embedded else str(provider),
-        model=raw.get("model"),
-        weight=_number(raw, "weight", 1.0, f"{where}: target", above=True),
-        priority=_integer(raw, "priority", 0, f"{where}: target", least=-(2**31)),
-    )
-
-
-def _route(raw: Any, index: int) -> RouteConfig:
-    if not isinstance(raw, Mapping) or not raw.get("name"):
-        raise GatewayConfigError(f"routes[{index}]: a route needs a name")
-    where = f"route {raw['name']!r}"
-    _check_keys(raw, _ROUTE_KEYS, where)
-    targets = raw.get("targets")
-    if not isinstance(targets, list) or not targets:
-        raise GatewayConfigError(f"{where}: targets must be a non-empty list")
-    policy = str(raw.get("policy", "priority"))
-    if policy not in POLICIES:
-        raise GatewayConfigError(f"{where}: policy must be one of {', '.join(POLICIES)} (got {policy!r})")
-    return RouteConfig(
-        name=str(raw["name"]),
-        targets=tuple(_target(t, where) for t in targets),
-        aliases=_str_list(raw, "aliases", where),
-        policy=policy,
-        default=_flag(raw, "default", False, where),
-        prices=_prices(raw.get("prices"), where),
-        context_length=(
-            _integer(raw, "context_length", 0, where, least=1) if raw.get("context_length") is not None else None
-        ),
+    return ProviderConfig(
+        upstream=upstream,
+        requires_key=pick(table.requires_key, "requires_key", False),
+        prices=table.prices.as_prices() if table.prices else Prices(),
+        context_length=table.context_length,
+        tokenizer=Path(table.tokenizer).expanduser() if table.tokenizer else None,
+        models=dict(table.models),
     )
 
 
@@ -427,39 +557,16 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
     if env is None:
         env = load_environment(options.env_file)
     data: dict[str, Any] = read_file(Path(options.providers_file)) if options.providers_file else {}
-    _check_keys(data, _TOP_KEYS, "providers file")
-    gw = data.get("gateway", {}) or {}
-    if not isinstance(gw, Mapping):
-        raise GatewayConfigError("[gateway] must be a table")
-    _check_keys(gw, _GATEWAY_KEYS, "[gateway]")
-    timeouts = options.timeouts or _timeouts(gw, Timeouts(), "[gateway]")
-    tuning: dict[str, Any] = dict(
-        retries=_integer(gw, "retries", 1, "[gateway]"),
-        backoff=_number(gw, "backoff", 0.1, "[gateway]"),
-        max_backoff=_number(gw, "max_backoff", 2.0, "[gateway]"),
-        max_retry_wait=_number(gw, "max_retry_wait", 5.0, "[gateway]"),
-        breaker_threshold=_integer(gw, "breaker_threshold", 5, "[gateway]", least=1),
-        breaker_cooldown=_number(gw, "breaker_cooldown", 15.0, "[gateway]"),
-        health_interval=(
-            options.health_interval
-            if options.health_interval is not None
-            else _number(gw, "health_interval", 15.0, "[gateway]")
-        ),
-        max_connections=_integer(gw, "max_connections", 0, "[gateway]"),
-    )
-    raw_providers = data.get("providers", {}) or {}
-    if not isinstance(raw_providers, Mapping):
-        raise GatewayConfigError("[providers] must be a table of providers")
-    providers: dict[str, ProviderConfig] = {
-        str(name): provider_config(str(name), raw or {}, env, timeouts) for name, raw in raw_providers.items()
-    }
-    raw_routes = data.get("routes", []) or []
-    if not isinstance(raw_routes, list):
-        raise GatewayConfigError("routes must be a list of tables ([[routes]] in TOML)")
-    routes = [_route(r, i) for i, r in enumerate(raw_routes)]
-    defaults = [r.name for r in routes if r.default]
-    if len(defaults) > 1:
-        raise GatewayConfigError(f"more than one route is the default: {', '.join(defaults)}")
+    try:
+        file = ProvidersFile.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, data) from None
+    settings = file.gateway
+    if options.health_interval is not None:
+        settings = settings.model_copy(update={"health_interval": options.health_interval})
+    timeouts = options.timeouts or settings.timeouts(Timeouts())
+    providers = {name: _provider(name, table, env, timeouts) for name, table in file.providers.items()}
+    groups = list(file.routes)
 
     # --provider NAME[,NAME...]: a preset or a provider from the file, as one fallback chain.
     chain: list[TargetConfig] = []
@@ -468,9 +575,9 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
             if find_preset(name) is None:
                 raise GatewayConfigError(
                     f"unknown provider {name!r}: not in the providers file and not a preset "
-                    f"(presets: {', '.join(sorted(_preset_names()))})"
+                    f"(presets: {', '.join(sorted(PRESETS))})"
                 )
-            providers[name] = provider_config(name, {}, env, timeouts)
+            providers[name] = _provider(name, ProviderTable(), env, timeouts)
         chain.append(TargetConfig(provider=name, priority=len(chain)))
 
     # --upstream URL: a one-off provider.
@@ -479,74 +586,69 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
             raise GatewayConfigError(
                 f"--reasoning-dialect must be one of {', '.join(DIALECTS)} (got {options.reasoning_dialect!r})"
             )
-        raw_up: dict[str, Any] = {"base_url": options.upstream, "dialect": options.reasoning_dialect}
-        raw_up["api_key_env"] = options.upstream_key_env or ""
-        if options.upstream_model:
-            raw_up["model"] = options.upstream_model
-        up = provider_config("upstream", raw_up, env, timeouts)
-        if options.upstream_key_env and not up.api_key:
+        problem = _url_problem(options.upstream)
+        if problem:
+            raise GatewayConfigError(f"--upstream {problem}")
+        table = ProviderTable.model_validate({
+            "base_url": options.upstream,
+            "dialect": options.reasoning_dialect,
+            "api_key_env": options.upstream_key_env or "",
+            "model": options.upstream_model or None,
+        })  # fmt: skip
+        up = _provider("upstream", table, env, timeouts)
+        if options.upstream_key_env and not up.upstream.api_key:
             raise GatewayConfigError(f"--upstream-key-env {options.upstream_key_env}: that variable is not set")
-        providers["upstream"] = replace_requires(up)
+        providers["upstream"] = up
         chain.append(TargetConfig(provider="upstream", priority=len(chain)))
 
     if chain:
         aliases = list(R1_ALIASES)
         if options.served_name:
             aliases.append(options.served_name)
-            from r1serve.models.catalog import find_entry
-
             entry = find_entry(options.served_name)
             if entry is not None:
                 aliases.extend([entry.id, *entry.aliases])
         for t in chain:
-            model = providers[t.provider or ""].model
+            model = providers[t.provider or ""].upstream.model
             if model:
                 aliases.append(model)
         name = _chain_name(chain, providers)
-        # The flags' route is the default: a file route marked default would otherwise win without a word.
-        file_routes = [replace(r, default=False) for r in routes]
-        routes = [RouteConfig(name=name, targets=tuple(chain), aliases=_unique(aliases), default=True), *file_routes]
-    elif not routes and providers:
-        names = list(providers)
-        routes = [
-            RouteConfig(
-                name=DEFAULT_ROUTE,
-                targets=tuple(TargetConfig(provider=n, priority=i) for i, n in enumerate(names)),
-                aliases=_unique([*R1_ALIASES, *(p.model for p in providers.values() if p.model)]),
+        # The flags' group is the default: a file group marked default would otherwise win without a word.
+        file_groups = [g.model_copy(update={"default": False}) for g in groups]
+        groups = [GroupConfig(name=name, targets=tuple(chain), aliases=_unique(aliases), default=True), *file_groups]
+    elif not groups and providers:
+        groups = [
+            GroupConfig(
+                name=DEFAULT_GROUP,
+                targets=tuple(TargetConfig(provider=n, priority=i) for i, n in enumerate(providers)),
+                aliases=_unique([*R1_ALIASES, *(p.upstream.model for p in providers.values() if p.upstream.model)]),
                 default=True,
             )
         ]
-    if not routes:
+    if not groups:
         raise GatewayConfigError("the providers file defines no providers and no routes")
 
-    used = _unique([t.provider for r in routes for t in r.targets if t.provider is not None])
+    used = _unique([t.provider for g in groups for t in g.targets if t.provider is not None])
     missing: list[str] = []  # every provider without its key, not only the first
     for name in used:
         if name not in providers:
             raise GatewayConfigError(f"a route names provider {name!r}, which is not defined")
         p = providers[name]
-        if p.requires_key and not p.api_key:
+        if p.requires_key and not p.upstream.api_key:
             preset = find_preset(name)
-            names = preset.api_key_env if preset and p.api_key_env in preset.api_key_env else (p.api_key_env,)
+            key_env = p.upstream.api_key_env
+            names: tuple[str | None, ...] = preset.api_key_env if preset and key_env in preset.api_key_env else (key_env,)
             missing.append(f"provider {name!r} needs an API key: set {' or '.join(n for n in names if n)}")
     if missing:
         raise GatewayConfigError("; ".join(missing) + " (in the environment or in .env)")
-    return GatewayConfig(
-        providers=providers,
-        routes=tuple(routes),
-        **tuning,
-    )
-
-
-def replace_requires(p: ProviderConfig) -> ProviderConfig:
-    return replace(p, requires_key=False)
+    return GatewayConfig(providers=providers, groups=tuple(groups), settings=settings)
 
 
 def _chain_name(chain: list[TargetConfig], providers: Mapping[str, ProviderConfig]) -> str:
-    first = providers[chain[0].provider or ""]
+    first = providers[chain[0].provider or ""].upstream
     if len(chain) == 1 and first.model:
         return f"{first.model}@{first.name}"
-    return DEFAULT_ROUTE if any(p.model for p in providers.values()) else first.name
+    return DEFAULT_GROUP if any(p.upstream.model for p in providers.values()) else first.name
 
 
 def _unique(items: list[str]) -> tuple[str, ...]:
@@ -554,9 +656,3 @@ def _unique(items: list[str]) -> tuple[str, ...]:
     for item in items:
         seen.setdefault(item, None)
     return tuple(seen)
-
-
-def _preset_names() -> list[str]:
-    from r1serve.gateway.presets import PRESETS
-
-    return list(PRESETS)

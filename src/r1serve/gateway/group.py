@@ -1,6 +1,7 @@
-"""A route with several targets: selection policy, retries with backoff, failover, circuit breakers, and
-active health checks. :class:`RouteEngine` is itself an :class:`~r1serve.engines.base.Engine`, so the
-router and the API see one engine per route and need nothing new.
+"""A model group: one model name served by several targets, with a selection policy, retries with
+backoff, failover, circuit breakers, and active health checks. :class:`GroupEngine` is itself an
+:class:`~r1serve.engines.base.Engine`, so the router and the API see one engine per model group and need
+nothing new. (A group is a ``[[routes]]`` table in the providers file; see :mod:`.config`.)
 
 Retry rule: a target's attempt may be retried or failed over only while nothing has been yielded, which
 is exactly "before any byte has gone to the client" because the API sends no headers until the first
@@ -32,7 +33,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -115,9 +116,9 @@ class TargetStats:
 
 
 class Target:
-    """One place a route can send a request: an upstream provider, or the embedded engine.
+    """One place a model group can send a request: an upstream provider, or the embedded engine.
 
-    Shared by every route that uses it (its breaker, health and outstanding count are per target).
+    Shared by every group that uses it (its breaker, health and outstanding count are per target).
     """
 
     def __init__(
@@ -187,7 +188,7 @@ class Target:
                 ok = exc.upstream_status == 404
                 if not ok:
                     self.last_error = exc.message
-            except Exception as exc:  # a health check never takes the loop down
+            except Exception as exc:  # noqa: BLE001 - a health check never takes the loop down
                 ok = False
                 self.last_error = f"health check error: {type(exc).__name__}"
             else:
@@ -249,7 +250,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Member:
-    """A target's place in one route."""
+    """A target's place in one model group."""
 
     target: Target
     model: str | None = None  # the name the target knows the model by; None: its default
@@ -269,8 +270,8 @@ class RetryPolicy:
         return base * (0.5 + random.random() / 2)
 
 
-class RouteEngine(Engine):
-    """Several targets behind one route, chosen by ``policy``."""
+class GroupEngine(Engine):
+    """Several targets behind one model group, chosen by ``policy``."""
 
     def __init__(
         self,
@@ -281,9 +282,10 @@ class RouteEngine(Engine):
         retry: RetryPolicy | None = None,
     ) -> None:
         if not members:
-            raise ValueError("a route needs at least one target")
+            raise ValueError("a model group needs at least one target")
+        # "route:" as before: the name reaches error messages and usage records.
         self.name = f"route:{name}"
-        self.route = name
+        self.group = name
         self.members = members
         # Any member may serve a request, so a prompt is scored only where every member can score it.
         self.scores_prompts = all(m.target.engine.scores_prompts for m in members)
@@ -335,10 +337,10 @@ class RouteEngine(Engine):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         return self._generate(request)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         errors: list[R1ServeError] = []
         rate_limited_wait: float | None = None
         candidates = self.candidates()
@@ -394,7 +396,7 @@ class RouteEngine(Engine):
                         target.breaker.failure()
                     else:
                         target.breaker.release()
-                    await _aclose(stream)
+                    await stream.aclose()
                 # Here only for an error before any output: decide retry / failover / give up.
                 errors.append(error)
                 target.last_error = error.message
@@ -462,7 +464,7 @@ class RouteEngine(Engine):
             status = "down"
         return {
             "status": status,
-            "route": self.route,
+            "route": self.group,  # the /health key clients read
             "policy": self.policy,
             "targets": targets,
         }
@@ -474,9 +476,3 @@ def _rate_limited(wait: float) -> RateLimited:
         f"Every upstream for this model is rate limiting; retry after {seconds}s.",
         headers={"Retry-After": str(seconds)},
     )
-
-
-async def _aclose(stream: AsyncIterator[Delta]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()

@@ -1,6 +1,6 @@
 """Known upstreams: base URL, where the key lives, the R1 model id there, and the reasoning dialect.
 
-Dialect choices (see :data:`r1serve.engines.upstream.Dialect`; every dialect also accepts the
+Dialect choices (see :data:`r1serve.engines.upstream.config.Dialect`; every dialect also accepts the
 ``reasoning_content`` / ``reasoning`` fields, so a provider that switches to fields keeps working):
 
 * DeepInfra: ``think_tags``. Its documented R1 answer (``/deepseek-ai/DeepSeek-R1/api``) is plain
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from r1serve.engines.upstream import Dialect
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -36,7 +38,7 @@ class Preset:
     base_url: str
     api_key_env: tuple[str, ...]  # first one set wins
     model: str | None
-    dialect: str
+    dialect: Dialect
     headers: dict[str, str] = field(default_factory=dict)
     eos_markers: tuple[str, ...] = ()
     include_usage: bool = True

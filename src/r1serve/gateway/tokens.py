@@ -4,7 +4,7 @@ The model's own tokenizer when one is available: a GGUF (llama.cpp loads just it
 ``vocab_only=True``, milliseconds and a few MB even for a full model file), configured per provider
 (``tokenizer = "PATH"``) or, for R1 models, any R1 distill GGUF already in the models cache (the
 distills carry the R1 special tokens and chat markers). Otherwise
-:class:`~r1serve.engines.upstream.ApproxTokenCounter` (4 characters a token). Usage counted locally is
+:class:`~r1serve.engines.upstream.usage.ApproxTokenCounter` (4 characters a token). Usage counted locally is
 always marked ``estimated``.
 """
 
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from r1serve.engines.upstream import ApproxTokenCounter, TokenCounter
+from r1serve.engines.upstream.usage import ApproxTokenCounter, TokenCounter
 
 log = logging.getLogger("r1serve.gateway")
 
@@ -98,7 +98,7 @@ def token_counter(tokenizer: Path | None, *, models_dir: Path | None = None) -> 
     counter = gguf_counter(path)
     try:
         counter.load()
-    except Exception as exc:  # a broken tokenizer must not stop serving: fall back, say so
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer must not stop serving: fall back, say so
         log.warning("tokenizer %s could not be loaded (%s); counting ~4 characters a token", path, exc)
         return ApproxTokenCounter()
     return counter
