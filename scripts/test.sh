@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install-test-services.sh  # PostgreSQL for the accounts tests (Debian package)
+# Lint and types first (configured in pyproject.toml): seconds, and a failure names the line.
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -24,6 +24,59 @@ API_KEYS = ("sk-test-9f8e7d6c5b4a", "sk-second-key-0000")
 _START_TIMEOUT = float(os.environ.get("R1SERVE_TEST_START_TIMEOUT", "900"))
 
 
+# ----------------------------------------------------------------------------- markers, enforced
+# `pytest -m "not slow"` must be fast and offline: a test that loads the real model (a live server or
+# the embedded engine) must be marked slow, and one that reaches beyond loopback must be marked network.
+# The guards below fail an unmarked test at the moment it does either, fixtures of any scope included
+# (they run while the test that needs them is being set up), so the markers cannot drift.
+
+_current: pytest.Item | None = None
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _current
+    _current = item
+
+
+def require_marker(name: str, doing: str) -> None:
+    """Fail the running test unless it carries marker ``name`` (it is ``doing`` something only such
+    tests may)."""
+    if _current is not None and _current.get_closest_marker(name) is None:
+        pytest.fail(f"{_current.nodeid} {doing}: mark it @pytest.mark.{name}", pytrace=False)
+
+
+def _guard_model_loads() -> None:
+    try:
+        from r1serve.engines.llama.engine import LlamaEngine
+    except ImportError:  # llama-cpp-python missing: nothing can load the model anyway
+        return
+    start = LlamaEngine.start
+
+    async def guarded_start(self: LlamaEngine) -> None:
+        require_marker("slow", "loads the real model")
+        await start(self)
+
+    LlamaEngine.start = guarded_start  # type: ignore[method-assign]
+
+
+def _guard_connections() -> None:
+    connect = socket.socket.connect
+
+    def guarded_connect(sock: socket.socket, address: object) -> None:
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not host.startswith(_LOOPBACK):
+            require_marker("network", f"connects to {host}, beyond loopback")
+        connect(sock, address)  # type: ignore[arg-type]
+
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+
+
+_guard_model_loads()
+_guard_connections()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,6 +85,7 @@ def _free_port() -> int:
 
 class LiveServer:
     def __init__(self, workdir: Path, name: str, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+        require_marker("slow", "starts a live server with the real model")
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"

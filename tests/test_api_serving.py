@@ -11,10 +11,10 @@ from openai.types import Completion as SDKCompletion
 from openai.types.chat import ChatCompletion as SDKChatCompletion
 from openai.types.chat import ChatCompletionChunk as SDKChatCompletionChunk
 
-from r1serve.api.errors import param_path, validation_error
 from r1serve.accounts.prices import cost_usd
 from r1serve.api.bodies import Collected, chat_completion_body, completion_body, legacy_logprobs
 from r1serve.api.chunks import ChatChunkEncoder, CompletionChunkEncoder, error_event, sse_events
+from r1serve.api.errors import param_path, validation_error
 from r1serve.api.requests import chat_generation_request, completion_generation_request
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.errors import ContextLengthExceeded, InvalidRequest

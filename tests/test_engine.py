@@ -19,7 +19,7 @@ from r1serve.models.fetch import ensure_model
 from r1serve.protocol import ChatMessage
 from r1serve.settings import Settings
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 QUESTIONS = [
     "Name one planet of the solar system.",
@@ -73,7 +73,7 @@ def assert_same_or_near_tie(reference: list[Delta], other: str, *, tie: float = 
     ref = _text(reference)
     if other == ref:
         return
-    diverge = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), min(len(ref), len(other)))
+    diverge = next((i for i, (a, b) in enumerate(zip(ref, other, strict=False)) if a != b), min(len(ref), len(other)))
     pos = 0
     for token, margin in _token_texts(reference):
         # A token without text (the end of the output) is the choice at its position: "Mount Everest"
@@ -146,7 +146,7 @@ async def test_stop_string_cuts_output(engine: LlamaEngine) -> None:
 async def test_concurrent_requests_match_alone(engine: LlamaEngine) -> None:
     alone = [await _collect(engine, _request(q, logprobs=2)) for q in QUESTIONS]
     together = await asyncio.gather(*[_collect(engine, _request(q)) for q in QUESTIONS])
-    for ref, got in zip(alone, together):
+    for ref, got in zip(alone, together, strict=False):
         assert_same_or_near_tie(ref, _text(got))
     # The engine really ran them together: more requests than slots, all served, none lost.
     assert len(together) > engine.settings.max_running
@@ -184,7 +184,7 @@ async def test_prefix_in_another_slot_is_copied_not_recomputed(engine: LlamaEngi
     alone = [await _collect(engine, ask(q, logprobs=2)) for q in questions]
     together = await asyncio.gather(*[_collect(engine, ask(q)) for q in questions])
     system_tokens = len(engine.vocab.tokenize(system.text(), add_special=False))
-    for ref, got in zip(alone, together):
+    for ref, got in zip(alone, together, strict=False):
         assert got[-1].usage is not None
         assert got[-1].usage.cached_tokens >= system_tokens, got[-1].usage
         assert_same_or_near_tie(ref, _text(got))
@@ -197,7 +197,7 @@ async def test_a_short_shared_header_is_reused_from_any_slot(engine: LlamaEngine
     other = await _collect(engine, _request("Name an animal.", max_tokens=8, logprobs=2))
     header = engine.vocab.prompt_tokens(engine.render_prompt(_request("x"))[0])
     prompt = engine.vocab.prompt_tokens(engine.render_prompt(_request("Name an animal."))[0])
-    shared = next(i for i, (a, b) in enumerate(zip(header, prompt)) if a != b)
+    shared = next(i for i, (a, b) in enumerate(zip(header, prompt, strict=False)) if a != b)
     assert other[-1].usage is not None
     assert other[-1].usage.cached_tokens >= shared > 0
 
@@ -517,7 +517,7 @@ async def test_scoring_does_not_disturb_concurrent_streams(engine: LlamaEngine) 
         *[_collect(engine, _request(q)) for q in QUESTIONS[:3]],
         _collect(engine, _raw("The quick brown fox jumps over the lazy dog. " * 8, logprobs=0, prompt_logprobs=True)),
     )
-    for ref, got in zip(alone, together[:3]):
+    for ref, got in zip(alone, together[:3], strict=False):
         assert_same_or_near_tie(ref, _text(got))
     assert all(not d.prompt_logprobs for got in together[:3] for d in got)
     scored = together[3][0].prompt_logprobs
@@ -544,7 +544,7 @@ async def test_several_prompts_scored_at_once_share_one_bounded_step(engine: Lla
     finally:
         del engine._fill_batch
     assert max(scored_per_step) == 64 and sum(scored_per_step) >= 3 * 64
-    for p, deltas in zip(prompts, results):
+    for p, deltas in zip(prompts, results, strict=False):
         scored = deltas[0].prompt_logprobs
         # Multi-byte characters split across tokens: each token holds the characters it completes.
         assert "".join(e.token for e in scored) == p

@@ -19,10 +19,10 @@ import uvicorn
 from fake_upstream import FakeUpstream, Reply, think_content
 
 from r1serve.api import create_app
-from r1serve.routing.build import close_registry
 from r1serve.gateway import GatewayConfigError, GatewayOptions, build_from_config, load_gateway_config
 from r1serve.models.catalog import R1_ALIASES
 from r1serve.reasoning import split_reasoning
+from r1serve.routing.build import close_registry
 from r1serve.routing.registry import ModelRegistry
 from r1serve.settings import Settings
 
@@ -108,7 +108,7 @@ async def test_openai_sdk_non_streaming_and_streaming(tmp_path: Path) -> None:
             assert completion.model == "deepseek-reasoner"
             message = completion.choices[0].message
             assert (message.model_extra or {})["reasoning_content"] == REASONING + "\n"
-            assert (REASONING + "\n", ANSWER) == split_reasoning(text[0][1], starts_in_reasoning=True)
+            assert split_reasoning(text[0][1], starts_in_reasoning=True) == (REASONING + "\n", ANSWER)
             assert message.content == ANSWER
             usage = completion.usage
             assert usage is not None and usage.completion_tokens > 0

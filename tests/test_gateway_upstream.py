@@ -10,8 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from fake_upstream import (
     AIML_JSON,
     DEEPINFRA_JSON,
@@ -21,6 +19,8 @@ from fake_upstream import (
     Reply,
     think_content,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from r1serve.engines.base import Delta, GenerationRequest, SamplingParams
 from r1serve.engines.upstream import AttemptFailed, Timeouts, UpstreamConfig, UpstreamEngine
@@ -381,7 +381,7 @@ async def test_stream_is_not_buffered() -> None:
         await engine.start()
         started = time.perf_counter()
         arrivals = []
-        async for d in engine.generate(chat()):
+        async for _ in engine.generate(chat()):
             arrivals.append(time.perf_counter() - started)
         await engine.close()
     assert arrivals[0] < 0.5, arrivals  # the whole stream takes ~1.5 s

@@ -40,7 +40,7 @@ def attach() -> Iterator[Callable[[logging.Handler], None]]:
             lg.setLevel(logging.INFO)
 
     yield attach
-    for lg, (handlers, propagate, level) in zip(loggers, saved):
+    for lg, (handlers, propagate, level) in zip(loggers, saved, strict=False):
         lg.handlers[:], lg.propagate = handlers, propagate
         lg.setLevel(level)
 

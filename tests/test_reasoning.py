@@ -389,7 +389,7 @@ def test_strip_leaves_other_roles_and_does_not_mutate() -> None:
     before = [m.model_dump() for m in messages]
     out = strip_reasoning_from_history(messages)
     assert [m.model_dump() for m in messages] == before
-    assert all(o is not m for o, m in zip(out, messages))
+    assert all(o is not m for o, m in zip(out, messages, strict=False))
     assert out[0].model_dump() == before[0]
     assert out[1].model_dump() == before[1]
     assert out[3].model_dump() == before[3]

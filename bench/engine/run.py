@@ -146,7 +146,7 @@ class Server:
                         if data:
                             self.model_id = data[0].get("id") or data[0].get("name") or self.model_id
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
                 pass
             await asyncio.sleep(1.0)
         raise RuntimeError(f"{self.spec.name} not ready after {timeout:.0f}s; see {self.log_path}")
@@ -250,7 +250,7 @@ async def stream_chat(
                     res.usage_tokens = int(usage["completion_tokens"])
                     res.prompt_tokens = usage.get("prompt_tokens")
                     res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.end = time.perf_counter()
     if not res.error:
@@ -490,7 +490,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "r1serve_git": rev + ("+dirty" if dirty else ""),
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

@@ -158,8 +158,8 @@ def floor_app(upstream: str, client: str) -> Any:
 
 async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
     from r1serve.api import create_app
-    from r1serve.logs import configure_logging
     from r1serve.gateway import GatewayOptions, build_from_config, load_gateway_config
+    from r1serve.logs import configure_logging
     from r1serve.settings import Settings
 
     settings = Settings(_env_file=None, api_keys=["sk-bench"], port=port)  # type: ignore[call-arg]

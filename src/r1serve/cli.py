@@ -79,10 +79,9 @@ def serve(
     import uvicorn
 
     from r1serve.api import create_app
+    from r1serve.gateway import GatewayConfigError, gateway_plan
     from r1serve.logs import configure_logging
     from r1serve.routing.build import resolve_model
-
-    from r1serve.gateway import GatewayConfigError, gateway_plan
 
     settings = _settings(
         model=model, host=host, port=port, n_threads=threads, n_ctx=ctx, max_running=parallel, log_level=log_level,

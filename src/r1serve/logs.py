@@ -42,7 +42,8 @@ def log_access(method: str, path: str, status: int, seconds: float) -> None:
     handler = _installed
     if handler is not None and _only_destination(handler):
         if access_log.isEnabledFor(logging.INFO):
-            handler.add_access_line("%s %s %d %.0fms" % (method, path, status, seconds * 1000))
+            # %-formatting: what the logging module's own format does with these arguments.
+            handler.add_access_line("%s %s %d %.0fms" % (method, path, status, seconds * 1000))  # noqa: UP031
         return
     access_log.info("%s %s %d %.0fms", method, path, status, seconds * 1000)
 
@@ -178,7 +179,7 @@ def configure_logging(level: str = "info") -> None:
     """Console logging for the server, request id included; uvicorn's loggers share the handler."""
     # Per-record work nothing here prints (the format has no file, line, thread or process): the
     # logging HOWTO's "Optimization" settings. Finding the caller walks the stack on every record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -78,7 +78,7 @@ class KeyHasher:
 
 
 def load_secret(settings: Settings) -> bytes:
-    configured = getattr(settings, "key_secret", None)
+    configured: str | None = getattr(settings, "key_secret", None)
     if configured:
         return configured.encode()
     path = Path(settings.data_dir).expanduser() / SECRET_FILE

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, func, select
 from r1serve.engines.base import EngineUsage
 
 from .limiter import Admission, Limiter, _insert
-from .models import UsageDaily, UsageRow, nanos_to_usd
+from .models import UsageDaily, UsageRow, nanos_to_usd, table
 
 log = logging.getLogger("r1serve.accounts")
 
@@ -155,7 +155,7 @@ class LedgerWriter:
         return total
 
     def _write(self, batch: Sequence[UsageRecord]) -> int:
-        ledger, daily = UsageRow.__table__, UsageDaily.__table__
+        ledger, daily = table(UsageRow), table(UsageDaily)
         with self._engine.begin() as conn:
             stmt = self._insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.response_id])
             new: list[UsageRecord] = []
@@ -212,7 +212,7 @@ def usage_by_day(
     by_key: bool = False,
 ) -> list[dict[str, Any]]:
     """Totals per day and model (and key, for admins) from the daily roll-ups."""
-    d = UsageDaily.__table__
+    d = table(UsageDaily)
     group = [d.c.day, d.c.model] + ([d.c.key_id] if by_key else [])
     stmt = select(
         *group,
@@ -250,7 +250,7 @@ def usage_by_day(
 
 def spent_since(engine: Engine, budgets: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
     """Settled spend per (key, period start) from the roll-ups: seeds the in-memory limiter."""
-    d = UsageDaily.__table__
+    d = table(UsageDaily)
     out: dict[tuple[str, int], int] = {}
     with engine.connect() as conn:
         for key_id, start in budgets:
@@ -263,7 +263,7 @@ def spent_since(engine: Engine, budgets: Sequence[tuple[str, int]]) -> dict[tupl
 
 
 def ledger_rows(engine: Engine, *, key_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-    t = UsageRow.__table__
+    t = table(UsageRow)
     stmt = select(t).order_by(t.c.id.desc()).limit(limit)
     if key_id is not None:
         stmt = stmt.where(t.c.key_id == key_id)

@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from r1serve.errors import RateLimited
 
-from .models import BudgetCounter, RateWindow, Reservation, nanos_to_usd
+from .models import BudgetCounter, RateWindow, Reservation, nanos_to_usd, table
 from .store import Principal
 
 WINDOW = 60
@@ -220,7 +220,12 @@ def _insert(dialect: str) -> Any:
 
 class SqlLimiter(Limiter):
     def __init__(
-        self, engine: Engine, *, reservation_ttl: float = 3600.0, workers: int = 8, clock: Callable[[], float] = time.time
+        self,
+        engine: Engine,
+        *,
+        reservation_ttl: float = 3600.0,
+        workers: int = 8,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
         self._insert = _insert(engine.dialect.name)
@@ -255,7 +260,7 @@ class SqlLimiter(Limiter):
             raise budget_refusal(p, 0, 0, amount_nanos, now)
         with self._engine.begin() as conn:  # an exception rolls everything back
             if p.rpm is not None or p.tpm is not None:
-                t = RateWindow.__table__
+                t = table(RateWindow)
                 counted = tokens if p.tpm is not None else 0
                 stmt = self._insert(t).values(key_id=p.key_id, window_start=ws, requests=1, tokens=counted)
                 guard = []
@@ -277,7 +282,7 @@ class SqlLimiter(Limiter):
                     raise tpm_refusal(p, tokens, now)
                 adm.tokens = counted
             if p.budget_nanos is not None:
-                b = BudgetCounter.__table__
+                b = table(BudgetCounter)
                 stmt = (
                     self._insert(b)
                     .values(key_id=p.key_id, period_start=ps, spent_nanos=0, reserved_nanos=amount_nanos)
@@ -290,13 +295,15 @@ class SqlLimiter(Limiter):
                 )
                 if conn.execute(stmt).first() is None:
                     row = conn.execute(
-                        select(b.c.spent_nanos, b.c.reserved_nanos).where(b.c.key_id == p.key_id, b.c.period_start == ps)
+                        select(b.c.spent_nanos, b.c.reserved_nanos).where(
+                            b.c.key_id == p.key_id, b.c.period_start == ps
+                        )
                     ).one()
                     raise budget_refusal(p, row.spent_nanos, row.reserved_nanos, amount_nanos, now)
                 adm.amount_nanos = amount_nanos
                 adm.reservation_id = uuid.uuid4().hex
                 conn.execute(
-                    Reservation.__table__.insert().values(
+                    table(Reservation).insert().values(
                         id=adm.reservation_id,
                         key_id=p.key_id,
                         period_start=ps,
@@ -309,7 +316,7 @@ class SqlLimiter(Limiter):
     def settle_in(self, conn: Connection, admissions: list[tuple[Admission, int, int]]) -> None:
         """Apply settlements in the caller's transaction; rate rows first, then budgets, each in key
         order, the same lock order as admission, so concurrent flushes and admissions never deadlock."""
-        t, b, r = RateWindow.__table__, BudgetCounter.__table__, Reservation.__table__
+        t, b, r = table(RateWindow), table(BudgetCounter), table(Reservation)
         for adm, tokens, _cost in sorted(
             (a for a in admissions if a[0].tokens), key=lambda a: (a[0].key_id, a[0].window_start)
         ):
@@ -340,7 +347,7 @@ class SqlLimiter(Limiter):
     def sweep(self) -> int:
         """Release reservations past their expiry (a process died mid-request) and drop old windows."""
         now = self._clock()
-        r, b, t = Reservation.__table__, BudgetCounter.__table__, RateWindow.__table__
+        r, b, t = table(Reservation), table(BudgetCounter), table(RateWindow)
         with self._engine.begin() as conn:  # its own transaction: lock order stays rate, then budget
             conn.execute(delete(t).where(t.c.window_start < window_start(now) - 5 * WINDOW))
         with self._engine.begin() as conn:

@@ -4,8 +4,9 @@ exact budget comparisons in SQL, with room for prices down to $0.001 per million
 from __future__ import annotations
 
 import datetime as dt
+from typing import cast
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Float, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NANOS_PER_USD = 1_000_000_000
@@ -17,6 +18,11 @@ def usd_to_nanos(usd: float) -> int:
 
 def nanos_to_usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
+
+
+def table(model: type[Base]) -> Table:
+    """A mapped class's Table (SQLAlchemy types ``__table__`` as the wider FromClause)."""
+    return cast(Table, model.__table__)
 
 
 class Base(DeclarativeBase):

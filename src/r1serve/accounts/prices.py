@@ -41,7 +41,11 @@ def cost_nanos(usage: EngineUsage, prices: Prices) -> int:
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cached_price = prices.input if prices.cached_input is None else prices.cached_input
     return round(
-        ((usage.prompt_tokens - cached) * prices.input + cached * cached_price + usage.completion_tokens * prices.output)
+        (
+            (usage.prompt_tokens - cached) * prices.input
+            + cached * cached_price
+            + usage.completion_tokens * prices.output
+        )
         * 1000
     )
 
@@ -110,7 +114,12 @@ class PriceBook:
         return cls(config)
 
     def lookup(
-        self, model: str, catalog: Prices | None = None, *, requested: str | None = None, when: dt.datetime | None = None
+        self,
+        model: str,
+        catalog: Prices | None = None,
+        *,
+        requested: str | None = None,
+        when: dt.datetime | None = None,
     ) -> PriceVersion:
         """The price in force at ``when`` (default now) for the served ``model``; a price configured
         for the name the client asked for (an alias) counts when the served id has none."""

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from r1serve.errors import AuthenticationError, InvalidRequest
 
 from .keys import KeyHasher, display_prefix, generate_key, key_prefix, redact
-from .models import ApiKey, Meta, nanos_to_usd, usd_to_nanos
+from .models import ApiKey, Meta, nanos_to_usd, table, usd_to_nanos
 
 log = logging.getLogger("r1serve.accounts")
 
@@ -187,7 +187,7 @@ class KeyStore:
         with self._engine.begin() as conn:
             stored = conn.execute(select(Meta.value).where(Meta.name == "key_secret_fingerprint")).scalar()
             if stored is None:
-                conn.execute(Meta.__table__.insert().values(name="key_secret_fingerprint", value=fingerprint))
+                conn.execute(table(Meta).insert().values(name="key_secret_fingerprint", value=fingerprint))
             elif stored != fingerprint:
                 raise RuntimeError(
                     "this database's API keys were hashed with a different key secret: every r1serve sharing "
@@ -208,7 +208,10 @@ class KeyStore:
             return False
         with Session(self._engine) as session:
             rows = session.scalars(select(ApiKey)).all()
-        cache = {r.prefix: _Cached(key_hash=r.key_hash, principal=_principal(r), revoked=r.revoked_at is not None) for r in rows}
+        cache = {
+            r.prefix: _Cached(key_hash=r.key_hash, principal=_principal(r), revoked=r.revoked_at is not None)
+            for r in rows
+        }
         with self._lock:
             self._cache, self._stamp = cache, stamp
         return True
@@ -293,7 +296,7 @@ class KeyStore:
             version=_version_stamp(),
         )
         with self._engine.begin() as conn:
-            conn.execute(ApiKey.__table__.insert().values(**{c.name: getattr(row, c.key) for c in ApiKey.__table__.c}))
+            conn.execute(table(ApiKey).insert().values(**{c.name: getattr(row, c.key) for c in table(ApiKey).c}))
         self.refresh(force=True)
         log.info("created API key %s (%s)", display_prefix(new.prefix), name)
         return new.key, _info(row)

@@ -85,7 +85,9 @@ def open_meter(
 class Meter:
     """One request's accounting. Create, ``await admit()``, then ``wrap()`` the engine's stream."""
 
-    def __init__(self, request: Request, served: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str):
+    def __init__(
+        self, request: Request, served: ServedModel, gen: GenerationRequest, *, model_name: str, response_id: str
+    ) -> None:
         self.accounts = accounts_of(request)
         self.principal = principal_of(request)
         self.served = served
@@ -128,7 +130,10 @@ class Meter:
         room = max(0, entry.context_length - prompt)
         max_tokens = self.gen.max_tokens if self.gen.max_tokens is not None else self._default_max_tokens()
         self.admission = await self.accounts.admit(
-            self.principal, prompt_tokens=prompt, max_tokens=min(max_tokens, room) or max_tokens, price=self.price.prices
+            self.principal,
+            prompt_tokens=prompt,
+            max_tokens=min(max_tokens, room) or max_tokens,
+            price=self.price.prices,
         )
 
     def _default_max_tokens(self) -> int:

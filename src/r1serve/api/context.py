@@ -33,7 +33,7 @@ def scope_header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
     if cached is None or cached[0] is not raw:  # built for other headers (a middleware replaced them)
         # Reversed, so that the first of repeated headers is the one kept.
         cached = scope[_HEADERS_KEY] = (raw, dict(reversed(raw)))
-    return cached[1].get(name)  # type: ignore[no-any-return]
+    return cached[1].get(name)
 
 
 def new_request_id() -> str:
@@ -76,4 +76,4 @@ class RequestContext:
 
 
 def context_of(scope: MutableMapping[str, Any]) -> RequestContext | None:
-    return scope.get(_CONTEXT_KEY)  # type: ignore[no-any-return]
+    return scope.get(_CONTEXT_KEY)

@@ -31,10 +31,10 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r1serve.api.auth import authenticate
+from r1serve.api.chunks import DONE_EVENT
 from r1serve.api.context import context_of
 from r1serve.api.disconnect import Watch
 from r1serve.api.errors import render_error
-from r1serve.api.chunks import DONE_EVENT
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -49,7 +49,7 @@ def hot_routes(routes: Iterable[BaseRoute]) -> dict[str, APIRoute]:
     :func:`authenticate` (a dependency added later would otherwise be skipped without a word)."""
     found: dict[str, APIRoute] = {}
     for route in routes:
-        if isinstance(route, APIRoute) and route.path in HOT_PATHS and "POST" in route.methods:
+        if isinstance(route, APIRoute) and route.path in HOT_PATHS and "POST" in (route.methods or ()):
             calls = [dep.call for dep in route.dependant.dependencies]
             if calls != [authenticate] or route.dependant.path_params or route.dependant.query_params:
                 raise RuntimeError(

@@ -105,7 +105,9 @@ def _integral(value: Any) -> Any:
 def _strings(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and all(type(item) is str for item in value):
         return tuple(value)
-    raise PydanticCustomError("config_type", 'must be a list of strings, like ["a", "b"] (got {got})', {"got": repr(value)})
+    raise PydanticCustomError(
+        "config_type", 'must be a list of strings, like ["a", "b"] (got {got})', {"got": repr(value)}
+    )
 
 
 def _gguf_path(value: Any) -> Any:
@@ -257,7 +259,9 @@ class TargetConfig(_Table):
             return {"embedded": True} if data == "embedded" else {"provider": data}
         if not isinstance(data, dict):
             raise PydanticCustomError(
-                "target", 'must be a provider name or a table like { provider = "NAME" } (got {got})', {"got": repr(data)}
+                "target",
+                'must be a provider name or a table like { provider = "NAME" } (got {got})',
+                {"got": repr(data)},
             )
         if data.get("embedded") is True and data.get("provider") == "":
             return {key: value for key, value in data.items() if key != "provider"}
@@ -296,7 +300,9 @@ class ProvidersFile(_Table):
     def _one_default(cls, groups: tuple[GroupConfig, ...]) -> tuple[GroupConfig, ...]:
         defaults = [g.name for g in groups if g.default]
         if len(defaults) > 1:
-            raise PydanticCustomError("default", "more than one route is the default: {names}", {"names": ", ".join(defaults)})
+            raise PydanticCustomError(
+                "default", "more than one route is the default: {names}", {"names": ", ".join(defaults)}
+            )
         return groups
 
 
@@ -497,12 +503,10 @@ def read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise GatewayConfigError(f"cannot read providers file {path}: {exc.strerror}") from None
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(raw)
-        else:
-            data = tomllib.loads(raw.decode())
+        data = json.loads(raw) if path.suffix.lower() == ".json" else tomllib.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayConfigError(f"providers file {path} is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from None
+        kind = path.suffix[1:].upper() or "TOML"
+        raise GatewayConfigError(f"providers file {path} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise GatewayConfigError(f"providers file {path}: expected a table/object at the top level")
     return data
@@ -637,7 +641,8 @@ def load_gateway_config(options: GatewayOptions, env: Mapping[str, str] | None =
         if p.requires_key and not p.upstream.api_key:
             preset = find_preset(name)
             key_env = p.upstream.api_key_env
-            names: tuple[str | None, ...] = preset.api_key_env if preset and key_env in preset.api_key_env else (key_env,)
+            in_preset = preset is not None and key_env in preset.api_key_env
+            names: tuple[str | None, ...] = preset.api_key_env if preset and in_preset else (key_env,)
             missing.append(f"provider {name!r} needs an API key: set {' or '.join(n for n in names if n)}")
     if missing:
         raise GatewayConfigError("; ".join(missing) + " (in the environment or in .env)")

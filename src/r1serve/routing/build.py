@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
 from r1serve.models.fetch import ModelFetchError, ensure_model
-from r1serve.routing.registry import ServedModel, ModelRegistry
+from r1serve.routing.registry import ModelRegistry, ServedModel
 from r1serve.settings import Settings
 
 if TYPE_CHECKING:

@@ -243,9 +243,9 @@ class LlamaEngine(Scheduler, Engine):
         a worker thread (a long conversation takes seconds to render, which would stall every stream
         on the event loop) and kept."""
         source = request.messages if request.messages is not None else request.prompt
-        prepared = request.prepared
-        if isinstance(prepared, _Prepared) and prepared.owner is self and prepared.source is source:
-            return prepared
+        found = request.prepared
+        if isinstance(found, _Prepared) and found.owner is self and found.source is source:
+            return found
         prepared = await asyncio.to_thread(self._prepare_now, request, source)
         request.prepared = prepared
         return prepared

@@ -84,7 +84,7 @@ class Placement:
 
         def common(slot: Slot) -> int:
             n = 0
-            for a, b in zip(slot.tokens, prompt):
+            for a, b in zip(slot.tokens, prompt, strict=False):
                 if a != b:
                     break
                 n += 1
