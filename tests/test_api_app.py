@@ -16,13 +16,14 @@ from r1serve.api import create_app
 from r1serve.routing.registry import ModelRegistry
 from r1serve.settings import Settings
 
+JSON = {"content-type": "application/json"}
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 def _client(**settings: Any) -> tuple[httpx.AsyncClient, Any]:
     app = create_app(Settings(**settings), registry=ModelRegistry())
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://test"), app
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost"), app
 
 
 def _assert_error(resp: httpx.Response, status: int) -> dict[str, Any]:
@@ -69,7 +70,7 @@ async def test_body_over_the_limit_is_413() -> None:
 async def test_bad_json_before_anything_else() -> None:
     client, _ = _client()
     async with client:
-        error = _assert_error(await client.post("/v1/chat/completions", content=b"{not json"), 400)
+        error = _assert_error(await client.post("/v1/chat/completions", content=b"{not json", headers=JSON), 400)
         assert error["type"] == "invalid_request_error"
 
 
@@ -185,7 +186,7 @@ async def test_hot_path_serves_chat_and_completions_with_ids_usage_and_headers()
     app = _scripted_app(engine, api_keys=["sk-a"])
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     auth = {"Authorization": "Bearer sk-a", "x-request-id": "abc-1"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         resp = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "foo": 1})
         stream = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
         text = await client.post("/v1/completions", headers=auth, json={"prompt": "2+2="})
@@ -229,7 +230,7 @@ async def test_a_middleware_added_with_add_middleware_sees_every_request_the_hot
     app.add_middleware(Spy)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         replies = [
             await client.post("/v1/chat/completions", json=chat),
             await client.post("/v1/chat/completions", json={**chat, "stream": True}),
@@ -329,7 +330,7 @@ async def test_unknown_field_names_that_a_header_cannot_hold_are_percent_encoded
     app = _scripted_app(_Scripted())
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     body = {"messages": [{"role": "user", "content": "hi"}], "a\nb": 1, "ключ": 2, "x,y": 3, "ok_name": 4}
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for stream in (False, True):
             resp = await client.post("/v1/chat/completions", json={**body, "stream": stream})
             assert resp.status_code == 200, resp.text
@@ -347,7 +348,7 @@ async def test_bodies_the_fast_parser_refuses_and_nothing_downstream_could_use_a
         "deep enough for a copy": (chat % (b"hi", b"[" * 600 + b"]" * 600), "too deeply"),
     }
     headers = {"Content-Type": "application/json"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for name, (raw, says) in cases.items():
             for path in ("/v1/chat/completions", "/deepseek_chat"):
                 body = raw.replace(b'"messages": [{"role": "user", "content": ', b'"prompt": ').replace(b"}], ", b", ")
@@ -365,7 +366,7 @@ async def test_null_means_the_default_for_fields_openai_documents_as_nullable() 
     app = _scripted_app(engine)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     nulls = {"n": None, "stream": None, "logprobs": None, "include_reasoning": None, "temperature": None}
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         resp = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **nulls})
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("application/json")  # stream: null is not a stream
@@ -382,7 +383,7 @@ async def test_null_means_the_default_for_fields_openai_documents_as_nullable() 
 async def test_echo_with_logprobs_needs_an_engine_that_scores_prompts() -> None:
     engine = _Scripted()
     transport = httpx.ASGITransport(app=_scripted_app(engine), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         both = {"prompt": "2+2=", "echo": True, "logprobs": 1}
         for stream in (False, True):
             error = _assert_error(await client.post("/v1/completions", json={**both, "stream": stream}), 400)

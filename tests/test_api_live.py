@@ -267,15 +267,17 @@ def test_unknown_fields_are_named_in_a_header(server_url: str) -> None:
     assert "x-r1serve-unknown-fields" not in known.headers
 
 
-def test_curl_style_form_content_type_with_json_body(server_url: str) -> None:
-    # `curl -d '{...}'` labels JSON as application/x-www-form-urlencoded.
+def test_curl_style_form_content_type_with_json_body_is_refused(server_url: str) -> None:
+    # `curl -d '{...}'` labels JSON as application/x-www-form-urlencoded: refused with a message saying
+    # what to send, because a web page's cross-site form posts look the same (test_attacks.py, 4.).
     resp = httpx.post(
         f"{server_url}/v1/chat/completions",
         content=json.dumps({"messages": HELLO, "max_tokens": 4}),
         headers={"content-type": "application/x-www-form-urlencoded"},
         timeout=120,
     )
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 415, resp.text
+    assert "Content-Type: application/json" in resp.json()["error"]["message"]
 
 
 # ----------------------------------------------------------------------------- /deepseek_chat (R Plumber tutorial)

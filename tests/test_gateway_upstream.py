@@ -405,10 +405,12 @@ async def expect_failure(reply: Reply, **engine_kw: Any) -> BaseException:
     return info.value
 
 
-async def test_500_is_retryable() -> None:
+async def test_500_is_retryable(caplog: pytest.LogCaptureFixture) -> None:
     exc = await expect_failure(Reply(kind="status", status=500, body='{"error": {"message": "boom"}}'))
     assert isinstance(exc, AttemptFailed) and exc.retryable and exc.breaker and exc.upstream_status == 500
-    assert "boom" in exc.message
+    # The upstream's own words go to the operator's log, not into the client's message.
+    assert exc.message == "upstream fake failed (HTTP 500)"
+    assert "boom" in caplog.text
 
 
 async def test_429_carries_retry_after() -> None:
@@ -510,10 +512,11 @@ async def test_connect_error() -> None:
     assert info.value.kind == "connect_error" and info.value.retryable
 
 
-async def test_error_event_inside_the_stream() -> None:
+async def test_error_event_inside_the_stream(caplog: pytest.LogCaptureFixture) -> None:
     lines = ('data: {"error": {"message": "provider overloaded"}}',)
     exc = await expect_failure(Reply(kind="sse", lines=lines))
-    assert isinstance(exc, AttemptFailed) and "provider overloaded" in exc.message
+    assert isinstance(exc, AttemptFailed) and exc.message == "upstream fake reported an error in its stream"
+    assert "provider overloaded" in caplog.text
 
 
 async def test_client_going_away_closes_the_upstream_connection() -> None:

@@ -71,7 +71,7 @@ def _chunks(text: str) -> list[Any]:
 async def test_chat_and_completion_bodies_and_chunks_match_the_protocol_models() -> None:
     transport = httpx.ASGITransport(app=_app())
     chat = {"messages": [{"role": "user", "content": "2+2?"}], "logprobs": True, "top_logprobs": 1}
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for extra in ({}, {"logprobs": False, "top_logprobs": None}):
             whole = await client.post("/v1/chat/completions", json={**chat, **extra})
             assert whole.status_code == 200, whole.text
@@ -95,7 +95,7 @@ async def test_chat_and_completion_bodies_and_chunks_match_the_protocol_models()
 
 async def test_model_lists_and_errors_match_the_protocol_models() -> None:
     transport = httpx.ASGITransport(app=_app())
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         models = (await client.get("/v1/models")).json()
         _exact(ModelList, models)
         assert any(card["id"] != card["root"] for card in models["data"])  # an alias is in the list

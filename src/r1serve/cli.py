@@ -76,9 +76,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model over the OpenAI API (fetching it first if needed), or front upstream providers."""
-    import uvicorn
-
     from r1serve.api import create_app
+    from r1serve.api.server import serve_http
     from r1serve.gateway import GatewayConfigError, gateway_plan
     from r1serve.logs import configure_logging
     from r1serve.routing.build import resolve_model
@@ -116,20 +115,7 @@ def serve(
         log.info("gateway: %s", ", ".join(sorted(plan.providers)) or "routes from the providers file")
     url = f"http://{settings.host}:{settings.port}"
     log.info("API: %s/v1   docs: %s/docs", url, url)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        # "auto" picks uvloop and httptools when installed (uvicorn[standard]) and falls back otherwise.
-        loop="auto",
-        http="auto",
-        log_config=None,  # configure_logging set up the handlers, request ids included
-        access_log=False,  # the request middleware writes the access log with the request id
-        # r1serve never reads the client's address (keys identify callers): uvicorn's X-Forwarded-For
-        # rewriting would be work for nothing on every request.
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,  # open streams must not hold Ctrl-C hostage
-    )
+    serve_http(create_app(settings), settings)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -47,9 +47,12 @@ class PermissionDenied(R1ServeError):
     type = "permission_error"
 
 
-class ModelNotFound(R1ServeError):
+class NotFound(R1ServeError):
     status = 404
     type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
 

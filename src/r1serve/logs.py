@@ -1,6 +1,10 @@
 """Logging for the server: one line per record with the time, level, logger and request id, and the
 access log (a line per HTTP request) written in batches.
 
+Every value logged (a record's arguments, the access line's path) has its control characters escaped
+(:func:`escape_controls`): a client could otherwise add forged lines, or terminal escapes, to the log
+with a percent-encoded newline in a path or a key name.
+
 The request id lives here (``request_id_var``) rather than in the API layer because every layer's
 log lines carry it: the engine's, the gateway's and the accounts' too.
 """
@@ -14,6 +18,27 @@ from contextvars import ContextVar
 from typing import TextIO
 
 request_id_var: ContextVar[str] = ContextVar("r1serve_request_id", default="-")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each non-printable character (newlines, ESC, ...) written as its escape (``\\n``)."""
+    if text.isprintable():  # the usual case, checked in C
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _escaped_args(args: tuple[object, ...]) -> tuple[object, ...] | None:
+    """The arguments with their text escaped, or None when none needs it."""
+    out: list[object] | None = None
+    for i, arg in enumerate(args):
+        if isinstance(arg, (int, float)) or arg is None:
+            continue
+        text = arg if isinstance(arg, str) else str(arg)
+        if not text.isprintable():
+            if out is None:
+                out = list(args)
+            out[i] = escape_controls(text)
+    return tuple(out) if out is not None else None
 
 
 class RequestIdFilter(logging.Filter):
@@ -43,9 +68,9 @@ def log_access(method: str, path: str, status: int, seconds: float) -> None:
     if handler is not None and _only_destination(handler):
         if access_log.isEnabledFor(logging.INFO):
             # %-formatting: what the logging module's own format does with these arguments.
-            handler.add_access_line("%s %s %d %.0fms" % (method, path, status, seconds * 1000))  # noqa: UP031
+            handler.add_access_line("%s %s %d %.0fms" % (method, escape_controls(path), status, seconds * 1000))  # noqa: UP031
         return
-    access_log.info("%s %s %d %.0fms", method, path, status, seconds * 1000)
+    access_log.info("%s %s %d %.0fms", method, path, status, seconds * 1000)  # escaped by the formatter
 
 
 def _only_destination(handler: BatchedStreamHandler) -> bool:
@@ -157,6 +182,13 @@ class _Formatter(logging.Formatter):
         # One tuple, replaced whole: threads formatting at the same time never pair a second with
         # another second's text.
         self._stamp: tuple[int, str] = (-1, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.args, tuple) and record.args:
+            escaped = _escaped_args(record.args)
+            if escaped is not None:
+                record = logging.makeLogRecord({**record.__dict__, "args": escaped, "msg": record.msg})
+        return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return self._time(record.created)

@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # Static bearer keys; empty means the API is open (see accounts for managed keys).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host names the server answers to (api/guard.py). Empty: loopback names when listening on loopback
+    # (so DNS rebinding cannot reach it), any beyond it. "*": any.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Web origins (https://app.example) whose pages may call the API; the server's own always may. "*": any.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Seconds a connection may take to send its request line and headers, and the most connections
+    # open at once (past it, new ones are refused): slow clients cannot hold the server's sockets.
+    header_timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
 
     # --- Models
     model: str = "qwen2.5-coder-0.5b-instruct"
@@ -87,7 +96,7 @@ class Settings(BaseSettings):
     ledger_flush_interval: float = 0.5
     keys_refresh_interval: float = 2.0
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

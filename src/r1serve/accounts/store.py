@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
@@ -29,7 +30,8 @@ from .models import ApiKey, Meta, nanos_to_usd, table, usd_to_nanos
 log = logging.getLogger("r1serve.accounts")
 
 BudgetPeriod = Literal["total", "day", "month"]
-PERIODS: tuple[str, ...] = ("total", "day", "month")
+Period = Literal["total", "day", "month"]
+PERIODS: tuple[str, ...] = get_args(Period)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,34 @@ MISSING_KEY = (
 )
 
 
+# Upper bounds of a key's limits: past them a number is a typo, and the database columns (32-bit rpm and
+# tpm, budgets in nano-dollars in 64 bits) would overflow.
+LIMIT_BOUNDS: dict[str, float] = {"rpm": 1_000_000_000, "tpm": 1_000_000_000, "budget_usd": 1_000_000_000.0}
+
+
+def check_limit(field: str, value: float | None) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or value > LIMIT_BOUNDS[field]:
+        raise InvalidRequest(f"{field} must be between 0 and {LIMIT_BOUNDS[field]:,.0f}", param=field)
+
+
+def model_scope(models: Iterable[str] | None) -> list[str] | None:
+    """The models a key may use; None (not given) means all. An empty list is refused rather than read as
+    all, which would widen a key's scope by mistake."""
+    if models is None:
+        return None
+    items = [m.strip() for m in models if m.strip()]
+    if not items:
+        raise InvalidRequest(
+            "models must name at least one model; leave it out (or null) for all models", param="models"
+        )
+    bad = [m for m in items if "," in m]
+    if bad:
+        raise InvalidRequest(f"a model name cannot contain a comma: {bad[0]!r}", param="models")
+    return items
+
+
 class KeyStore:
     def __init__(
         self,
@@ -275,9 +305,8 @@ class KeyStore:
         if budget_period not in PERIODS:
             raise InvalidRequest(f"budget_period must be one of {', '.join(PERIODS)}", param="budget_period")
         for field, value in (("rpm", rpm), ("tpm", tpm), ("budget_usd", budget_usd)):
-            if value is not None and value < 0:
-                raise InvalidRequest(f"{field} cannot be negative", param=field)
-        model_list = [m.strip() for m in models or () if m.strip()]
+            check_limit(field, value)
+        model_list = model_scope(models)
         new = generate_key()
         now = dt.datetime.now(dt.UTC)
         row = ApiKey(
@@ -344,10 +373,12 @@ class KeyStore:
             raise InvalidRequest(f"unknown key fields: {', '.join(sorted(unknown))}")
         values: dict[str, object] = {}
         for field, value in changes.items():
+            if field in LIMIT_BOUNDS:
+                check_limit(field, value)  # type: ignore[arg-type]
             if field == "budget_usd":
                 values["budget_nanos"] = None if value is None else usd_to_nanos(float(value))  # type: ignore[arg-type]
             elif field == "models":
-                items = [m.strip() for m in value or () if m.strip()]  # type: ignore[attr-defined]
+                items = model_scope(value)  # type: ignore[arg-type]
                 values["models"] = ",".join(items) if items else None
             elif field == "admin":
                 values["is_admin"] = bool(value)

@@ -10,17 +10,18 @@ import asyncio
 import datetime as dt
 import logging
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1serve.accounts import Accounts, Principal
+from r1serve.accounts.store import LIMIT_BOUNDS, Period
 from r1serve.api.auth import authenticate
 from r1serve.api.billing import AccountsAuth, accounts_of, principal_of
 from r1serve.api.errors import validation_error
 from r1serve.api.requests import json_object
-from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.settings import Settings
 
 log = logging.getLogger("r1serve.accounts")
@@ -99,15 +100,21 @@ async def own_usage(request: Request, since: str | None = None) -> dict[str, Any
     return {**_usage_body(rows), "key": principal.prefix and f"r1-{principal.prefix}…", "key_name": principal.name}
 
 
+_RPM = Field(default=None, ge=0, le=LIMIT_BOUNDS["rpm"])
+_TPM = Field(default=None, ge=0, le=LIMIT_BOUNDS["tpm"])
+_BUDGET = Field(default=None, ge=0, le=LIMIT_BOUNDS["budget_usd"], allow_inf_nan=False)
+_MODELS = Field(default=None, min_length=1, description="Model names or aliases; absent or null: all models")
+
+
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    models: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    budget_usd: float | None = Field(default=None, ge=0)
-    budget_period: str = "total"
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = _MODELS
+    rpm: int | None = _RPM
+    tpm: int | None = _TPM
+    budget_usd: float | None = _BUDGET
+    budget_period: Period = "total"
     expires_at: dt.datetime | None = None
     admin: bool = False
 
@@ -116,11 +123,11 @@ class KeyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    models: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=0)
-    tpm: int | None = Field(default=None, ge=0)
-    budget_usd: float | None = Field(default=None, ge=0)
-    budget_period: str | None = None
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = _MODELS
+    rpm: int | None = _RPM
+    tpm: int | None = _TPM
+    budget_usd: float | None = _BUDGET
+    budget_period: Period | None = None
     expires_at: dt.datetime | None = None
     admin: bool | None = None
 
@@ -133,7 +140,7 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 
 
 def _not_found(ident: str) -> R1ServeError:
-    return R1ServeError(f"No API key `{ident}`.", status=404, code="key_not_found")
+    return NotFound(f"No API key `{ident}`.", code="key_not_found")
 
 
 @accounts_api.get("/v1/admin/keys", summary="List API keys (admin)")

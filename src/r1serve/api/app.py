@@ -3,7 +3,7 @@
 A request's way through it (:meth:`R1ServeApp.build_middleware_stack`)::
 
     middlewares added with add_middleware, outermost first: RequestContextMiddleware (request id,
-    body limit, access line, metrics, last-resort 500) and any added later
+    browser guard, body limit, access line, metrics, last-resort 500) and any added later
       -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat
          -> their handlers in routes.py / plumber.py, called directly
       -> FastAPI's own stack and router: everything else
@@ -27,6 +27,7 @@ from r1serve.accounts import Accounts
 from r1serve.api.accounts_routes import accounts_api, open_accounts, use_accounts
 from r1serve.api.auth import StaticKeys
 from r1serve.api.errors import install_error_handlers
+from r1serve.api.guard import BrowserGuard
 from r1serve.api.hotpaths import HotPaths, hot_routes
 from r1serve.api.metrics import metrics_endpoint
 from r1serve.api.middleware import RequestContextMiddleware
@@ -127,7 +128,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    guard = BrowserGuard(settings.host, settings.allowed_hosts, settings.allowed_origins)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, guard=guard)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

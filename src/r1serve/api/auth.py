@@ -11,7 +11,7 @@ from typing import Protocol
 from fastapi import Request
 
 from r1serve.api.context import scope_header
-from r1serve.errors import AuthenticationError
+from r1serve.errors import AuthenticationError, R1ServeError
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class Caller:
     """The authenticated client; ``key_id`` is None on an open server."""
 
     key_id: str | None = None
+    admin: bool = False  # may see operator detail (upstream errors and addresses in /health)
 
 
 class Authenticator(Protocol):
@@ -66,6 +67,17 @@ class StaticKeys:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return self._callers[matched]
+
+
+async def optional_caller(request: Request) -> Caller | None:
+    """The caller when the request carries a valid key, else None; never an error (for public pages)."""
+    if bearer_token(request) is None:
+        return None
+    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        return await authenticator(request)
+    except R1ServeError:
+        return None
 
 
 async def authenticate(request: Request) -> Caller:

@@ -47,7 +47,9 @@ class AccountsAuth:
     async def __call__(self, request: Request) -> Caller:
         principal = self.accounts.authenticate(bearer_token(request))
         request.state.principal = principal
-        return AccountCaller(key_id=None if principal.kind == "open" else principal.key_id, principal=principal)
+        return AccountCaller(
+            key_id=None if principal.kind == "open" else principal.key_id, admin=principal.admin, principal=principal
+        )
 
 
 def accounts_of(request: Request) -> Accounts | None:

@@ -1,6 +1,6 @@
-"""One pure-ASGI middleware for what every request needs: request id, body limit, access log, metrics,
-and the last-resort 500. Every request passes through it, the hot paths' included (see api/app.py for
-the order of the stack).
+"""One pure-ASGI middleware for what every request needs: request id, the browser guard (api/guard.py),
+body limit, access log, metrics, and the last-resort 500. Every request passes through it, the hot
+paths' included (see api/app.py for the order of the stack).
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: that one runs the app in a separate task and
 hides ``http.disconnect`` from streaming responses, and a client that hangs up must stop its
@@ -15,7 +15,9 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r1serve.api.context import RequestContext, scope_header
-from r1serve.api.errors import INTERNAL_ERROR, error_body
+from r1serve.api.errors import INTERNAL_ERROR, error_body, r1serve_error_body
+from r1serve.api.guard import BrowserGuard
+from r1serve.errors import R1ServeError
 
 log = logging.getLogger("r1serve.api")
 
@@ -23,9 +25,10 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, guard: BrowserGuard | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,6 +50,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if self.guard is not None and (refused := self.guard.refusal(scope)) is not None:
+                await _send_error(send_with_id, refused)
+                return
             if scope["method"] in _BODY_METHODS:
                 replay = await self._read_body(scope, receive, send_with_id, ctx)
                 if replay is None:
@@ -72,6 +78,9 @@ class RequestContextMiddleware:
             await _send_json(send, 413, too_large_body(exc.limit), extra_headers=[(b"connection", b"close")])
             return None
         if body is None:
+            return None
+        if self.guard is not None and (refused := self.guard.media_refusal(scope, body)) is not None:
+            await _send_error(send, refused)
             return None
         ctx.body = body
 
@@ -143,3 +152,7 @@ async def _send_json(
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
     await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _send_error(send: Send, exc: R1ServeError) -> None:
+    await _send_json(send, exc.status, r1serve_error_body(exc))

@@ -15,25 +15,34 @@ from r1serve.api.routes import ERRORS, registry_of, settings_of
 from r1serve.api.serving import serve_chat
 from r1serve.errors import InvalidRequest, ModelNotFound
 from r1serve.protocol import ChatCompletionRequest, ChatMessage
+from r1serve.protocol.openai import MAX_COUNT
 
 
-async def _deepseek_prompt(request: Request) -> str:
-    """``prompt`` from the query, a form, or a JSON object, the ways Plumber clients send it."""
-    value: Any = request.query_params.get("prompt")
+async def _plumber_fields(request: Request) -> dict[str, Any]:
+    """The fields from the query, a form, or a JSON object, the ways Plumber clients send them."""
+    fields: dict[str, Any] = dict(request.query_params)
     raw = (await request.body()).strip()  # read first: form() then replays it from the cache
-    if value is None:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.form()
-            value = form.get("prompt")
-            # `curl -d '{"prompt": ...}'` labels JSON as a form.
-            if value is None and content_type == "application/x-www-form-urlencoded" and raw.startswith(b"{"):
-                value = json_object(raw).get("prompt")
-        elif raw:
-            value = json_object(raw).get("prompt")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body: Any = {}
+    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        # `curl -d '{"prompt": ...}'` labels JSON as a form.
+        if content_type == "application/x-www-form-urlencoded" and raw.startswith(b"{"):
+            body = json_object(raw)
+        else:
+            body = dict(await request.form())
+    elif raw:
+        body = json_object(raw)
+    for name, value in body.items():
+        fields.setdefault(name, value)  # the query wins, as before
     # R's jsonlite without auto_unbox sends a scalar as a one-element array, and an empty one as [].
-    if isinstance(value, list) and len(value) <= 1:
-        value = value[0] if value else None
+    for name, value in fields.items():
+        if isinstance(value, list) and len(value) <= 1:
+            fields[name] = value[0] if value else None
+    return fields
+
+
+def _prompt(fields: dict[str, Any]) -> str:
+    value = fields.get("prompt")
     if value is not None and not isinstance(value, str):
         raise InvalidRequest(
             f"Invalid type for 'prompt': expected a string, got {_json_type(value)}.",
@@ -45,6 +54,20 @@ async def _deepseek_prompt(request: Request) -> str:
             'Missing prompt: send {"prompt": "..."} as JSON, or prompt as a query or form field.',
             param="prompt",
             code="missing_required_parameter",
+        )
+    return value
+
+
+def _max_tokens(fields: dict[str, Any]) -> int | None:
+    """``max_tokens`` as JSON sends it (a number) or a query or form does (digits)."""
+    value = fields.get("max_tokens")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise InvalidRequest(
+            f"max_tokens must be a whole number from 1 to {MAX_COUNT}.", param="max_tokens", code="invalid_value"
         )
     return value
 
@@ -65,6 +88,11 @@ def _json_type(value: Any) -> str:
 # What the tutorial asked its upstream for: the alias finds the R1 model served here, or the default.
 _PLUMBER_MODEL = "deepseek-ai/DeepSeek-R1"
 
+_PLUMBER_BODY = {
+    "type": "object",
+    "properties": {"prompt": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1}},
+}
+
 plumber = APIRouter(dependencies=[Depends(authenticate)], responses=ERRORS)
 
 
@@ -76,16 +104,16 @@ plumber = APIRouter(dependencies=[Depends(authenticate)], responses=ERRORS)
         "requestBody": {
             "required": False,
             "content": {
-                "application/json": {"schema": {"type": "object", "properties": {"prompt": {"type": "string"}}}},
-                "application/x-www-form-urlencoded": {
-                    "schema": {"type": "object", "properties": {"prompt": {"type": "string"}}}
-                },
+                "application/json": {"schema": _PLUMBER_BODY},
+                "application/x-www-form-urlencoded": {"schema": _PLUMBER_BODY},
             },
         },
     },
 )
 async def deepseek_chat(request: Request) -> Response:
-    prompt = await _deepseek_prompt(request)
+    fields = await _plumber_fields(request)
+    prompt = _prompt(fields)
+    max_tokens = _max_tokens(fields)
     registry = registry_of(request)
     name = _PLUMBER_MODEL
     try:
@@ -93,7 +121,9 @@ async def deepseek_chat(request: Request) -> Response:
     except ModelNotFound:
         served = registry.resolve(None)
         name = served.entry.id
-    body = ChatCompletionRequest(model=name, messages=[ChatMessage(role="user", content=prompt)])
+    body = ChatCompletionRequest(
+        model=name, messages=[ChatMessage(role="user", content=prompt)], max_tokens=max_tokens
+    )
     return await serve_chat(request, body, served, settings_of(request), model_name=name)
 
 

@@ -1,14 +1,15 @@
 """OpenAI requests in, engine requests out: the body parsed and validated, then mapped to a
 :class:`~r1serve.engines.base.GenerationRequest`.
 
-Bodies are parsed here rather than by FastAPI's body injection so that any content type carrying
-JSON is accepted (``curl -d`` sends form-urlencoded by default) and every parse or validation failure
-becomes an OpenAI 400 with the failing field in ``param``.
+Bodies are parsed here rather than by FastAPI's body injection so that every parse or validation
+failure becomes an OpenAI 400 with the failing field in ``param`` (the content type was checked before,
+by the browser guard: api/guard.py).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, TypeVar
 
 import orjson
@@ -34,7 +35,17 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request has no body; send a JSON object.", code="missing_required_parameter")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # CPython's cap on digits (sys.int_info)
+            raise InvalidRequest(
+                f"A number in the request body has more than {sys.get_int_max_str_digits()} digits.",
+                code="invalid_value",
+            ) from None
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc}). Send a JSON object "
+            "with Content-Type: application/json."
+        ) from None
+    except UnicodeDecodeError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}). Send a JSON object "
             "with Content-Type: application/json."

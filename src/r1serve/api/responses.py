@@ -55,5 +55,15 @@ def generation_headers(served: ServedModel, unknown: list[str]) -> list[tuple[by
         # Field names are the client's text: percent-encoded where they hold what a header value may not
         # (control characters, non-ASCII) or what would change the list's meaning (",", "%").
         names = ",".join(quote(name, safe=_HEADER_SAFE) for name in unknown)
+        if len(names) > MAX_UNKNOWN_FIELDS_HEADER:
+            # Clients and proxies refuse responses with huge headers (curl's cap is 100 kB): the first
+            # names, then how many more.
+            cut = names.rfind(",", 0, MAX_UNKNOWN_FIELDS_HEADER)
+            shown = names[:cut] if cut > 0 else ""
+            more = len(unknown) - (shown.count(",") + 1 if shown else 0)
+            names = f"{shown},...{more} more" if shown else f"...{more} more"
         headers.append((b"x-r1serve-unknown-fields", names.encode("ascii")))
     return headers
+
+
+MAX_UNKNOWN_FIELDS_HEADER = 2048  # bytes of field names in the header

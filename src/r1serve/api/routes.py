@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from r1serve.api.auth import authenticate
+from r1serve.api.auth import authenticate, optional_caller
 from r1serve.api.requests import parse_raw
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.errors import ModelNotFound
@@ -125,10 +125,27 @@ ops = APIRouter()
 @ops.head("/health", include_in_schema=False)
 @ops.get("/health", summary="Liveness and the engines' state")
 async def health(request: Request) -> JSONResponse:
+    """State for everyone; upstream addresses and error text only for an admin key (the page is public)."""
     registry = registry_of(request)
     engines = [engine.health() for engine in registry.engines()]
+    caller = await optional_caller(request)
+    if caller is None or not caller.admin:
+        engines = [_without_detail(e) for e in engines]
     ok = all(e.get("status") == "ok" for e in engines)
     return JSONResponse(
         {"status": "ok" if ok else "degraded", "model": registry.default, "engines": engines},
         status_code=200 if ok else 503,
     )
+
+
+# Keys of engines' health that are for operators: an upstream's error text can hold internal paths and
+# credentials, and its address says where the capacity is.
+_OPERATOR_DETAIL = frozenset({"last_error", "base_url"})
+
+
+def _without_detail(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_detail(v) for k, v in value.items() if k not in _OPERATOR_DETAIL}
+    if isinstance(value, list):
+        return [_without_detail(v) for v in value]
+    return value

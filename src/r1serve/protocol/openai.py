@@ -2,6 +2,8 @@
 
 Requests accept unknown fields (as vLLM and llama-server do) so clients written for other servers keep
 working; the API layer reports their names back in a response header rather than dropping them silently.
+Known fields take JSON's own types only (strict), as OpenAI does: ``"max_tokens": "4"``, ``true`` or
+``2.0`` and ``"temperature": "0.5"`` are refused, not converted.
 Responses carry r1serve's additions: ``reasoning_content``, ``reasoning_tokens`` and ``estimated_cost``.
 """
 
@@ -41,21 +43,21 @@ __all__ = [
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
     # Fields like name / tool_call_id are tolerated; reasoning sent back by clients is accepted and dropped.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -72,7 +74,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
@@ -84,6 +86,9 @@ def _null_means(default: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: default if value is None else value)
 
 
+# Token counts past 2**31 mean nothing to any model, and would overflow counters downstream.
+MAX_COUNT = 2**31 - 1
+_Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 _Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 _Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -91,13 +96,13 @@ _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 class _SamplingFields(_Request):
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: _Count | None = None
     temperature: _Temperature | None = None
     top_p: _Probability | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     min_p: _Probability | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
@@ -114,12 +119,12 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: _Count | None = None
     logprobs: Annotated[bool, _null_means(False)] = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     # r1serve extensions
     include_reasoning: Annotated[bool, _null_means(True)] = True
-    max_reasoning_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_reasoning_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     reasoning_effort: ReasoningEffort | None = None
 
 

@@ -28,6 +28,7 @@ from r1serve.engines.upstream.errors import (
     AttemptFailed,
     error_text,
     failure,
+    log_detail,
     raise_for_status,
     scrub,
 )
@@ -113,8 +114,10 @@ class UpstreamEngine(Engine):
         t = self.config.timeouts
         try:
             async with asyncio.timeout(timeout if timeout is not None else t.connect + 5.0):
-                async with self._client.session.get(self._models_url, headers=self._headers) as resp:
-                    if resp.status >= 400:
+                async with self._client.session.get(
+                    self._models_url, headers=self._headers, allow_redirects=False
+                ) as resp:
+                    if resp.status >= 300:
                         await raise_for_status(resp, self.config)
                     data = await resp.json(content_type=None)
         except AttemptFailed:
@@ -151,8 +154,10 @@ class UpstreamEngine(Engine):
             # One timer for the whole exchange when the answer is one JSON body: its headers and its body
             # are due by the same deadline. A stream's reads get their own (idle) deadlines below.
             async with asyncio.timeout_at(deadline):
-                resp = await session.post(url, data=body, headers=self._headers)
-                if resp.status < 400 and "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                # Redirects are not followed: each hop would re-send the prompt (and the key) to wherever
+                # the Location header points; a moved upstream is a configuration to fix.
+                resp = await session.post(url, data=body, headers=self._headers, allow_redirects=False)
+                if resp.status < 300 and "text/event-stream" not in resp.headers.get("Content-Type", ""):
                     raw = await resp.read()
         except TimeoutError:
             if resp is not None:
@@ -186,7 +191,7 @@ class UpstreamEngine(Engine):
         yielded = False
         complete = False
         try:
-            if resp.status >= 400:
+            if resp.status >= 300:
                 await raise_for_status(resp, cfg)
             content = resp.content
             buf = b""
@@ -232,8 +237,9 @@ class UpstreamEngine(Engine):
                             usage = parse_usage(event["usage"]) or usage
                         if not choices:
                             if "error" in event:
+                                log_detail(cfg, "reported an error in its stream", error_text(event["error"]))
                                 raise failure(
-                                    f"upstream {cfg.name} reported an error: {self.scrub(error_text(event['error']))}",
+                                    f"upstream {cfg.name} reported an error in its stream",
                                     "upstream_error",
                                     yielded,
                                 )

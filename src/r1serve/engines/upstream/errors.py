@@ -4,12 +4,18 @@ The rule (see :mod:`r1serve.engines.upstream`): a failure before the first delta
 :class:`AttemptFailed`, which says whether the gateway may retry the target or fail over; a failure after
 it is a plain :class:`~r1serve.errors.UpstreamError`. An HTTP error status is mapped onto one of those
 (or onto :class:`~r1serve.errors.InvalidRequest` when the request itself was refused) by
-:func:`raise_for_status`. Any upstream text that goes into a message is scrubbed of the API key first.
+:func:`raise_for_status`.
+
+What an upstream says about its own failure (a 5xx body, an error event) can hold a traceback, internal
+paths or a database URL: it goes to the log, scrubbed, and the client's message names only the target and
+the status. Only a refusal of the request itself (400, 404, 413, 422) passes its message on, scrubbed of
+the API key, because the client needs it to fix the request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from email.utils import parsedate_to_datetime
@@ -20,6 +26,7 @@ import aiohttp
 from r1serve.engines.upstream.config import UpstreamConfig
 from r1serve.errors import InvalidRequest, UpstreamError
 
+log = logging.getLogger("r1serve.upstream")
 
 class AttemptFailed(UpstreamError):
     """One attempt failed before anything was yielded: the gateway may retry or fail over.
@@ -60,6 +67,8 @@ def failure(message: str, kind: str, yielded: bool, *, retryable: bool = True) -
 
 _WORD = re.compile(r"[A-Za-z0-9_\-.]{8,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+# user:password@ in any URL (database URLs in tracebacks are the usual carrier).
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/@]+@")
 MAX_ERROR_TEXT = 500
 
 
@@ -70,6 +79,7 @@ def scrub_secret(text: str, secret: str | None) -> str:
     text that is a long-enough substring of the key goes.
     """
     text = _BEARER.sub(r"\1[redacted]", text)
+    text = _URL_CREDENTIALS.sub(r"\1[redacted]@", text)
     if not secret:
         return text
     # Case-blind: a body may echo the key upper-cased.
@@ -81,6 +91,12 @@ def scrub_secret(text: str, secret: str | None) -> str:
 def scrub(text: str, config: UpstreamConfig) -> str:
     """Upstream text made fit for a message: without ``config``'s key, and at most MAX_ERROR_TEXT long."""
     return scrub_secret(text, config.api_key)[:MAX_ERROR_TEXT]
+
+
+def log_detail(config: UpstreamConfig, what: str, detail: str) -> None:
+    """The upstream's own words about a failure, for the operator only (scrubbed)."""
+    if detail:
+        log.warning("upstream %s %s: %s", config.name, what, scrub(detail, config))
 
 
 def error_text(err: Any) -> str:
@@ -107,8 +123,18 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig) -> None:
-    """Raise the error for ``resp``'s status (400 or more), its body's message scrubbed into the text."""
+    """Raise the error for ``resp``'s status (300 or more), its body's message scrubbed into the text."""
     status = resp.status
+    if status < 400:
+        # Redirects are never followed (engine.py): a failover, the Location for the operator's log only.
+        log_detail(config, f"redirected (HTTP {status}) to", resp.headers.get("Location", ""))
+        raise AttemptFailed(
+            f"upstream {config.name} answered with a redirect (HTTP {status}); r1serve does not follow "
+            "redirects: set its base_url to the final address",
+            kind="upstream_redirect",
+            retryable=False,
+            upstream_status=status,
+        )
     try:
         raw = await resp.content.read(16384)
     except (aiohttp.ClientError, TimeoutError):
@@ -127,9 +153,11 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
         pass
     detail = scrub(text.strip(), config) or resp.reason or ""
     name = config.name
+    if status >= 500 or status in (408, 429):
+        log_detail(config, f"answered HTTP {status}", detail)
     if status == 429:
         raise AttemptFailed(
-            f"upstream {name} is rate limiting (HTTP 429): {detail}",
+            f"upstream {name} is rate limiting (HTTP 429)",
             kind="rate_limited",
             retryable=True,
             breaker=False,
@@ -138,7 +166,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
         )
     if status >= 500 or status == 408:
         raise AttemptFailed(
-            f"upstream {name} failed (HTTP {status}): {detail}",
+            f"upstream {name} failed (HTTP {status})",
             kind="upstream_unavailable",
             retryable=True,
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),

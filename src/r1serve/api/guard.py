@@ -1,0 +1,120 @@
+"""Requests a browser sends on behalf of another site: refused before anything runs.
+
+An open server (loopback, no keys) answers whoever can reach it, and a web page the user has open can:
+a cross-site form post or a ``fetch`` with a "simple" content type needs no CORS pre-flight, and DNS
+rebinding gives a page a host name that resolves to 127.0.0.1 so that it can read the answers too.
+Three checks close that (checked in the request-context middleware, for every request):
+
+* ``Host`` must name this server when it listens on loopback (any name a rebinding page uses is foreign),
+  or be in ``R1SERVE_ALLOWED_HOSTS``;
+* a foreign ``Origin`` (not the server's own, not in ``R1SERVE_ALLOWED_ORIGINS``) is refused, and so is a
+  browser's cross-site request without one (``Sec-Fetch-Site``) other than a plain navigation;
+* JSON endpoints take only JSON content types (``text/plain`` is how pages dodge the pre-flight);
+  ``/deepseek_chat`` also takes the form and query forms the R Plumber tutorial uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import ip_address
+
+from starlette.types import Scope
+
+from r1serve.api.context import scope_header
+from r1serve.errors import InvalidRequest, PermissionDenied, R1ServeError
+
+# Endpoints whose bodies may be forms (the R tutorial posts prompt=... with curl -d).
+FORM_PATHS = frozenset({"/deepseek_chat"})
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(value: str) -> str:
+    """``Host`` without its port, lower-cased (``[::1]:8000`` -> ``::1``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class BrowserGuard:
+    """The three checks above, configured from the listen address and the two allow-lists."""
+
+    def __init__(self, listen_host: str, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()):
+        hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        if "*" in hosts:
+            self.hosts: frozenset[str] | None = None
+        elif hosts:
+            self.hosts = frozenset(hosts)
+        elif is_loopback(listen_host):
+            self.hosts = frozenset(_LOOPBACK_NAMES | {listen_host.lower()})
+        else:
+            # Listening beyond loopback, the server is reached by names it cannot know; keys protect it there.
+            self.hosts = None
+        origins = {o.strip().rstrip("/").lower() for o in allowed_origins if o.strip()}
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origins)
+
+    def refusal(self, scope: Scope) -> R1ServeError | None:
+        """Why this request is refused before it runs, or None."""
+        raw_host = scope_header(scope, b"host")
+        host = raw_host.decode("latin-1") if raw_host is not None else ""
+        # No Host at all is no browser (every browser sends one): HTTP/1.0 tools, raw ASGI callers.
+        if self.hosts is not None and raw_host is not None:
+            name = host_name(host)
+            if name not in self.hosts and not name.endswith(".localhost"):
+                return PermissionDenied(
+                    f"Host {name!r} is not a name of this server. Add it to R1SERVE_ALLOWED_HOSTS to serve it.",
+                    code="host_not_allowed",
+                )
+        origin = scope_header(scope, b"origin")
+        if origin is not None:
+            text = origin.decode("latin-1").strip().rstrip("/").lower()
+            if not (self.any_origin or text in self.origins or _same_origin(text, host)):
+                return PermissionDenied(
+                    f"Requests from the web origin {text!r} are refused; R1SERVE_ALLOWED_ORIGINS can allow it.",
+                    code="origin_not_allowed",
+                )
+        elif scope_header(scope, b"sec-fetch-site") == b"cross-site" and not _navigation(scope):
+            return PermissionDenied(
+                "Cross-site requests from web pages are refused (set R1SERVE_ALLOWED_ORIGINS to allow a site).",
+                code="origin_not_allowed",
+            )
+        return None
+
+    @staticmethod
+    def media_refusal(scope: Scope, body: bytes) -> R1ServeError | None:
+        """A non-empty body on a JSON endpoint must say it is JSON."""
+        if not body or scope["path"] in FORM_PATHS:
+            return None
+        raw = scope_header(scope, b"content-type")
+        kind = raw.decode("latin-1").split(";", 1)[0].strip().lower() if raw is not None else ""
+        if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+            return None
+        return UnsupportedMediaType(
+            f"This endpoint takes a JSON body: send it with Content-Type: application/json (got {kind or 'none'!r}; "
+            "with curl: -H 'Content-Type: application/json').",
+            param="content-type",
+        )
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    _, sep, rest = origin.partition("://")
+    return bool(sep) and rest == host.strip().lower()
+
+
+def _navigation(scope: Scope) -> bool:
+    return scope["method"] in ("GET", "HEAD") and scope_header(scope, b"sec-fetch-mode") == b"navigate"
