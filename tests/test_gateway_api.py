@@ -351,9 +351,9 @@ def test_json_nulls_mean_defaults_and_the_flags_route_is_the_default(tmp_path: P
 
 def test_the_sample_in_the_config_docstring_loads(tmp_path: Path) -> None:
     """The documented file format is the one the loader takes."""
-    import r1serve.gateway.config as config_module
+    import r1serve.gateway.providers_file as providers_file_module
 
-    doc = config_module.__doc__ or ""
+    doc = providers_file_module.__doc__ or ""
     sample = doc.split("::\n", 1)[1].split("\n\nWith providers", 1)[0]
     text = "\n".join(line[4:] for line in sample.splitlines())
     env = {"GPU_BOX_KEY": "k", "DEEPINFRA_API_KEY": "k", "DEEPINFRA_TOKEN": "k"}

@@ -10,12 +10,8 @@ gateway's parts are imported from their modules.
 """
 
 from r1serve.gateway.build import build_from_config, build_gateway_registry, gateway_plan
-from r1serve.gateway.config import (
-    GatewayConfig,
-    GatewayConfigError,
-    GatewayOptions,
-    load_gateway_config,
-)
+from r1serve.gateway.config import GatewayConfig, GatewayOptions, load_gateway_config
+from r1serve.gateway.providers_file import GatewayConfigError
 
 __all__ = [
     "GatewayConfig",

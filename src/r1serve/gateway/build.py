@@ -14,7 +14,6 @@ from r1serve.engines.upstream import HttpClient, UpstreamEngine
 from r1serve.gateway.config import (
     GatewayConfig,
     GatewayOptions,
-    GroupConfig,
     load_gateway_config,
     options_from_settings,
 )
@@ -25,6 +24,7 @@ from r1serve.gateway.group import (
     RetryPolicy,
     Target,
 )
+from r1serve.gateway.providers_file import GroupConfig
 from r1serve.gateway.tokens import token_counter
 from r1serve.models.catalog import ModelEntry, Prices
 from r1serve.routing.registry import ModelRegistry, ServedModel
