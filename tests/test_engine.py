@@ -395,7 +395,10 @@ async def test_queue_limit_refuses_with_retry_after() -> None:
     try:
         running = eng.generate(_request("Write a long poem about the sea.", max_tokens=400))
         await running.__anext__()  # admitted and decoding
-        queued = asyncio.ensure_future(_collect(eng, _request("Say hi.", max_tokens=2)))
+        async def every_delta(request: GenerationRequest) -> list[Delta]:
+            return [d async for d in eng.generate(request)]  # the keep-alive deltas included
+
+        queued = asyncio.ensure_future(every_delta(_request("Say hi.", max_tokens=2)))
         for _ in range(100):
             if eng.health()["queued"] == 1:
                 break
