@@ -67,21 +67,30 @@ class BrowserGuard:
         origins = {o.strip().rstrip("/").lower() for o in allowed_origins if o.strip()}
         self.any_origin = "*" in origins
         self.origins = frozenset(origins)
+        # Verdicts on the raw Host and Content-Type values seen: a server sees a handful of each, and a
+        # dict look-up is cheaper than parsing them on every request (bench/gateway/count.py).
+        self._hosts_seen: dict[bytes, bool] = {}
+        self._types_seen: dict[bytes, bool] = {}
 
     def refusal(self, scope: Scope) -> R1ServeError | None:
         """Why this request is refused before it runs, or None."""
         raw_host = scope_header(scope, b"host")
-        host = raw_host.decode("latin-1") if raw_host is not None else ""
         # No Host at all is no browser (every browser sends one): HTTP/1.0 tools, raw ASGI callers.
         if self.hosts is not None and raw_host is not None:
-            name = host_name(host)
-            if name not in self.hosts and not name.endswith(".localhost"):
+            ok = self._hosts_seen.get(raw_host)
+            if ok is None:
+                name = host_name(raw_host.decode("latin-1"))
+                ok = name in self.hosts or name.endswith(".localhost")
+                _remember(self._hosts_seen, raw_host, ok)
+            if not ok:
                 return PermissionDenied(
-                    f"Host {name!r} is not a name of this server. Add it to R1SERVE_ALLOWED_HOSTS to serve it.",
+                    f"Host {host_name(raw_host.decode('latin-1'))!r} is not a name of this server. Add it to "
+                    "R1SERVE_ALLOWED_HOSTS to serve it.",
                     code="host_not_allowed",
                 )
         origin = scope_header(scope, b"origin")
         if origin is not None:
+            host = raw_host.decode("latin-1") if raw_host is not None else ""
             text = origin.decode("latin-1").strip().rstrip("/").lower()
             if not (self.any_origin or text in self.origins or _same_origin(text, host)):
                 return PermissionDenied(
@@ -95,20 +104,39 @@ class BrowserGuard:
             )
         return None
 
-    @staticmethod
-    def media_refusal(scope: Scope, body: bytes) -> R1ServeError | None:
+    def media_refusal(self, scope: Scope, body: bytes) -> R1ServeError | None:
         """A non-empty body on a JSON endpoint must say it is JSON."""
         if not body or scope["path"] in FORM_PATHS:
             return None
-        raw = scope_header(scope, b"content-type")
-        kind = raw.decode("latin-1").split(";", 1)[0].strip().lower() if raw is not None else ""
-        if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        raw = scope_header(scope, b"content-type") or b""
+        ok = self._types_seen.get(raw)
+        if ok is None:
+            ok = _is_json(_media_type(raw))
+            _remember(self._types_seen, raw, ok)
+        if ok:
             return None
+        kind = _media_type(raw)
         return UnsupportedMediaType(
             f"This endpoint takes a JSON body: send it with Content-Type: application/json (got {kind or 'none'!r}; "
             "with curl: -H 'Content-Type: application/json').",
             param="content-type",
         )
+
+
+_REMEMBERED = 64  # distinct values kept per verdict table: a client sending new ones each time gains nothing
+
+
+def _remember(table: dict[bytes, bool], raw: bytes, verdict: bool) -> None:
+    if len(table) < _REMEMBERED:
+        table[raw] = verdict
+
+
+def _media_type(raw: bytes) -> str:
+    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
+
+
+def _is_json(kind: str) -> bool:
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def _same_origin(origin: str, host: str) -> bool:
