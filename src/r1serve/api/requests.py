@@ -119,6 +119,20 @@ def reasoning_budget(req: ChatCompletionRequest, settings: Settings) -> int | No
     }[req.reasoning_effort]
 
 
+def check_messages(req: ChatCompletionRequest, settings: Settings) -> None:
+    """Refuse more messages than ``settings.max_messages`` before any work is done for them (resolving
+    the model, rendering, counting), worded as OpenAI words it. Called by the chat handler right after
+    parsing."""
+    n = len(req.messages)
+    if n > settings.max_messages:
+        raise InvalidRequest(
+            f"Invalid 'messages': array too long. Expected an array with maximum length "
+            f"{settings.max_messages}, but got an array with length {n} instead.",
+            param="messages",
+            code="array_above_max_length",
+        )
+
+
 def chat_generation_request(
     req: ChatCompletionRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> GenerationRequest:
@@ -138,6 +152,7 @@ def chat_generation_request(
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -187,5 +202,6 @@ def completion_generation_request(
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 
