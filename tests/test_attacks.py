@@ -54,6 +54,12 @@ async def test_110000_tiny_messages_are_refused_before_any_work() -> None:
         error = s1_error(resp, 400)
         assert error["param"] == "messages" and error["code"] == "array_above_max_length"
         assert "2048" in error["message"] and "110000" in error["message"]
+        # Refused before parsing (the "role" keys counted, then decoded with orjson), and after parsing
+        # when the keys are spelt with escapes that the count does not see.
+        escaped = b'{"messages": [' + b",".join([b'{"\\u0072ole": "user", "content": "hi"}'] * 2049) + b"]}"
+        assert b'"role"' not in escaped and b"\\u0072ole" in escaped
+        error = s1_error(await client.post("/v1/chat/completions", content=escaped), 400)
+        assert error["param"] == "messages" and "2049" in error["message"]
         # The limit is a setting; at the limit the request goes on (here to the 404 for the model).
         at_limit = {**body, "messages": s1_tiny_messages(Settings().max_messages)}
         assert s1_error(await client.post("/v1/chat/completions", json=at_limit), 404)["param"] == "model"

@@ -12,7 +12,7 @@ tenants could share is the chat template's opening only) and CONVERSATIONS concu
 TURNS turns (each turn sends the history, the answers included, and a new question); every
 conversation runs at once against --parallel slots, greedy, MAX_TOKENS per answer.
 
-    .venv/bin/python bench/engine/cache_scope.py [--rounds 2] [--parallel 4]
+    .venv/bin/python bench/engine/cache_scope.py [--rounds 2] [--parallel 8]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ async def run(scoped: bool, parallel: int) -> Tally:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--parallel", type=int, default=8)
     args = parser.parse_args()
     print(f"{len(TENANTS)} tenants x {CONVERSATIONS} conversations x {TURNS} turns, --parallel {args.parallel}")
     for round_ in range(1, args.rounds + 1):
