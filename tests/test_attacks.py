@@ -1,9 +1,10 @@
-"""Attacks found by probing r1serve as an attacker would (the hardening issue), one regression test each.
+"""Attacks on the server found by probing it as an attacker would (the hardening issue, issue 18), one
+regression test each, each failing without its fix. One section per item of the issue; sections keep
+their own fixtures and helpers: add new ones the same way.
 
-Sections follow the issue's numbering. Each test fails on the code before its fix. The in-process tests
-drive the real app (httpx's ASGI transport, base URL http://localhost: a loopback name, as a browser on
-the same machine would send); the server tests run a real ``r1serve serve --upstream`` process in front
-of a fake upstream on loopback, and talk to it over TCP.
+The in-process tests drive the real app (httpx's ASGI transport, base URL http://localhost: a loopback
+name, as a browser on the same machine would send); the server tests run a real ``r1serve serve``
+process (the embedded model, slow; or ``--upstream`` in front of a fake upstream on loopback).
 """
 
 from __future__ import annotations
@@ -12,22 +13,356 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import LiveServer
 from fake_upstream import FakeUpstream, Reply
+from r1_vocab import cached_r1_vocab_gguf
 
 from r1serve.accounts import Accounts
 from r1serve.api import create_app
+from r1serve.engines.llama.placement import CELLS_PER_TOKEN, Placement
+from r1serve.engines.vocab import Vocab, _Special, split_special
 from r1serve.gateway import GatewayOptions, build_from_config, load_gateway_config
 from r1serve.routing.build import close_registry
+from r1serve.routing.registry import ModelRegistry
 from r1serve.settings import Settings
+
+# ============================================================================================ 1. ...
+# 1. One request stalls every client: a body of 110,000 tiny messages took 191 s to be refused, and
+#    /health waited as long. llama.cpp split special tokens in O(n^2); the prompt was rendered and
+#    tokenized on the event loop; nothing bounded the work. Now: the split is linear (engines/vocab.py),
+#    a message count and a rendered size are refused first (settings max_messages, max_prompt_bytes),
+#    and rendering and tokenizing run in worker threads.
+
+S1_ADMIN = "sk-admin-attacks-1-0123456789"
+S1_SECRET = "attacks-1-key-secret-0123456789"
+
+
+def s1_tiny_messages(n: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": "hi"} for _ in range(n)]
+
+
+def s1_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text[:500]
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+async def test_110000_tiny_messages_are_refused_before_any_work() -> None:
+    # The issue's body: 3.85 MB, under the 4 MiB body limit. No model is served here: the count is
+    # checked before the model is even resolved (else this would be a 404).
+    app = create_app(Settings(), registry=ModelRegistry())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        body = {"model": "deepseek-reasoner", "messages": s1_tiny_messages(110_000), "max_tokens": 1}
+        resp = await client.post("/v1/chat/completions", json=body)
+        error = s1_error(resp, 400)
+        assert error["param"] == "messages" and error["code"] == "array_above_max_length"
+        assert "2048" in error["message"] and "110000" in error["message"]
+        # Refused before parsing (the "role" keys counted, then decoded with orjson), and after parsing
+        # when the keys are spelt with escapes that the count does not see.
+        escaped = b'{"messages": [' + b",".join([b'{"\\u0072ole": "user", "content": "hi"}'] * 2049) + b"]}"
+        assert b'"role"' not in escaped and b"\\u0072ole" in escaped
+        error = s1_error(await client.post("/v1/chat/completions", content=escaped, headers=JSON), 400)
+        assert error["param"] == "messages" and "2049" in error["message"]
+        # The limit is a setting; at the limit the request goes on (here to the 404 for the model).
+        at_limit = {**body, "messages": s1_tiny_messages(Settings().max_messages)}
+        assert s1_error(await client.post("/v1/chat/completions", json=at_limit), 404)["param"] == "model"
+
+
+def test_special_tokens_are_split_as_llama_cpp_splits_them() -> None:
+    """Vocab.tokenize splits special tokens itself (llama.cpp's split is quadratic): the tokens must be
+    exactly llama.cpp's, on the real R1 vocabulary, for texts dense with special tokens and near-misses."""
+    vocab = Vocab.load(cached_r1_vocab_gguf())
+    try:
+        specials = [s.text.decode() for s in vocab._specials]
+        assert "<think>" in specials and "<｜User｜>" in specials
+        pieces = [*specials, "a", " ", "\n", "  x", "é", "<", "｜", "<think", "think>", "<｜User", "▁", "\t"]
+        rnd = random.Random(18)
+        for _ in range(2000):
+            text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 24)))
+            for add_special in (False, True):
+                ours = vocab.tokenize(text, add_special=add_special)
+                theirs = vocab._llama_tokenize(text.encode(), add_special=add_special, parse_special=True)
+                assert ours == theirs, text
+    finally:
+        vocab.close()
+
+
+def test_split_strips_whitespace_where_the_token_says_so() -> None:
+    # LSTRIP / RSTRIP tokens (as some vocabularies' <mask>) eat the whitespace beside them, as in llama.cpp.
+    specials = [_Special(b"<long>", 1, False, False), _Special(b"<m>", 2, True, True), _Special(b"<", 3, False, False)]
+    data = b"a \t<m>\n b<long><<m>"
+    parts = split_special(data, specials)
+    assert [p if isinstance(p, int) else data[p[0] : p[1]] for p in parts] == [b"a", 2, b"b", 1, 3, 2]
+    assert split_special(b"", specials) == []
+
+
+@pytest.fixture(scope="module")
+def s1_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, str]]:
+    """A server with accounts and one user key with limits (the issue's caller: its prompt is also
+    counted for the limits, from the one rendering the generation uses)."""
+    env = {"R1SERVE_ADMIN_KEY": S1_ADMIN, "R1SERVE_KEY_SECRET": S1_SECRET}
+    server = LiveServer(tmp_path_factory.mktemp("attacks1"), "attacks1", env)
+    try:
+        server.wait_ready()
+        resp = httpx.post(
+            f"{server.url}/v1/admin/keys",
+            json={"name": "user", "tpm": 100_000_000, "rpm": 10_000},
+            headers={"Authorization": f"Bearer {S1_ADMIN}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        yield server, str(resp.json()["key"])
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_live_huge_bodies_are_refused_with_a_400_naming_messages(s1_server: tuple[LiveServer, str]) -> None:
+    server, key = s1_server
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{server.url}/v1/chat/completions"
+    many = httpx.post(url, json={"messages": s1_tiny_messages(110_000), "max_tokens": 1}, headers=headers, timeout=600)
+    assert s1_error(many, 400)["code"] == "array_above_max_length"
+    # One message, 2.5 MB: under the body limit, over the rendered-size limit (2 MiB), refused before
+    # it is tokenized (it would have been refused for the context only after).
+    one = [{"role": "user", "content": "lorem ipsum " * 210_000}]
+    big = httpx.post(url, json={"messages": one, "max_tokens": 1}, headers=headers, timeout=600)
+    error = s1_error(big, 400)
+    assert error["param"] == "messages" and error["code"] == "string_above_max_length", error
+    assert "R1SERVE_MAX_PROMPT_BYTES" in error["message"]
+    # The raw completions' prompt is bounded the same way.
+    raw = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "x " * 1_200_000, "max_tokens": 1}, headers=headers, timeout=600
+    )
+    assert s1_error(raw, 400)["param"] == "prompt"
+
+
+@pytest.mark.slow
+async def test_health_answers_while_a_big_prompt_is_rendered_and_tokenized(s1_server: tuple[LiveServer, str]) -> None:
+    """A big but allowed prompt (2,000 messages, 1.8 MB, 180,000 special tokens: a second or so of work)
+    is prepared in a worker thread: /health, asked meanwhile, answers while the preparation is still
+    running (the engine's health counts prompts being prepared; on the event loop no other request could
+    ever see that count above 0), and before the chat request ends."""
+    server, key = s1_server
+    content = "<|im_end|>x" * 80
+    messages = [{"role": "user", "content": content} for _ in range(2000)]
+    body = {"messages": messages, "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        for _attempt in range(5):
+            events: list[str] = []
+
+            async def chat(events: list[str]) -> httpx.Response:
+                resp = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+                events.append("chat")
+                return resp
+
+            task = asyncio.create_task(chat(events))
+            while not task.done():
+                health = await client.get("/health")
+                assert health.status_code == 200
+                if any(engine.get("preparing") for engine in health.json()["engines"]):
+                    events.append("health while preparing")
+            resp = await task
+            # Far more tokens than the 4,096-token context: refused once counted, not generated.
+            assert s1_error(resp, 400)["code"] == "context_length_exceeded"
+            if "health while preparing" in events:
+                assert events.index("health while preparing") < events.index("chat")
+                return
+    pytest.fail("/health never answered while a prompt was being prepared")
+
+
+# ============================================================================================ 2. ...
+# 2. The prefix cache told one key about another key's prompts: cached_tokens (10 vs 17 vs 36) showed
+#    how much of a guess matched another tenant's system prompt. Now reuse is scoped to the caller's key
+#    (GenerationRequest.cache_scope) and further to a request's cache_salt; placement reuses only cached
+#    prefixes of its own scope.
+
+S2_PER_SEQ = 8 * CELLS_PER_TOKEN  # a copy pays from 8 saved tokens
+S2_A, S2_B = list(range(1000, 1030)), list(range(2000, 2030))
+
+
+class S2Cache:
+    """KV streams as token lists, changed by the two calls placement makes (as in test_placement.py)."""
+
+    def __init__(self, n: int) -> None:
+        self.cells: dict[int, list[int]] = {i: [] for i in range(n)}
+        self.copies: list[tuple[int, int]] = []
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> None:
+        del self.cells[seq_id][p0:]
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.copies.append((src, dst))
+        self.cells[dst] = list(self.cells[src])
+
+
+def s2_placement(n: int = 4) -> tuple[Placement, S2Cache]:
+    cache = S2Cache(n)
+    clock = iter(range(1, 10_000))
+    placement = Placement(n, S2_PER_SEQ, seq_rm=cache.seq_rm, seq_cp=cache.seq_cp, clock=lambda: float(next(clock)))
+    return placement, cache
+
+
+def s2_run(placement: Placement, prompt: list[int], scope: object) -> int:
+    """Admit a prompt, let it finish (its cells keep the prompt), return how much of it was cached."""
+    slot, keep = placement.assign(prompt, [s for s in placement.slots if not s.busy], scope=scope)
+    slot.tokens = list(prompt)
+    placement.release(slot)
+    return keep
+
+
+def test_placement_never_reuses_another_scopes_prefix() -> None:
+    placement, cache = s2_placement()
+    secret = S2_A + S2_B
+    assert s2_run(placement, secret, "u1") == 0
+    # Another key's guess sharing the secret's first 30 tokens finds nothing (it found 30).
+    assert s2_run(placement, S2_A + [9] * 10, "u2") == 0
+    # Its exact copy of the secret finds only what it sent itself: those 30 (it found 60).
+    assert s2_run(placement, secret + [7], "u2") == len(S2_A)
+    assert all(src != 0 for src, _ in cache.copies), "u1's stream was copied for u2"
+    # Each key still finds its own prompts whole.
+    assert s2_run(placement, secret + [8], "u1") == len(secret)
+    assert s2_run(placement, secret + [7, 1], "u2") == len(secret) + 1
+
+
+def test_placement_a_slot_taken_by_another_scope_becomes_its() -> None:
+    placement, _ = s2_placement(2)
+    assert s2_run(placement, S2_A, "u1") == 0
+    assert s2_run(placement, S2_B, "u2") == 0
+    # No slot is free of a conversation: u2's next prompt overwrites u1's, the least recently used,
+    # copying in its own 10-token prefix. Both slots then hold u2's tokens, and are u2's.
+    assert s2_run(placement, S2_B[:10] + S2_A, "u2") == 10
+    assert [s.scope for s in placement.slots] == ["u2", "u2"]
+    # Which u1 cannot reuse, though slot 0 now holds u1's A right after u2's 10 tokens.
+    assert s2_run(placement, S2_B[:10] + S2_A + [1], "u1") == 0
+
+
+def test_placement_a_saved_conversation_keeps_its_scope() -> None:
+    placement, cache = s2_placement(4)
+    slots = placement.slots
+    # Slot 0: u1's conversation, the oldest; slot 1: u2's running request; slot 2: a newer idle one of
+    # u3's; slot 3 empty. A new request must sit next to the running one (0 or 2) and takes the least
+    # recently used, slot 0, whose conversation is first saved to the empty slot 3.
+    for slot, tokens, scope, used, busy in [(0, S2_A + S2_B, "u1", 1.0, False), (1, [5] * 20, "u2", 2.0, True),
+                                            (2, [6] * 20, "u3", 3.0, False)]:  # fmt: skip
+        slots[slot].tokens, slots[slot].scope, slots[slot].last_used, slots[slot].busy = list(tokens), scope, used, busy
+        cache.cells[slot] = list(tokens)
+    slot, keep = placement.assign(S2_A + [4] * 5, [s for s in slots if not s.busy], scope="u2")
+    assert (slot.seq_id, keep) == (0, 0)  # u1's A is not u2's to reuse
+    assert cache.copies == [(0, 3)] and slots[3].tokens == S2_A + S2_B
+    assert slots[3].scope == "u1" and slot.scope == "u2"
+    slot.tokens = S2_A + [4] * 5
+    placement.release(slot)
+    placement.release(slots[1])
+    # u1 finds its saved conversation (copied from slot 3); u2 does not.
+    assert s2_run(placement, S2_A + S2_B + [3], "u2") == len(S2_A)  # its own S2_A + [4]*5, not u1's
+    assert s2_run(placement, S2_A + S2_B + [3], "u1") == len(S2_A + S2_B)
+
+
+def test_placement_without_scopes_shares_as_before() -> None:
+    # The open server and direct engine use: one scope (None), every prefix reusable.
+    placement, _ = s2_placement()
+    s2_run(placement, S2_A + S2_B, None)
+    assert s2_run(placement, S2_A + [5], None) == len(S2_A)
+
+
+S2_ADMIN = "sk-admin-attacks-2-0123456789"
+S2_SECRET = "attacks-2-key-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def s2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, str, str]]:
+    """A server with accounts and two user keys, U1 and U2."""
+    env = {"R1SERVE_ADMIN_KEY": S2_ADMIN, "R1SERVE_KEY_SECRET": S2_SECRET}
+    server = LiveServer(tmp_path_factory.mktemp("attacks2"), "attacks2", env)
+    try:
+        server.wait_ready()
+        keys = []
+        for name in ("u1", "u2"):
+            resp = httpx.post(
+                f"{server.url}/v1/admin/keys",
+                json={"name": name},
+                headers={"Authorization": f"Bearer {S2_ADMIN}"},
+                timeout=30,
+            )
+            assert resp.status_code == 200, resp.text
+            keys.append(str(resp.json()["key"]))
+        yield server, keys[0], keys[1]
+    finally:
+        server.stop()
+
+
+def s2_cached(server: LiveServer, key: str, system: str, **extra: object) -> tuple[int, int]:
+    """(cached_tokens, prompt_tokens) of a one-token answer to ``system`` and a fixed question."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Who is the target?"}]
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 1, "temperature": 0, **extra},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=300,
+    )
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    return int(usage["prompt_tokens_details"]["cached_tokens"]), int(usage["prompt_tokens"])
+
+
+@pytest.mark.slow
+def test_live_a_key_learns_nothing_from_another_keys_cached_prompt(s2_server: tuple[LiveServer, str, str]) -> None:
+    server, u1, u2 = s2_server
+    secret = "You are a sales assistant. The target is Zephyr Robotics, price 41 dollars. Never reveal it."
+    assert s2_cached(server, u1, secret)[0] < 10  # nothing of it cached yet
+
+    def guess(company: str, price: int) -> str:
+        return f"You are a sales assistant. The target is {company}, price {price} dollars. Never reveal it."
+
+    # U2's probes, in an order that gives each the same own history to match: a wrong guess first
+    # (caches "...The target is " for U2), then the right one, then another wrong one.
+    wrong_first = s2_cached(server, u2, guess("Acme Corp", 12))[0]
+    right, prompt_tokens = s2_cached(server, u2, secret)
+    wrong_after = s2_cached(server, u2, guess("Bolt Inc", 41))[0]
+    # The right guess finds exactly what an unseen guess finds: U2's own shared start, not U1's prompt.
+    assert right == wrong_after
+    assert right < prompt_tokens - 10
+    assert wrong_first <= right
+    # The same key's repeat still hits, all but the last prompt token (which is decoded for its logits).
+    again, prompt_tokens = s2_cached(server, u1, secret)
+    assert again == prompt_tokens - 1
+    # U2's own repeat of what it sent hits too.
+    repeat, prompt_tokens = s2_cached(server, u2, guess("Bolt Inc", 41))
+    assert repeat == prompt_tokens - 1
+
+
+@pytest.mark.slow
+def test_live_cache_salt_partitions_a_keys_cache(s2_server: tuple[LiveServer, str, str]) -> None:
+    server, u1, _ = s2_server
+    system = "You are a legal assistant for case 5521-B; the witness is Harriet Vance of Leeds."
+    assert s2_cached(server, u1, system, cache_salt="salt-one")[0] < 10
+    other, prompt_tokens = s2_cached(server, u1, system, cache_salt="salt-two")
+    assert other < 10  # another salt of the same key: nothing reused
+    assert s2_cached(server, u1, system)[0] < 10  # nor without a salt
+    assert s2_cached(server, u1, system, cache_salt="salt-one")[0] == prompt_tokens - 1
+    # An empty salt is a mistake, not "no salt".
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "cache_salt": ""},
+        headers={"Authorization": f"Bearer {u1}"},
+        timeout=60,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "cache_salt"
+
 
 ADMIN = "sk-admin-attacks-0123456789"
 HELLO = [{"role": "user", "content": "hi"}]

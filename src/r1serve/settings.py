@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
+    # Bounds on what one request may make the server render and tokenize, checked before the work (a
+    # request past them is a 400 naming "messages" or "prompt"), so a body that the body limit lets in
+    # cannot keep the server busy for long. 2,048 messages is OpenAI's own limit. 2 MiB of rendered
+    # prompt is about 500,000 tokens of English, four times the largest context in the catalog.
+    max_messages: int = Field(default=2048, ge=1)
+    max_prompt_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
     # Static bearer keys; empty means the API is open (see accounts for managed keys).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Host names the server answers to (api/guard.py). Empty: loopback names when listening on loopback

@@ -130,6 +130,39 @@ def reasoning_budget(req: ChatCompletionRequest, settings: Settings) -> int | No
     }[req.reasoning_effort]
 
 
+def check_messages(req: ChatCompletionRequest, settings: Settings) -> None:
+    """Refuse more messages than ``settings.max_messages`` before any work is done for them (resolving
+    the model, rendering, counting), worded as OpenAI words it. Called by the chat handler right after
+    parsing."""
+    if len(req.messages) > settings.max_messages:
+        raise _too_many_messages(len(req.messages), settings)
+
+
+def precheck_messages(raw: bytes, settings: Settings) -> None:
+    """:func:`check_messages` before parsing, for bodies that may hold too many messages: validating the
+    issue's 110,000 messages into models took 0.74 s of the event loop, decoding them with orjson 0.06 s.
+    Every message has a ``"role"`` key, so a body with fewer of those than the limit is left alone (and one
+    that spells the key with escapes is still refused after parsing)."""
+    if raw.count(b'"role"') <= settings.max_messages:
+        return
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return  # parse_raw words the error
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list) and len(messages) > settings.max_messages:
+        raise _too_many_messages(len(messages), settings)
+
+
+def _too_many_messages(n: int, settings: Settings) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid 'messages': array too long. Expected an array with maximum length "
+        f"{settings.max_messages}, but got an array with length {n} instead.",
+        param="messages",
+        code="array_above_max_length",
+    )
+
+
 def chat_generation_request(
     req: ChatCompletionRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> GenerationRequest:
@@ -149,6 +182,7 @@ def chat_generation_request(
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -198,5 +232,6 @@ def completion_generation_request(
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 

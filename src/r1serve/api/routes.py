@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from r1serve.api.auth import authenticate, optional_caller
-from r1serve.api.requests import parse_raw
+from r1serve.api.requests import check_messages, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.errors import ModelNotFound
 from r1serve.protocol import (
@@ -68,9 +68,12 @@ api = APIRouter(dependencies=[Depends(authenticate)], responses=ERRORS)
 )
 async def chat_completions(request: Request) -> Response:
     """Served by the hot paths (api/hotpaths.py), which authenticate first."""
-    body = parse_raw(await request.body(), ChatCompletionRequest)
+    raw, settings = await request.body(), settings_of(request)
+    precheck_messages(raw, settings)
+    body = parse_raw(raw, ChatCompletionRequest)
+    check_messages(body, settings)
     served = registry_of(request).resolve(body.model)
-    return await serve_chat(request, body, served, settings_of(request), model_name=body.model or served.entry.id)
+    return await serve_chat(request, body, served, settings, model_name=body.model or served.entry.id)
 
 
 @api.post(

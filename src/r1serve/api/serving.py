@@ -32,10 +32,18 @@ def new_id(prefix: str) -> str:
     return prefix + os.urandom(16).hex()  # uuid4().hex's 32 hex digits, without building a UUID
 
 
+def cache_scope(request: Request) -> str | None:
+    """The caller's key (its ledger id): requests reuse the prompts cached for their own key only. None on
+    an open server, whose callers are one tenant."""
+    caller = getattr(request.state, "caller", None)
+    return None if caller is None else caller.key_id
+
+
 async def serve_chat(
     request: Request, req: ChatCompletionRequest, served: ServedModel, settings: Settings, *, model_name: str
 ) -> Response:
     gen = chat_generation_request(req, served, settings, request.state.request_id)
+    gen.cache_scope = cache_scope(request)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
 
     def encoder(prices: Prices) -> Encoder:
@@ -63,6 +71,7 @@ async def serve_completion(
     request: Request, req: CompletionRequest, served: ServedModel, settings: Settings, *, model_name: str
 ) -> Response:
     gen = completion_generation_request(req, served, settings, request.state.request_id)
+    gen.cache_scope = cache_scope(request)
     completion_id, created = new_id("cmpl-"), int(time.time())
     echo = gen.prompt if req.echo else None
     want_logprobs = req.logprobs is not None

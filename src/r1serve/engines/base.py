@@ -59,6 +59,13 @@ class GenerationRequest:
     # Whether the client reads a stream; False (a whole JSON answer) lets an upstream engine ask for one too.
     # The engine interface streams deltas either way.
     stream: bool = True
+    # Whose cached prompts this request may reuse: an engine with a prefix cache (the embedded one) reuses
+    # a cached prefix only for a request of the same scope and salt, so a caller cannot learn from
+    # usage.prompt_tokens_details.cached_tokens (or from timing) what another caller's prompts hold. The
+    # API sets the scope from the caller's key; None, the open server's and direct callers', is one scope.
+    cache_scope: str | None = None
+    # The request's own partition within its scope (vLLM's cache_salt; upstreams are sent it).
+    cache_salt: str | None = None
     # Engine-private: what an engine worked out about this request ahead of ``generate`` (the embedded
     # engine's rendered and tokenized prompt, from ``count_prompt_tokens``), so it is not worked out
     # twice. Callers leave it alone; an engine checks that what it finds there is its own and still fits.

@@ -22,34 +22,36 @@ log = logging.getLogger("r1serve.gateway")
 
 
 class GGUFTokenCounter:
-    """Counts with the tokenizer inside a GGUF (llama.cpp, vocabulary only)."""
+    """Counts with the tokenizer inside a GGUF (llama.cpp, vocabulary only), through the embedded engine's
+    :class:`~r1serve.engines.vocab.Vocab`, whose special-token split is linear (llama.cpp's own is
+    quadratic in the number of special tokens a text holds)."""
 
     exact = True
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._llama: Any = None
+        self._vocab: Any = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        from llama_cpp import Llama  # only when a tokenizer is configured
+        from r1serve.engines.vocab import Vocab  # imports llama_cpp: only when a tokenizer is configured
 
         with self._lock:
-            if self._llama is None:
-                self._llama = Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+            if self._vocab is None:
+                self._vocab = Vocab.load(self.path)
 
     def count(self, text: str) -> int:
         if not text:
             return 0
-        if self._llama is None:
+        if self._vocab is None:
             self.load()
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        return len(self._vocab.tokenize(text, add_special=False))
 
     def close(self) -> None:
         with self._lock:
-            if self._llama is not None:
-                self._llama.close()
-                self._llama = None
+            if self._vocab is not None:
+                self._vocab.close()
+                self._vocab = None
 
 
 _cache: dict[Path, GGUFTokenCounter] = {}

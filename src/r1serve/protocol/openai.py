@@ -110,6 +110,9 @@ class _SamplingFields(_Request):
     stream: Annotated[bool, _null_means(False)] = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's: prefixes cached for requests with another salt (or none) are not reused, which keeps callers
+    # who share a key from learning about each other's prompts (callers of different keys never share).
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

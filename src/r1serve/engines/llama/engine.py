@@ -257,6 +257,7 @@ class LlamaEngine(Scheduler, Engine):
             self._preparing += 1
         try:
             text, opened = self.render_prompt(request)
+            self._check_size(text, request)
             tokens = self.vocab.prompt_tokens(text)
             prepared = _Prepared(self, source, text, opened, tokens)
             if request.prompt_logprobs and tokens:
@@ -266,6 +267,21 @@ class LlamaEngine(Scheduler, Engine):
             with self._prepared_cond:
                 self._preparing -= 1
                 self._prepared_cond.notify_all()
+
+    def _check_size(self, text: str, request: GenerationRequest) -> None:
+        """Refuse a prompt over ``settings.max_prompt_bytes`` before it is tokenized (rendering is cheap
+        next to tokenizing, and no bigger than the body and the template make it)."""
+        limit = self.settings.max_prompt_bytes
+        # Under the limit in characters is no proof (a character is up to 4 bytes); over it in bytes is.
+        if len(text) * 4 > limit and (size := len(text.encode("utf-8"))) > limit:
+            what = "messages" if request.messages is not None else "prompt"
+            raise InvalidRequest(
+                f"The {'rendered chat' if request.messages is not None else 'prompt'} is {size} bytes; "
+                f"the limit is {limit} bytes (R1SERVE_MAX_PROMPT_BYTES). Please reduce the length of the "
+                f"{what}.",
+                param=what,
+                code="string_above_max_length",
+            )
 
     # ----------------------------------------------------------------- the async side
 
@@ -348,6 +364,8 @@ class LlamaEngine(Scheduler, Engine):
             "model": self.entry.id,
             "running": len(self._running),
             "queued": waiting,
+            # Prompts being rendered and tokenized in worker threads, off the event loop.
+            "preparing": self._preparing,
             "slots": len(self._slots),
         }
 

@@ -39,6 +39,8 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: float = 0.0
     busy: bool = False
+    # The cache scope of the request that wrote the tokens: only a request of the same scope reuses them.
+    scope: object = None
 
 
 class Placement:
@@ -67,11 +69,18 @@ class Placement:
         self._clock = clock
         self._gap_steps = 0  # steps the running seq ids have had a gap
 
-    def assign(self, prompt: list[int], free: list[Slot], *, scoring: bool = False) -> tuple[Slot, int]:
-        """Give a new sequence a free slot and as much of its prompt from the KV cache as any slot holds.
+    def assign(
+        self, prompt: list[int], free: list[Slot], *, scoring: bool = False, scope: object = None
+    ) -> tuple[Slot, int]:
+        """Give a new sequence a free slot and as much of its prompt from the KV cache as any slot of its
+        ``scope`` holds.
 
         Returns the slot, now busy, and how many of the prompt's tokens its cells hold: those are not
-        computed again. ``scoring``: the prompt is scored and reuses nothing.
+        computed again. ``scoring``: the prompt is scored and reuses nothing. ``scope`` (compared with
+        ``==``; the engine passes the request's cache scope and salt): tokens that a sequence of another
+        scope wrote are never reused, so how much of a prompt is found cached (reported to the client as
+        cached_tokens, and visible in how fast it is answered) says nothing about other scopes' prompts.
+        Other scopes' slots are still taken, saved and overwritten as any slot, by recency alone.
 
         The slot must be next to a running one (``adjacent``). Among those allowed, one is reused in
         place when its own cache is the best match there and most of what it holds is kept; otherwise
@@ -91,7 +100,7 @@ class Placement:
             return n
 
         # A prompt being scored needs the logits of every position: no cached prefix can give them.
-        matches = {slot.seq_id: 0 if scoring else common(slot) for slot in self.slots}
+        matches = {slot.seq_id: 0 if scoring or slot.scope != scope else common(slot) for slot in self.slots}
         donor = max(self.slots, key=lambda s: (matches[s.seq_id], s.last_used))
         longest = matches[donor.seq_id]
         allowed = self.adjacent(free)
@@ -113,6 +122,7 @@ class Placement:
             keep = min(longest, usable)
         self.cut(best, keep)
         best.busy = True
+        best.scope = scope  # what it kept is its scope's (or nothing), and what it writes will be
         return best, keep
 
     def adjacent(self, free: list[Slot]) -> list[Slot]:
@@ -202,5 +212,6 @@ class Placement:
         decode, in the order asked: later copies and removals see the earlier ones done."""
         self._seq_cp(src.seq_id, dst.seq_id, -1, -1)
         dst.tokens = list(src.tokens)
+        dst.scope = src.scope
         if self._on_copy is not None:
             self._on_copy()

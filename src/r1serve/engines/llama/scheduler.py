@@ -114,7 +114,13 @@ class Scheduler:
                 seq = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            seq.slot, keep = placement.assign(seq.prompt, free, scoring=seq.prompt_scores is not None)
+            request = seq.request
+            seq.slot, keep = placement.assign(
+                seq.prompt,
+                free,
+                scoring=seq.prompt_scores is not None,
+                scope=(request.cache_scope, request.cache_salt),
+            )
             seq.n_past = keep
             seq.cached_tokens = keep
             seq.pending = seq.prompt[keep:]

@@ -30,6 +30,8 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> bytes:
     body.update({key: value for key, value in vars(request.sampling).items() if value is not None})
     if request.stop:
         body["stop"] = request.stop
+    if request.cache_salt is not None:
+        body["cache_salt"] = request.cache_salt  # vLLM's; it partitions the upstream's prefix cache too
     # The upstream enforces the thinking budget, if it can: OpenAI's reasoning_effort, or r1serve's
     # (and compatible servers') max_reasoning_tokens. Servers ignore what they do not know;
     # a strict one can be given drop_params.
