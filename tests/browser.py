@@ -54,7 +54,9 @@ def chromium_available() -> bool:
     return Path(CHROMIUM).exists()
 
 
-@pytest.fixture(scope="session")
+# Per module: Playwright's sync API keeps an event loop running while the browser is open, and async tests
+# (pytest-asyncio) cannot run beside it, so browser tests sit in modules of their own and close it after.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not chromium_available():
         pytest.skip(f"needs the playwright package and {CHROMIUM} (scripts/install-test-services.sh)")
