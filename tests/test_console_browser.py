@@ -27,7 +27,7 @@ from fake_upstream import FakeUpstream, Reply
 # split into 5-character chunks so that every tag arrives in pieces.
 
 HOSTILE = (
-    '<img src=x onerror=alert(1)> <script>alert(2)</script> ![pixel](https://evil.example/p.png) '
+    "<img src=x onerror=alert(1)> <script>alert(2)</script> ![pixel](https://evil.example/p.png) "
     '<img src="https://evil.example/i.png"> <a href="javascript:alert(3)">link</a> '
     '<svg onload=alert(4)></svg> <iframe src="https://evil.example/"></iframe> '
     '<link rel=stylesheet href="https://evil.example/s.css"> <style>body{display:none}</style>'

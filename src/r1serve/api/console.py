@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -88,9 +89,15 @@ class Console:
         return Response(asset.body, media_type=asset.media_type, headers=headers)
 
 
+@cache
+def shipped() -> Console:
+    """The package's own files, read once per process however many apps are built."""
+    return Console()
+
+
 def console_router(console: Console | None = None) -> APIRouter:
     """The console's routes; the app includes them (FastAPI's own CDN-loading /docs and /redoc are off)."""
-    files = console or Console()
+    files = console or shipped()
     router = APIRouter(include_in_schema=False)
 
     async def playground() -> Response:
