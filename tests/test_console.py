@@ -44,6 +44,7 @@ async def test_pages_are_uncached_with_strict_headers_and_link_hashed_assets(cli
     assert re.search(r"<script(?![^>]*\bsrc=)", page.text) is None
     assert "<style" not in page.text and " style=" not in page.text
     assert "http://" not in page.text and "https://" not in page.text and "{{" not in page.text
+    assert (await client.head(path)).status_code == 200
     links = _linked(page.text)
     assert links
     for url in links:

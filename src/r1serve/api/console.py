@@ -8,6 +8,10 @@ the HTML pages, which name them, are never cached, so an upgrade is picked up on
 Every response here carries a strict Content-Security-Policy: scripts, styles and fetches from this origin
 only, no inline script or style, images from here or ``data:``. The pages render model output, which is
 untrusted; the policy is the second line behind rendering it as text.
+
+There is no ReDoc page: its bundle (2.5 and 3.0, tried) loads its logo from its CDN, runs search in a
+``blob:`` worker, injects ``<style>`` elements (3.0 ignores the nonce option) and 3.0 needs ``eval``; it
+cannot run under this policy offline.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def console_router(console: Console | None = None) -> APIRouter:
     async def asset(name: str) -> Response:
         return files.asset(name)
 
-    router.add_api_route("/", playground, methods=["GET"])
-    router.add_api_route("/docs", docs, methods=["GET"])
-    router.add_api_route("/assets/{name}", asset, methods=["GET"])
+    router.add_api_route("/", playground, methods=["GET", "HEAD"])
+    router.add_api_route("/docs", docs, methods=["GET", "HEAD"])
+    router.add_api_route("/assets/{name}", asset, methods=["GET", "HEAD"])
     return router
