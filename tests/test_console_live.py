@@ -7,6 +7,9 @@ assert none was tried); any CSP violation, console error, page error or dialog f
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,7 +159,7 @@ def test_stop_ends_the_stream_and_frees_its_sequence(
 
 
 def test_keyed_server_takes_a_key_kept_in_memory_only(
-    browser: object, auth_server_url: str, api_keys: tuple[str, ...]
+    browser: object, auth_server_url: str, api_keys: tuple[str, ...], screenshots: Path
 ) -> None:
     tab = open_tab(browser, auth_server_url)
     page = tab.page
@@ -168,10 +171,21 @@ def test_keyed_server_takes_a_key_kept_in_memory_only(
     page.press("#api-key", "Tab")  # type: ignore[attr-defined]
     _settle(page)
     page.fill("#max_tokens", "8")  # type: ignore[attr-defined]
-    message = _ask(page, "Hello")
+    message = _ask(page, "Hello, it's me")
     page.locator('li.msg.assistant[data-state="done"]').wait_for(timeout=_WAIT_MS)  # type: ignore[attr-defined]
     assert message.locator(".error").count() == 0  # type: ignore[attr-defined]
     assert int(_stat(message, "prompt_tokens")) > 0
+    # "Copy as curl / Python" reproduce the request with $R1SERVE_API_KEY for the key: run them.
+    for kind, argv in (("curl", ["bash", "-c"]), ("python", [sys.executable, "-c"])):
+        message.locator(f'button[data-copy="{kind}"]').click()  # type: ignore[attr-defined]
+        snippet = message.locator(f'pre.snippet[data-kind="{kind}"]').text_content()  # type: ignore[attr-defined]
+        assert "$R1SERVE_API_KEY" in snippet if kind == "curl" else 'os.environ["R1SERVE_API_KEY"]' in snippet
+        assert api_keys[0] not in snippet
+        env = {**os.environ, "R1SERVE_API_KEY": api_keys[0]}
+        ran = subprocess.run([*argv, snippet], capture_output=True, text=True, timeout=300, env=env)
+        assert ran.returncode == 0, ran.stderr
+        assert "data: [DONE]" in ran.stdout and "chat.completion.chunk" in ran.stdout, ran.stdout[-500:]
+    page.screenshot(path=str(screenshots / "playground-keyed-copy-as-python.png"), full_page=True)  # type: ignore[attr-defined]
     # Nowhere a script (or the next page) could read it back: no cookie, no storage.
     assert page.context.cookies() == []  # type: ignore[attr-defined]
     assert page.evaluate("localStorage.length + sessionStorage.length") == 0  # type: ignore[attr-defined]

@@ -180,6 +180,44 @@
     if (note) view.stats.append(el("div", "note", note));
   }
 
+  // "Copy as curl / Python": the exact request, with $R1SERVE_API_KEY where the key was. The JSON has its
+  // single quotes escaped (\u0027, the same JSON), so it sits in shell and Python quotes unchanged.
+  function snippets(body, keyed) {
+    const json = JSON.stringify(body, null, 2).replaceAll("'", "\\u0027");
+    const url = location.origin + "/v1/chat/completions";
+    const curl = ["curl -N " + url, "  -H 'Content-Type: application/json'"];
+    if (keyed) curl.push('  -H "Authorization: Bearer $R1SERVE_API_KEY"');
+    curl.push("  -d '" + json + "'");
+    const python = [
+      "import json", "import os", "", "import httpx", "",
+      "body = json.loads(r'''" + json + "''')",
+      keyed ? 'headers = {"Authorization": "Bearer " + os.environ["R1SERVE_API_KEY"]}' : "headers = {}",
+      'with httpx.stream("POST", "' + url + '", json=body, headers=headers, timeout=None) as r:',
+      "    for line in r.iter_lines():", "        print(line)",
+    ];
+    return { curl: curl.join(" \\\n"), python: python.join("\n") };
+  }
+
+  function addCopyButtons(view) {
+    const code = snippets(view.body, view.keyed);
+    const bar = el("div", "copy");
+    const shown = el("pre", "snippet");
+    shown.hidden = true;
+    for (const [kind, label] of [["curl", "Copy as curl"], ["python", "Copy as Python"]]) {
+      const button = el("button", "", label);
+      button.type = "button";
+      button.dataset.copy = kind;
+      button.addEventListener("click", () => {
+        shown.textContent = code[kind];
+        shown.dataset.kind = kind;
+        shown.hidden = false;
+        if (navigator.clipboard) navigator.clipboard.writeText(code[kind]).catch(() => {}); // shown anyway
+      });
+      bar.append(button);
+    }
+    view.item.append(bar, shown);
+  }
+
   function onChunk(view, chunk) {
     if (chunk.usage) view.usage = chunk.usage;
     for (const choice of chunk.choices || []) {
@@ -242,12 +280,14 @@
     messages.push(...history, { role: "user", content: text });
     addUserMessage(text);
     const view = assistantView();
+    view.body = requestBody(messages);
+    view.keyed = !!ui.apiKey.value.trim();
     const controller = new AbortController();
     setRunning(controller);
     let note = "";
     try {
       const response = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages)), signal: controller.signal,
+        method: "POST", headers: headers(), body: JSON.stringify(view.body), signal: controller.signal,
       });
       view.requestId = response.headers.get("x-request-id") || "";
       if (!response.ok) throw new Error(await errorText(response));
@@ -268,6 +308,7 @@
         view.summary.textContent = thoughtSummary(view);
       }
       showStats(view, note);
+      addCopyButtons(view);
       view.item.dataset.state = "done";
       setRunning(null);
     }
