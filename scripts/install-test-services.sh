@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Services the tests start themselves: PostgreSQL (Debian's postgresql package) for the accounts tests.
+# Services the tests start themselves: PostgreSQL (Debian's postgresql package) for the accounts tests,
+# Chromium (Debian's chromium) for the console tests.
 # Idempotent and quick when already installed.
 set -euo pipefail
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
@@ -16,3 +17,13 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     fi
 fi
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || { echo "postgresql did not install" >&2; exit 1; }
+
+# Chromium (Debian's package) for the console's browser tests; Playwright drives it, downloading nothing.
+if ! command -v chromium >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+fi
+command -v chromium >/dev/null || { echo "chromium did not install" >&2; exit 1; }

@@ -26,6 +26,7 @@ import r1serve
 from r1serve.accounts import Accounts
 from r1serve.api.accounts_routes import accounts_api, open_accounts, use_accounts
 from r1serve.api.auth import StaticKeys
+from r1serve.api.console import console_router
 from r1serve.api.errors import install_error_handlers
 from r1serve.api.guard import BrowserGuard
 from r1serve.api.hotpaths import HotPaths, hot_routes
@@ -111,6 +112,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
         version=r1serve.__version__,
         description="OpenAI-compatible API for DeepSeek-R1 family reasoning models.",
         lifespan=lifespan,
+        docs_url=None,  # the console serves /docs from the package's own files (api/console.py)
+        redoc_url=None,
     )
     app.state.settings = settings
     if registry is not None:
@@ -125,6 +128,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.hot_routers = (api, plumber)
     app.include_router(accounts_api)
     app.include_router(ops)
+    app.include_router(console_router())
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     install_error_handlers(app)
