@@ -1,15 +1,25 @@
-"""The usage ledger: one row per request, written off the request path by a batched writer.
+"""The usage ledger: one row per request, made durable by a group-committing writer thread.
 
-:meth:`LedgerWriter.submit` only appends to an in-memory queue. A background thread writes what has
-accumulated every ``flush_interval`` seconds (or sooner once ``batch_size`` rows wait) in one
-transaction: the ledger rows (``INSERT … ON CONFLICT (response_id) DO NOTHING``, so a retried batch
-never doubles a row), the daily roll-ups for the rows actually inserted, and the limiter's
-settlements for those same rows. A failed flush keeps its batch and retries with back-off;
-:meth:`close` flushes everything left (graceful shutdown).
+:meth:`LedgerWriter.submit` appends a row to an in-memory queue and, called on an event loop, returns
+a future that resolves once the row is committed: the API awaits it before the end of the response
+(the final SSE events, or the whole JSON body) goes to the client, so a response a client has
+received is in the ledger even if the process is killed right after (``kill -9``).
+
+One thread writes (group commit, as databases commit their own logs): it takes every row queued
+while it was idle or busy with the previous commit and writes them in one transaction, so a busy
+server pays one commit for many rows and an idle one pays one commit per row, with no waiting for
+a batch to fill. A transaction holds the ledger rows (``INSERT … ON CONFLICT (response_id) DO
+NOTHING``, so a retried batch never doubles a row), the daily roll-ups for the rows actually
+inserted, and the limiter's settlements for those same rows. A failed write keeps its rows queued
+and retries with back-off (from ``retry_interval``); the requests waiting on it are released at
+once (their futures fail) so a database outage does not hold answers hostage, and their rows are
+written when the database is back. :meth:`sync` waits until everything submitted so far is
+committed (``/v1/usage`` reads after it); :meth:`close` writes everything left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import threading
@@ -19,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from r1serve.engines.base import EngineUsage
 
@@ -27,6 +37,10 @@ from .limiter import Admission, Limiter, _insert
 from .models import UsageDaily, UsageRow, nanos_to_usd, table
 
 log = logging.getLogger("r1serve.accounts")
+
+
+class LedgerUnavailable(RuntimeError):
+    """A row could not be committed yet (it stays queued and is retried)."""
 
 
 @dataclass
@@ -68,67 +82,122 @@ class UsageRecord:
         }
 
 
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    record: UsageRecord
+    future: asyncio.Future[None] | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+def _wake_waiters(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    """Runs on the futures' loop: wake the requests waiting for their rows."""
+    for f in futures:
+        if not f.done():  # a waiter that was cancelled (its client left) cancelled its future
+            if error is None:
+                f.set_result(None)
+            else:
+                f.set_exception(error)
+                f.exception()  # retrieved: nobody may be waiting any more, and that is no error
+
+
 class LedgerWriter:
     def __init__(
         self,
         engine: Engine,
         limiter: Limiter,
         *,
-        flush_interval: float = 0.5,
-        batch_size: int = 500,
+        retry_interval: float = 0.5,
+        batch_size: int = 1000,
         max_pending: int = 1_000_000,
     ) -> None:
         self._engine = engine
         self._limiter = limiter
+        ledger = table(UsageRow)
+        # One statement for the whole batch (SQLAlchemy sends it as multi-row VALUES); RETURNING names
+        # the rows actually inserted, so a repeated id adds nothing to the roll-ups or settlements.
+        self._insert_rows = (
+            _insert(engine.dialect.name)(ledger)
+            .on_conflict_do_nothing(index_elements=[ledger.c.response_id])
+            .returning(ledger.c.response_id)
+        )
         self._insert = _insert(engine.dialect.name)
-        self._interval = flush_interval
+        self._retry = retry_interval
         self._batch_size = batch_size
         self._max_pending = max_pending
-        self._queue: deque[UsageRecord] = deque()
+        self._queue: deque[_Pending] = deque()
+        self._lock = threading.Lock()  # the queue and the sequence numbers
+        self._seq = 0  # of the last row submitted
+        self._durable = threading.Condition()
+        self._durable_seq = 0  # every row up to this one is committed (rows commit in order)
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._flush_lock = threading.Lock()
+        self._stopping = False
+        self._flush_lock = threading.Lock()  # one writer at a time (the thread, or a flush/close call)
+        self._conn: Connection | None = None  # the writer's own connection, kept between commits
         self._thread: threading.Thread | None = None
         self.written = 0
+        self.commits = 0
         self.failures = 0
 
     # ------------------------------------------------------------------ producer side (request path)
 
-    def submit(self, record: UsageRecord) -> None:
-        if len(self._queue) >= self._max_pending:
-            dropped = self._queue.popleft()
-            log.error("usage ledger backlog full: dropped the row of %s", dropped.response_id)
-        self._queue.append(record)
-        if len(self._queue) >= self._batch_size:
-            self._wake.set()
+    def submit(self, record: UsageRecord) -> asyncio.Future[None] | None:
+        """Queue ``record``; on an event loop, return a future resolved once it is committed (or failed
+        with :class:`LedgerUnavailable` when the database refused it: it stays queued)."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        future = loop.create_future() if loop is not None else None
+        with self._lock:
+            if len(self._queue) >= self._max_pending:
+                dropped = self._queue.popleft()
+                log.error("usage ledger backlog full: dropped the row of %s", dropped.record.response_id)
+                self._release([dropped], LedgerUnavailable("the usage ledger backlog is full"))
+            self._seq += 1
+            self._queue.append(_Pending(self._seq, record, future, loop))
+        self._wake.set()
+        return future
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Wait until every row submitted before this call is committed. False on timeout."""
+        with self._lock:
+            target = self._seq
+        with self._durable:
+            return self._durable.wait_for(lambda: self._durable_seq >= target, timeout)
+
     # ------------------------------------------------------------------ writer thread
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="r1serve-ledger", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        backoff = self._interval
-        while not self._stop.is_set():
-            self._wake.wait(backoff)
+        backoff = self._retry
+        while True:
+            self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return  # close() writes what is left
             try:
                 self.flush()
-                backoff = self._interval
+                backoff = self._retry
             except Exception:
                 self.failures += 1
                 log.exception("writing the usage ledger failed; %d rows kept for retry", self.pending)
+                time.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
+                self._wake.set()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread and write everything still queued."""
-        self._stop.set()
+        self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -140,29 +209,69 @@ class LedgerWriter:
             except Exception:
                 if time.monotonic() > deadline:
                     log.exception("usage ledger: %d rows could not be written at shutdown", self.pending)
-                    return
+                    break
                 time.sleep(0.5)
+        self._close_connection()
 
     def flush(self) -> int:
         """Write everything queued now (blocking). Returns the number of new ledger rows."""
         total = 0
         with self._flush_lock:
-            while self._queue:
-                batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-                total += self._write(batch)
-                for _ in batch:  # only after the commit: a failed batch stays queued
-                    self._queue.popleft()
-        return total
+            while True:
+                with self._lock:
+                    batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+                if not batch:
+                    return total
+                try:
+                    total += self._write([p.record for p in batch])
+                except Exception as exc:
+                    self._close_connection()  # the next attempt starts on a fresh one
+                    self._release(batch, LedgerUnavailable(f"the usage ledger could not be written: {exc}"))
+                    raise
+                last = batch[-1].seq
+                with self._lock:  # only after the commit: a failed batch stays queued
+                    while self._queue and self._queue[0].seq <= last:
+                        self._queue.popleft()
+                self.commits += 1
+                with self._durable:
+                    self._durable_seq = last
+                    self._durable.notify_all()
+                self._release(batch, None)
+
+    @staticmethod
+    def _release(batch: Sequence[_Pending], error: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for p in batch:
+            if p.future is not None and p.loop is not None:
+                by_loop.setdefault(p.loop, []).append(p.future)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_waiters, futures, error)  # one wake-up of the loop per batch
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits any more
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing the ledger connection failed", exc_info=True)
 
     def _write(self, batch: Sequence[UsageRecord]) -> int:
-        ledger, daily = table(UsageRow), table(UsageDaily)
-        with self._engine.begin() as conn:
-            stmt = self._insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.response_id])
+        daily = table(UsageDaily)
+        conn = self._connection()
+        with conn.begin():
+            inserted = {r[0] for r in conn.execute(self._insert_rows, [rec.row() for rec in batch])}
             new: list[UsageRecord] = []
-            # One statement per row keeps RETURNING portable (SQLite cannot RETURN from executemany).
-            # Only rows actually inserted count in the roll-ups and settle: a repeated id is a no-op.
-            for rec in batch:
-                if conn.execute(stmt.values(**rec.row()).returning(ledger.c.response_id)).first() is not None:
+            for rec in batch:  # the first of repeated ids in one batch is the one inserted
+                if rec.response_id in inserted:
+                    inserted.discard(rec.response_id)
                     new.append(rec)
             roll: dict[tuple[dt.date, str, str], list[int]] = {}
             for r in new:

@@ -7,13 +7,17 @@ Thin on purpose: every decision (key checks, limits, prices, the ledger) is in r
 * :class:`Meter` wraps an engine's delta stream: :meth:`Meter.admit` reserves the worst case before
   generation (429 when a limit says no); the wrapper watches the deltas and, however the stream
   ends (finished, failed, or closed early because the client hung up), settles once and queues
-  the ledger row. A cut stream is billed for the prompt and the text handed to the client: the
-  prompt tokens and the received text are counted with the model's own tokenizer when the engine
-  has one (the embedded engine), else estimated.
+  the ledger row. A stream that finishes or fails holds its last delta (or its error) until the
+  row is committed, so the end of the response (the finish and ``[DONE]`` events, the whole JSON
+  body, the error) reaches the client only once its usage is durable. A cut stream is billed once,
+  for the prompt and the text handed to the client: the prompt tokens and the received text are
+  counted with the model's own tokenizer when the engine has one (the embedded engine), else
+  estimated; its row is committed in the next group commit (nobody is left to wait for it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -165,6 +169,7 @@ class Meter:
                 if delta.finish_reason is not None:
                     self._usage = delta.usage or EngineUsage()
                     status = "ok"
+                    await self.settle(status)  # durable before the client can read the end
                 yield delta
                 if status == "ok":
                     return
@@ -174,18 +179,38 @@ class Meter:
             if status != "ok":
                 status = "cancelled"
             raise
+        except asyncio.CancelledError:
+            status = "cancelled"  # the client hung up (api/disconnect.py) or the server is stopping
+            raise
         except BaseException:
             status = "cancelled" if self._received else "error"
+            await stream.aclose()
+            await self.settle(status)  # the error the client gets comes after its row is durable
             raise
         finally:
             await stream.aclose()
             if status == "error" and self._received:
                 status = "cancelled"
-            self.finish(status)
+            self.finish(status)  # no-op when settled above; else nobody waits for the commit
 
-    def finish(self, status: str) -> None:
-        if self._done or not self.active:
+    async def settle(self, status: str) -> None:
+        """Settle and wait until the ledger row is committed. A database that refuses the write does
+        not hold the answer back: the row stays queued for retry, and the failure is logged."""
+        committed = self.finish(status)
+        if committed is None:
             return
+        try:
+            await committed
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("usage of %s not committed before its response ended: %s", self.response_id, exc)
+
+    def finish(self, status: str) -> asyncio.Future[None] | None:
+        """Settle once (later calls are no-ops) and queue the ledger row; returns what resolves when
+        the row is committed."""
+        if self._done or not self.active:
+            return None
         self._done = True
         assert self.accounts is not None and self.principal is not None
         usage = self._usage
@@ -198,7 +223,7 @@ class Meter:
                 estimated=True,
             )
         try:
-            self.accounts.finish(
+            return self.accounts.finish(
                 self.admission,
                 response_id=self.response_id,
                 request_id=self.request_id,
@@ -211,6 +236,7 @@ class Meter:
                 status=status,
                 latency_ms=(time.monotonic() - self._started) * 1000,
                 ttft_ms=None if self._ttft is None else self._ttft * 1000,
-            )
+            ).committed
         except Exception:
             log.exception("recording usage failed")
+            return None
