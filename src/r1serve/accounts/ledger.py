@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +33,14 @@ from sqlalchemy import Connection, Engine, func, select
 
 from r1serve.engines.base import EngineUsage
 
-from .limiter import Admission, Limiter, _insert
+from .limiter import Admission, Limiter
 from .models import UsageDaily, UsageRow, nanos_to_usd, table
 
 log = logging.getLogger("r1serve.accounts")
+
+
+# How long the writer waits for more rows before a commit while requests finish together (seconds).
+COMMIT_DELAY = 0.003
 
 
 class LedgerUnavailable(RuntimeError):
@@ -113,15 +117,7 @@ class LedgerWriter:
     ) -> None:
         self._engine = engine
         self._limiter = limiter
-        ledger = table(UsageRow)
-        # One statement for the whole batch (SQLAlchemy sends it as multi-row VALUES); RETURNING names
-        # the rows actually inserted, so a repeated id adds nothing to the roll-ups or settlements.
-        self._insert_rows = (
-            _insert(engine.dialect.name)(ledger)
-            .on_conflict_do_nothing(index_elements=[ledger.c.response_id])
-            .returning(ledger.c.response_id)
-        )
-        self._insert = _insert(engine.dialect.name)
+        self._sql = _LedgerSql(engine.dialect.name, engine.dialect.paramstyle)
         self._retry = retry_interval
         self._batch_size = batch_size
         self._max_pending = max_pending
@@ -133,8 +129,17 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._stopping = False
         self._flush_lock = threading.Lock()  # one writer at a time (the thread, or a flush/close call)
-        self._conn: Connection | None = None  # the writer's own connection, kept between commits
+        self._conn: Connection | None = None  # the writer thread's own connection, kept between commits
+        # SQLite commits on the event loop itself (see _commit_inline): its own connection, set up so it
+        # never waits on the database's lock or its checkpoints.
+        self._inline = engine.dialect.name == "sqlite"
+        # Straight on the sqlite3 connection when the limiter settles nothing in the transaction.
+        self._raw_sqlite = self._inline and type(limiter).settle_in is Limiter.settle_in
+        self._inline_conn: Connection | None = None
+        self._scheduled = False  # an inline commit is scheduled on the loop
         self._thread: threading.Thread | None = None
+        # Metered requests still generating (the API counts them): their rows are about to come.
+        self.in_flight = 0
         self.written = 0
         self.commits = 0
         self.failures = 0
@@ -156,7 +161,17 @@ class LedgerWriter:
                 self._release([dropped], LedgerUnavailable("the usage ledger backlog is full"))
             self._seq += 1
             self._queue.append(_Pending(self._seq, record, future, loop))
-        self._wake.set()
+        if self._inline and loop is not None and self._thread is not None:
+            if not self._scheduled:
+                self._scheduled = True
+                if self.in_flight > 0:
+                    # Other requests are about to finish: gather their rows into the same commit
+                    # (PostgreSQL's commit_delay, applied when commit_siblings are active).
+                    loop.call_later(COMMIT_DELAY, self._commit_inline)
+                else:
+                    loop.call_soon(self._commit_inline)  # a lone request is committed at once
+        else:
+            self._wake.set()
         return future
 
     @property
@@ -185,6 +200,8 @@ class LedgerWriter:
             self._wake.clear()
             if self._stopping:
                 return  # close() writes what is left
+            if self.in_flight > 0:
+                time.sleep(COMMIT_DELAY)  # as in submit: gather the rows of requests about to finish
             try:
                 self.flush()
                 backoff = self._retry
@@ -212,31 +229,80 @@ class LedgerWriter:
                     break
                 time.sleep(0.5)
         self._close_connection()
+        self._close_inline()
+
+    def _commit_inline(self) -> None:
+        """SQLite: commit what is queued right here on the event loop. A commit in WAL mode without
+        fsync (see db.py) takes tens of microseconds, less than handing the batch to the writer thread
+        and back (two wake-ups and a GIL hand-over each way). Should the database be locked (another
+        process writing), the writer thread takes over, with the full busy timeout."""
+        self._scheduled = False
+        if not self._flush_lock.acquire(blocking=False):
+            self._wake.set()  # the thread is writing (a retry): it takes these rows too
+            return
+        try:
+            self._flush_locked(self._inline_connection, release_failures=False)
+        except Exception as exc:
+            log.warning("usage ledger: commit on the event loop failed (%s); the writer thread retries", exc)
+            self._close_inline()
+            self._wake.set()
+        finally:
+            self._flush_lock.release()
+
+    def _inline_connection(self) -> Connection:
+        if self._inline_conn is None or self._inline_conn.closed:
+            conn = self._engine.connect()
+            # Never wait on the lock on the loop; checkpoints run in the maintenance thread (checkpoint()).
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+            conn.commit()
+            self._inline_conn = conn
+        return self._inline_conn
+
+    def _close_inline(self) -> None:
+        conn, self._inline_conn = self._inline_conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()  # its pragmas are not for the pool's other users
+                conn.close()
+            except Exception:
+                log.debug("closing the inline ledger connection failed", exc_info=True)
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database file (PASSIVE: never blocks a writer). Run by the
+        accounts' maintenance thread, since the inline commits leave it to someone off the loop."""
+        if self._inline:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def flush(self) -> int:
         """Write everything queued now (blocking). Returns the number of new ledger rows."""
-        total = 0
         with self._flush_lock:
-            while True:
-                with self._lock:
-                    batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-                if not batch:
-                    return total
-                try:
-                    total += self._write([p.record for p in batch])
-                except Exception as exc:
+            return self._flush_locked(self._connection, release_failures=True)
+
+    def _flush_locked(self, connection: Callable[[], Connection], *, release_failures: bool) -> int:
+        total = 0
+        while True:
+            with self._lock:
+                batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+            if not batch:
+                return total
+            try:
+                total += self._write([p.record for p in batch], connection())
+            except Exception as exc:
+                if release_failures:
                     self._close_connection()  # the next attempt starts on a fresh one
                     self._release(batch, LedgerUnavailable(f"the usage ledger could not be written: {exc}"))
-                    raise
-                last = batch[-1].seq
-                with self._lock:  # only after the commit: a failed batch stays queued
-                    while self._queue and self._queue[0].seq <= last:
-                        self._queue.popleft()
-                self.commits += 1
-                with self._durable:
-                    self._durable_seq = last
-                    self._durable.notify_all()
-                self._release(batch, None)
+                raise
+            last = batch[-1].seq
+            with self._lock:  # only after the commit: a failed batch stays queued
+                while self._queue and self._queue[0].seq <= last:
+                    self._queue.popleft()
+            self.commits += 1
+            with self._durable:
+                self._durable_seq = last
+                self._durable.notify_all()
+            self._release(batch, None)
 
     @staticmethod
     def _release(batch: Sequence[_Pending], error: BaseException | None) -> None:
@@ -244,7 +310,14 @@ class LedgerWriter:
         for p in batch:
             if p.future is not None and p.loop is not None:
                 by_loop.setdefault(p.loop, []).append(p.future)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop, futures in by_loop.items():
+            if loop is running:
+                _wake_waiters(futures, error)  # an inline commit: on the loop already
+                continue
             try:
                 loop.call_soon_threadsafe(_wake_waiters, futures, error)  # one wake-up of the loop per batch
             except RuntimeError:
@@ -263,36 +336,16 @@ class LedgerWriter:
             except Exception:
                 log.debug("closing the ledger connection failed", exc_info=True)
 
-    def _write(self, batch: Sequence[UsageRecord]) -> int:
-        daily = table(UsageDaily)
-        conn = self._connection()
+    def _write(self, batch: Sequence[UsageRecord], conn: Connection) -> int:
+        if self._raw_sqlite:
+            return self._write_sqlite(batch, conn)
         with conn.begin():
-            inserted = {r[0] for r in conn.execute(self._insert_rows, [rec.row() for rec in batch])}
-            new: list[UsageRecord] = []
-            for rec in batch:  # the first of repeated ids in one batch is the one inserted
-                if rec.response_id in inserted:
-                    inserted.discard(rec.response_id)
-                    new.append(rec)
-            roll: dict[tuple[dt.date, str, str], list[int]] = {}
-            for r in new:
-                k = (r.created_at.astimezone(dt.UTC).date(), r.key_id, r.model_served)
-                acc = roll.setdefault(k, [0, 0, 0, 0, 0, 0])
-                u = r.usage
-                for i, v in enumerate(
-                    (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, r.cost_nanos)
-                ):
-                    acc[i] += v
-            cols = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_nanos")
-            for (day, key_id, model), acc in sorted(roll.items()):
-                values = dict(zip(cols, acc, strict=True))
-                conn.execute(
-                    self._insert(daily)
-                    .values(day=day, key_id=key_id, model=model, **values)
-                    .on_conflict_do_update(
-                        index_elements=[daily.c.day, daily.c.key_id, daily.c.model],
-                        set_={c: daily.c[c] + v for c, v in values.items()},
-                    )
-                )
+            inserted = {r[0] for r in conn.exec_driver_sql(self._sql.insert(len(batch)), self._sql.rows(batch))}
+            new = _inserted(batch, inserted)
+            roll = self._roll_ups(new)
+            if roll:
+                # Sorted: concurrent writers (several processes on one database) lock rows in one order.
+                conn.exec_driver_sql(self._sql.roll_up, roll)
             settle = [
                 (r.admission, r.usage.prompt_tokens + r.usage.completion_tokens, r.cost_nanos)
                 for r in new
@@ -302,6 +355,113 @@ class LedgerWriter:
                 self._limiter.settle_in(conn, settle)
         self.written += len(new)
         return len(new)
+
+    def _write_sqlite(self, batch: Sequence[UsageRecord], conn: Connection) -> int:
+        """The same transaction on the sqlite3 connection itself (no settlements to add: limits are in
+        memory with SQLite): SQLAlchemy's execution and transaction bookkeeping cost more than
+        SQLite's own work here. db.py turned pysqlite's implicit transactions off, so BEGIN is ours."""
+        raw: Any = conn.connection.dbapi_connection
+        cur = raw.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = {r[0] for r in cur.execute(self._sql.insert(len(batch)), self._sql.rows(batch))}
+            new = _inserted(batch, inserted)
+            roll = self._roll_ups(new)
+            if roll:
+                cur.executemany(self._sql.roll_up, roll)
+            cur.execute("COMMIT")
+        except BaseException:
+            if raw.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+        self.written += len(new)
+        return len(new)
+
+    def _roll_ups(self, new: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
+        """The daily roll-up increments of ``new`` rows, sorted by key (the lock order of every writer)."""
+        roll: dict[tuple[dt.date, str, str], list[int]] = {}
+        for r in new:
+            k = (r.created_at.astimezone(dt.UTC).date(), r.key_id, r.model_served)
+            acc = roll.get(k)
+            if acc is None:
+                acc = roll[k] = [0, 0, 0, 0, 0, 0]
+            u = r.usage
+            acc[0] += 1
+            acc[1] += u.prompt_tokens
+            acc[2] += u.cached_tokens
+            acc[3] += u.completion_tokens
+            acc[4] += u.reasoning_tokens
+            acc[5] += r.cost_nanos
+        return [(self._sql.day(k[0]), k[1], k[2], *v) for k, v in sorted(roll.items())]
+
+
+def _inserted(batch: Sequence[UsageRecord], inserted: set[str]) -> list[UsageRecord]:
+    """The records of ``batch`` whose ids the INSERT returned; of an id repeated within the batch, the
+    first (the one inserted)."""
+    new: list[UsageRecord] = []
+    for rec in batch:
+        if rec.response_id in inserted:
+            inserted.discard(rec.response_id)
+            new.append(rec)
+    return new
+
+
+_LEDGER_COLUMNS = (
+    "response_id", "request_id", "key_id", "created_at", "model_requested", "model_served", "target",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_nanos", "price_version",
+    "latency_ms", "ttft_ms", "status",
+)  # fmt: skip
+_ROLL_UP_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_nanos")
+
+
+class _LedgerSql:
+    """The writer's statements as SQL text, run through the driver directly: SQLAlchemy's statement
+    building and parameter processing cost more CPU than the database's own work on this path (it was
+    most of the accounts' cost per request). The SQL is what both SQLite and PostgreSQL accept, and the
+    values are stored as SQLAlchemy stores them (tests/test_accounts.py reads them back through it)."""
+
+    def __init__(self, dialect: str, paramstyle: str) -> None:
+        self.sqlite = dialect == "sqlite"
+        self._mark = "?" if paramstyle == "qmark" else "%s"
+        self._one_row = "(" + ",".join([self._mark] * len(_LEDGER_COLUMNS)) + ")"
+        self._inserts: dict[int, str] = {}
+        marks = ",".join([self._mark] * (3 + len(_ROLL_UP_COLUMNS)))
+        self.roll_up = (
+            f"INSERT INTO usage_daily (day, key_id, model, {', '.join(_ROLL_UP_COLUMNS)}) VALUES ({marks}) "
+            "ON CONFLICT (day, key_id, model) DO UPDATE SET "
+            + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _ROLL_UP_COLUMNS)
+        )
+
+    def insert(self, n: int) -> str:
+        """One statement for ``n`` rows; RETURNING names the rows actually inserted, so a repeated id
+        adds nothing to the roll-ups or settlements."""
+        sql = self._inserts.get(n)
+        if sql is None:
+            sql = (
+                f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) VALUES {','.join([self._one_row] * n)} "
+                "ON CONFLICT (response_id) DO NOTHING RETURNING response_id"
+            )
+            if len(self._inserts) < 64:
+                self._inserts[n] = sql
+        return sql
+
+    def rows(self, batch: Sequence[UsageRecord]) -> tuple[Any, ...]:
+        flat: list[Any] = []
+        for r in batch:
+            u = r.usage
+            # SQLAlchemy keeps an SQLite DATETIME as this text (UTC here); PostgreSQL takes the datetime.
+            when: Any = f"{r.created_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S.%f}" if self.sqlite else r.created_at
+            flat += (
+                r.response_id, r.request_id, r.key_id, when, r.model_requested, r.model_served, r.target,
+                u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, r.cost_nanos,
+                r.price_version, r.latency_ms, r.ttft_ms, r.status,
+            )  # fmt: skip
+        return tuple(flat)
+
+    def day(self, day: dt.date) -> Any:
+        return day.isoformat() if self.sqlite else day
 
 
 # --------------------------------------------------------------------------- reading

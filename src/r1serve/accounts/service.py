@@ -142,6 +142,7 @@ class Accounts:
         while not self._stop.wait(self._refresh_interval):
             try:
                 self.refresh()
+                self.ledger.checkpoint()
                 if time.monotonic() - last_sweep > 30:
                     last_sweep = time.monotonic()
                     released = self.limiter.sweep()

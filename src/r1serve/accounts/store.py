@@ -174,6 +174,11 @@ class KeyStore:
         self._hasher = hasher
         # Static keys are kept only as HMACs in memory too, so a heap dump or a repr shows no key.
         self._static = [hasher.hash(k) for k in static_keys]
+        # Principals are frozen: one per static key serves every request.
+        self._static_principals = [
+            Principal(key_id=f"static-{i}", name=f"R1SERVE_API_KEYS[{i}]", kind="static")
+            for i in range(len(self._static))
+        ]
         self._admin_hash = hasher.hash(admin_key) if admin_key else None
         self._cache: dict[str, _Cached] = {}
         self._stamp: tuple[object, ...] | None = None
@@ -251,7 +256,7 @@ class KeyStore:
                 if hmac.compare_digest(digest, h.encode()):
                     matched = i
             if matched >= 0:
-                return Principal(key_id=f"static-{matched}", name=f"R1SERVE_API_KEYS[{matched}]", kind="static")
+                return self._static_principals[matched]
         raise _unauthorized(f"Incorrect API key provided: {redact(token)}.")
 
     # ------------------------------------------------------------------ admin (blocking: CLI or thread)

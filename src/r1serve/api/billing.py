@@ -107,6 +107,7 @@ class Meter:
         self._usage: EngineUsage | None = None
         self._prompt: int | None = None
         self._done = False
+        self._counted = False  # in the ledger's count of requests generating
         # The hot path settles through this when the client left before the
         # generation even started (the wrapper never ran, so its finally cannot).
         request.state.meter = self
@@ -158,6 +159,10 @@ class Meter:
 
     async def wrap(self, stream: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
         status = "error"
+        ledger = self.accounts.ledger if self.accounts is not None and self.active else None
+        if ledger is not None:
+            ledger.in_flight += 1  # its row will come: the ledger's group commit waits a moment for it
+            self._counted = True
         try:
             async for delta in stream:
                 if (delta.reasoning or delta.content) and self._ttft is None:
@@ -212,6 +217,9 @@ class Meter:
         if self._done or not self.active:
             return None
         self._done = True
+        assert self.accounts is not None
+        if self._counted:
+            self.accounts.ledger.in_flight -= 1
         assert self.accounts is not None and self.principal is not None
         usage = self._usage
         if usage is None:
