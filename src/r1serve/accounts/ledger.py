@@ -451,8 +451,13 @@ class _LedgerSql:
         flat: list[Any] = []
         for r in batch:
             u = r.usage
-            # SQLAlchemy keeps an SQLite DATETIME as this text (UTC here); PostgreSQL takes the datetime.
-            when: Any = f"{r.created_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S.%f}" if self.sqlite else r.created_at
+            # SQLAlchemy keeps an SQLite DATETIME as this text (UTC, no offset; isoformat is C, strftime
+            # is not); PostgreSQL takes the datetime.
+            when: Any = (
+                r.created_at.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+                if self.sqlite
+                else r.created_at
+            )
             flat += (
                 r.response_id, r.request_id, r.key_id, when, r.model_requested, r.model_served, r.target,
                 u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens, r.cost_nanos,

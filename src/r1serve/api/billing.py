@@ -30,7 +30,7 @@ from r1serve.accounts import Accounts, Principal, estimate_prompt_tokens
 from r1serve.accounts.limiter import Admission
 from r1serve.accounts.prices import PriceVersion
 from r1serve.api.auth import Caller, bearer_token
-from r1serve.engines.base import Delta, EngineUsage, GenerationRequest
+from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.models.catalog import Prices
 from r1serve.routing.registry import ServedModel
 
@@ -128,7 +128,9 @@ class Meter:
         self.price = self.accounts.price(entry.id, entry.prices, requested=self.model_name)
         # Exact where the engine can count (the embedded engine renders and tokenizes once, off the event
         # loop, and its generation reuses that); kept for billing a stream that is cut.
-        self._prompt = await self.served.engine.count_prompt_tokens(self.gen)
+        engine = self.served.engine
+        if type(engine).count_prompt_tokens is not Engine.count_prompt_tokens:  # the base counts nothing
+            self._prompt = await engine.count_prompt_tokens(self.gen)
         if not self.principal.limited:
             return
         prompt = self._prompt_tokens()
