@@ -401,6 +401,25 @@ async def test_ledger_row_reads_back_as_written(accounts: Accounts) -> None:
     }  # fmt: skip
 
 
+async def test_sqlite_checkpoint_after_inline_commits(tmp_path: Path) -> None:
+    """The inline commits leave WAL checkpoints to the maintenance thread; SQLite refuses one inside a
+    transaction, which is where SQLAlchemy would have run it."""
+    acc = Accounts.open(make_settings(tmp_path, None))
+    acc.start()
+    try:
+        p = Principal(key_id="k", name="k", kind="static")
+        for i in range(20):
+            settled = acc.finish(None, response_id=f"w-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m"))
+            assert settled.committed is not None
+            await settled.committed
+        acc.ledger.checkpoint()
+        with acc.engine.connect() as conn:
+            busy, log_frames, checkpointed = conn.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+        assert busy == 0 and checkpointed == log_frames
+    finally:
+        acc.close()
+
+
 def test_ledger_flushes_on_close(backend: tuple[str, str], db_url: str | None, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, db_url, ledger_flush_interval=3600)
     acc = Accounts.open(settings, backend=backend[1])

@@ -253,9 +253,9 @@ class LedgerWriter:
         if self._inline_conn is None or self._inline_conn.closed:
             conn = self._engine.connect()
             # Never wait on the lock on the loop; checkpoints run in the maintenance thread (checkpoint()).
-            conn.exec_driver_sql("PRAGMA busy_timeout=0")
-            conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
-            conn.commit()
+            raw: Any = conn.connection.dbapi_connection
+            raw.execute("PRAGMA busy_timeout=0")
+            raw.execute("PRAGMA wal_autocheckpoint=0")
             self._inline_conn = conn
         return self._inline_conn
 
@@ -273,7 +273,9 @@ class LedgerWriter:
         accounts' maintenance thread, since the inline commits leave it to someone off the loop."""
         if self._inline:
             with self._engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                # On the sqlite3 connection itself: through SQLAlchemy it would run inside the BEGIN
+                # IMMEDIATE db.py starts every transaction with, where SQLite refuses a checkpoint.
+                conn.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
 
     def flush(self) -> int:
         """Write everything queued now (blocking). Returns the number of new ledger rows."""
