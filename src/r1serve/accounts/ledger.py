@@ -5,12 +5,17 @@ a future that resolves once the row is committed: the API awaits it before the e
 (the final SSE events, or the whole JSON body) goes to the client, so a response a client has
 received is in the ledger even if the process is killed right after (``kill -9``).
 
-One thread writes (group commit, as databases commit their own logs): it takes every row queued
-while it was idle or busy with the previous commit and writes them in one transaction, so a busy
-server pays one commit for many rows and an idle one pays one commit per row, with no waiting for
-a batch to fill. A transaction holds the ledger rows (``INSERT … ON CONFLICT (response_id) DO
-NOTHING``, so a retried batch never doubles a row), the daily roll-ups for the rows actually
-inserted, and the limiter's settlements for those same rows. A failed write keeps its rows queued
+Rows are written by group commit, as databases commit their own logs: one writer takes every row
+queued since its last commit and writes them in one transaction, so a busy server pays one commit
+for many rows and an idle one one commit per row, with no waiting for a batch to fill; while other
+metered requests are still generating (``in_flight``), it waits ``COMMIT_DELAY`` for their rows
+first. The writer is the event loop itself for SQLite (a commit without fsync takes tens of
+microseconds, less than a hand-over to a thread and back) and a thread for PostgreSQL (network
+round trips and fsync); the thread also retries whatever failed.
+
+A transaction holds the ledger rows (``INSERT … ON CONFLICT (response_id) DO NOTHING``, so a
+retried batch never doubles a row), the daily roll-ups for the rows actually inserted, and the
+limiter's settlements for those same rows. A failed write keeps its rows queued
 and retries with back-off (from ``retry_interval``); the requests waiting on it are released at
 once (their futures fail) so a database outage does not hold answers hostage, and their rows are
 written when the database is back. :meth:`sync` waits until everything submitted so far is
