@@ -8,8 +8,9 @@ received is in the ledger even if the process is killed right after (``kill -9``
 Rows are written by group commit, as databases commit their own logs: one writer takes every row
 queued since its last commit and writes them in one transaction, so a busy server pays one commit
 for many rows and an idle one one commit per row, with no waiting for a batch to fill; while other
-metered requests are still generating (``in_flight``), it waits ``COMMIT_DELAY`` for their rows
-first. The writer is the event loop itself for SQLite (a commit without fsync takes tens of
+metered requests are still generating (``in_flight``), the writer thread waits ``COMMIT_DELAY`` for
+their rows first. The writer is the event loop itself for SQLite (its next turn: what queued meanwhile
+is the group) (a commit without fsync takes tens of
 microseconds, less than a hand-over to a thread and back) and a thread for PostgreSQL (network
 round trips and fsync); the thread also retries whatever failed.
 
@@ -168,13 +169,11 @@ class LedgerWriter:
             self._queue.append(_Pending(self._seq, record, future, loop))
         if self._inline and loop is not None and self._thread is not None:
             if not self._scheduled:
+                # On the loop's next turn, with every row queued meanwhile: under load that is many
+                # (5 to 15 a commit at c = 16 to 64), and waiting COMMIT_DELAY for more cost more in
+                # latency than it saved in commits (BENCHMARKS.md, issue 14).
                 self._scheduled = True
-                if self.in_flight > 0:
-                    # Other requests are about to finish: gather their rows into the same commit
-                    # (PostgreSQL's commit_delay, applied when commit_siblings are active).
-                    loop.call_later(COMMIT_DELAY, self._commit_inline)
-                else:
-                    loop.call_soon(self._commit_inline)  # a lone request is committed at once
+                loop.call_soon(self._commit_inline)
         else:
             self._wake.set()
         return future
