@@ -7,12 +7,12 @@ received is in the ledger even if the process is killed right after (``kill -9``
 
 Rows are written by group commit, as databases commit their own logs: one writer takes every row
 queued since its last commit and writes them in one transaction, so a busy server pays one commit
-for many rows and an idle one one commit per row, with no waiting for a batch to fill; while other
-metered requests are still generating (``in_flight``), the writer thread waits ``COMMIT_DELAY`` for
-their rows first. The writer is the event loop itself for SQLite (its next turn: what queued meanwhile
-is the group) (a commit without fsync takes tens of
-microseconds, less than a hand-over to a thread and back) and a thread for PostgreSQL (network
-round trips and fsync); the thread also retries whatever failed.
+for many rows and an idle one one commit per row, with no waiting for a batch to fill. For SQLite
+the writer is the event loop itself, on its next turn (what queued meanwhile is the group; a commit
+without fsync takes tens of microseconds, less than a hand-over to a thread and back). For
+PostgreSQL it is a thread (network round trips and fsync), which waits ``COMMIT_DELAY`` for more
+rows while other metered requests are still generating (``in_flight``); the thread also retries
+whatever failed.
 
 A transaction holds the ledger rows (``INSERT … ON CONFLICT (response_id) DO NOTHING``, so a
 retried batch never doubles a row), the daily roll-ups for the rows actually inserted, and the
@@ -45,7 +45,7 @@ from .models import UsageDaily, UsageRow, nanos_to_usd, table
 log = logging.getLogger("r1serve.accounts")
 
 
-# How long the writer waits for more rows before a commit while requests finish together (seconds).
+# How long the writer thread (PostgreSQL) waits for more rows while other requests are generating (s).
 COMMIT_DELAY = 0.003
 
 
