@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser import browser, screenshots  # noqa: F401 - the console tests' Chromium fixtures
 
 from r1serve.models.catalog import DEFAULT_MODEL_ID
 

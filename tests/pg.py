@@ -38,7 +38,11 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    """``fsync=False`` (the tests' choice: they kill r1serve, never the machine) makes commits cheaper than a
+    real server's; the gateway benchmark runs one with ``fsync=True``, as PostgreSQL ships."""
+
+    def __init__(self, *, fsync: bool = False) -> None:
+        self.fsync = fsync
         self.bindir = _bindir()
         self.root = Path(tempfile.mkdtemp(prefix="r1serve-pg-"))
         self.datadir = self.root / "data"
@@ -56,7 +60,7 @@ class PostgresServer:
 
     def start(self) -> None:
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "--no-sync")
-        opts = f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync=off -c max_connections=200"
+        opts = f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
         result = self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", opts, "-l", str(self.root / "log"), "-w", "start",
             check=False,

@@ -373,6 +373,53 @@ async def test_ledger_rows_rollups_no_doubles(accounts: Accounts) -> None:
     assert by_key[0]["key_id"] == info.id
 
 
+async def test_ledger_row_reads_back_as_written(accounts: Accounts) -> None:
+    """The writer's own SQL (ledger.py) stores every column, as SQLAlchemy reads it back."""
+    from r1serve.accounts.ledger import _LEDGER_COLUMNS, ledger_rows
+    from r1serve.accounts.models import table
+
+    assert set(_LEDGER_COLUMNS) == {c.name for c in table(UsageRow).c} - {"id"}
+    p = Principal(key_id="k-cols", name="k", kind="static")
+    usage = EngineUsage(prompt_tokens=7, completion_tokens=5, reasoning_tokens=2, cached_tokens=3)
+    price = accounts.price("m", Prices(input=1.0, output=2.0))
+    before = dt.datetime.now(dt.UTC)
+    settled = accounts.finish(None, response_id="cols-1", request_id="req-cols", principal=p, model_served="m",
+                              model_requested="alias", target="up", usage=usage, price=price, status="cancelled",
+                              latency_ms=12.5, ttft_ms=3.25)  # fmt: skip
+    assert settled.committed is not None
+    await settled.committed  # the row is committed once this resolves: read it straight back
+    (row,) = ledger_rows(accounts.engine, key_id="k-cols")
+    when = row.pop("created_at")
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    assert before <= when <= dt.datetime.now(dt.UTC)
+    row.pop("id")
+    assert row == {
+        "response_id": "cols-1", "request_id": "req-cols", "key_id": "k-cols", "model_requested": "alias",
+        "model_served": "m", "target": "up", "prompt_tokens": 7, "cached_tokens": 3, "completion_tokens": 5,
+        "reasoning_tokens": 2, "cost_nanos": settled.cost_nanos, "price_version": "catalog", "latency_ms": 12.5,
+        "ttft_ms": 3.25, "status": "cancelled",
+    }  # fmt: skip
+
+
+async def test_sqlite_checkpoint_after_inline_commits(tmp_path: Path) -> None:
+    """The inline commits leave WAL checkpoints to the maintenance thread; SQLite refuses one inside a
+    transaction, which is where SQLAlchemy would have run it."""
+    acc = Accounts.open(make_settings(tmp_path, None))
+    acc.start()
+    try:
+        p = Principal(key_id="k", name="k", kind="static")
+        for i in range(20):
+            settled = acc.finish(None, response_id=f"w-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m"))
+            assert settled.committed is not None
+            await settled.committed
+        acc.ledger.checkpoint()
+        with acc.engine.connect() as conn:
+            busy, log_frames, checkpointed = conn.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+        assert busy == 0 and checkpointed == log_frames
+    finally:
+        acc.close()
+
+
 def test_ledger_flushes_on_close(backend: tuple[str, str], db_url: str | None, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, db_url, ledger_flush_interval=3600)
     acc = Accounts.open(settings, backend=backend[1])

@@ -500,6 +500,8 @@ async def test_meter_records_a_finished_generation_as_ok_even_when_closed_after_
 
     class _Meter(Meter):
         def __init__(self) -> None:  # no request, route or accounts: only the wrapper is under test
+            self.accounts = None
+            self.principal = None
             self._started = 0.0
             self._ttft = None
             self._received = []

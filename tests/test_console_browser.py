@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from browser import open_tab
+from browser import browser, open_tab, screenshots  # noqa: F401 - fixtures
 from fake_upstream import FakeUpstream, Reply
 
 # ----------------------------------------------------------------------------- hostile model output, in Chromium

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser import Tab, open_tab
+from browser import Tab, browser, open_tab, screenshots  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 

@@ -58,15 +58,23 @@ def instructions(valgrind: str, path: str, mock_port: int, requests: int, stream
     """Total instructions of one server process that served ``requests`` requests."""
     port = bench.free_port()
     upstream = f"http://127.0.0.1:{mock_port}/v1"
-    cmd = [valgrind, "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.{path}.{requests}",
-           bench.PY, str(bench.HERE / "servers.py"), path, "--port", str(port), "--upstream", upstream]  # fmt: skip
+    cmd = [valgrind, "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.{path}.{requests}", bench.PY]
+    env = None
+    if path == "serve":
+        # `r1serve serve --upstream URL` as run.py's serve path starts it (SQLite accounts, a fresh data dir).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")}
+        env |= {"R1SERVE_API_KEYS": bench.KEY, "R1SERVE_DATA_DIR": str(work / f"serve-data-{requests}-{stream}")}
+        cmd += ["-m", "r1serve", "serve", "--upstream", upstream, "--reasoning-dialect", "reasoning_content",
+                "--port", str(port)]  # fmt: skip
+    else:
+        cmd += [str(bench.HERE / "servers.py"), path, "--port", str(port), "--upstream", upstream]
     if path == "r1serve":
         cmd += ["--log-file", str(work / f"{path}-app.log")]
     log = work / f"valgrind.{path}.{'stream' if stream else 'json'}.{requests}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=work)
         try:
-            bench.wait_http(port, "/health" if path == "r1serve" else "/v1/models", 600)
+            bench.wait_http(port, "/health" if path in ("r1serve", "serve") else "/v1/models", 600)
             asyncio.run(load(port, requests, stream))
         finally:
             proc.send_signal(signal.SIGINT)  # uvicorn shuts down, valgrind writes its totals
@@ -83,7 +91,7 @@ def instructions(valgrind: str, path: str, mock_port: int, requests: int, stream
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--paths", default="floor,r1serve", help="servers.py roles: floor, r1serve")
+    ap.add_argument("--paths", default="floor,r1serve", help="servers.py roles (floor, r1serve) or serve (`r1serve serve`)")
     ap.add_argument("--modes", default="json,stream")
     ap.add_argument("--requests", default="160,960", help="A,B: requests in the two runs of each path")
     ap.add_argument("--write", type=Path, help="append the results as a section of this markdown file")

@@ -8,7 +8,13 @@ Paths (servers.py has the code of each):
   direct        wrk -> mock upstream (raw ASGI, uvicorn + uvloop + httptools)
   floor         wrk -> raw ASGI proxy + aiohttp client, no logic -> mock   (the floor)
   floor-httpx   the same proxy with an httpx client                         (client library choice)
-  r1serve       wrk -> r1serve (real app: key auth, routing, normalisation, usage, cost) -> mock
+  r1serve       wrk -> the stripped app (real app: static key auth, routing, normalisation, usage, cost,
+                no accounts database) -> mock
+  serve         wrk -> `r1serve serve --upstream URL` as a user starts it: defaults, R1SERVE_API_KEYS, the
+                accounts database (SQLite in the data dir): key check, limits, a ledger row per request,
+                committed before the response ends -> mock
+  serve-pg      the same with R1SERVE_DATABASE_URL on a throwaway PostgreSQL on loopback (fsync on, as
+                PostgreSQL ships; tests/pg.py starts it, scripts/install-test-services.sh installs it)
   litellm       wrk -> LiteLLM proxy (master key, no database) -> mock
 
 Load: ``wrk -t1 -cC -dDs --latency`` with a Lua script POSTing a chat body (``stream`` false or true).
@@ -41,7 +47,9 @@ CACHE = Path(os.environ.get("R1SERVE_BENCH_CACHE", Path.home() / ".cache" / "r1s
 LITELLM_VENV = CACHE / "litellm-venv"
 KEY = "sk-bench"
 MODEL = "deepseek-reasoner"
-ALL_PATHS = ("direct", "floor", "floor-httpx", "r1serve", "litellm")
+ALL_PATHS = ("direct", "floor", "floor-httpx", "r1serve", "serve", "serve-pg", "litellm")
+# The paths that run r1serve's code (checked for reasoning and usage, profiled with --profile).
+R1SERVE_PATHS = ("r1serve", "serve", "serve-pg")
 
 
 def free_port() -> int:
@@ -72,10 +80,14 @@ def post(port: int, path: str, body: dict[str, object]) -> tuple[int, str]:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.name = name
         self.log = open(log_dir / f"{name}.log", "wb")
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.p = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
 
     def rss_mb(self) -> float:
         """RSS of the process (and its children: LiteLLM forks a worker)."""
@@ -217,9 +229,40 @@ def run_wrk(wrk: str, port: int, script: Path, conc: int, duration: int, timeout
 # ----------------------------------------------------------------------------- paths
 
 
-def start_path(name: str, mock_port: int, log_dir: Path) -> tuple[Proc, int]:
+def start_postgres() -> tuple[object, str]:
+    """A throwaway PostgreSQL (tests/pg.py's server, fsync on) with an upgraded accounts database."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg import PostgresServer  # type: ignore[import-not-found]
+
+    from r1serve.accounts import db as accounts_db
+    from r1serve.settings import Settings
+
+    server = PostgresServer(fsync=True)
+    server.start()
+    url = server.create_database()
+    engine = accounts_db.make_engine(accounts_db.database_url(Settings(_env_file=None, database_url=url)))  # type: ignore[call-arg]
+    accounts_db.upgrade(engine)  # `r1serve db upgrade`
+    engine.dispose()
+    return server, url
+
+
+def start_path(name: str, mock_port: int, log_dir: Path, database_url: str | None = None) -> tuple[Proc, int]:
     port = free_port()
     upstream = f"http://127.0.0.1:{mock_port}/v1"
+    if name in ("serve", "serve-pg"):
+        # As a user starts it; its own data dir (the SQLite database, the key secret) and a fresh cwd
+        # (no .env). R1SERVE_* variables of the caller's environment are left out.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")}
+        env |= {"R1SERVE_API_KEYS": KEY, "R1SERVE_DATA_DIR": str(log_dir / f"{name}-data")}
+        if name == "serve-pg":
+            assert database_url is not None
+            env["R1SERVE_DATABASE_URL"] = database_url
+        cwd = log_dir / f"{name}-cwd"
+        cwd.mkdir(exist_ok=True)
+        proc = Proc(name, [PY, "-m", "r1serve", "serve", "--upstream", upstream, "--reasoning-dialect",
+                           "reasoning_content", "--port", str(port)], log_dir, env, cwd=cwd)  # fmt: skip
+        wait_http(port, "/health", 60)
+        return proc, port
     if name == "floor":
         proc = Proc(name, [PY, str(HERE / "servers.py"), "floor", "--port", str(port), "--upstream", upstream], log_dir)
     elif name == "floor-httpx":
@@ -257,7 +300,7 @@ def check(name: str, port: int) -> None:
     status, text = post(port, "/v1/chat/completions", body)
     assert status == 200, f"{name}: {status} {text[:300]}"
     assert "Hello! How can I help?" in text, f"{name}: unexpected body {text[:300]}"
-    if name == "r1serve":
+    if name in R1SERVE_PATHS:
         data = json.loads(text)
         assert data["choices"][0]["message"]["reasoning_content"] == "Okay, the user says hello. I should greet back."
         assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 9
@@ -304,6 +347,25 @@ def table(results: list[Result], concs: list[int]) -> str:
     return "\n".join(lines)
 
 
+def targets(results: list[Result]) -> str:
+    """The accounts-on rows against the stripped app (req/s at c=64) and the floor (p50 at c=1)."""
+    by = {(r.path, r.mode, r.conc): r for r in results}
+    lines = [
+        "| path | mode | req/s at c=64 / stripped app's | added p50 at c=1 over the floor |",
+        "|---|---|---|---|",
+    ]
+    for path in ("serve", "serve-pg"):
+        for mode in ("json", "stream"):
+            r64, s64 = by.get((path, mode, 64)), by.get(("r1serve", mode, 64))
+            r1, f1 = by.get((path, mode, 1)), by.get(("floor", mode, 1))
+            if r64 is None and r1 is None:
+                continue
+            ratio = f"{r64.rps / s64.rps:.2f}x" if r64 and s64 and s64.rps else "-"
+            added = f"{r1.p50_ms - f1.p50_ms:+.2f} ms" if r1 and f1 else "-"
+            lines.append(f"| {path} | {mode} | {ratio} | {added} |")
+    return "\n".join(lines)
+
+
 def fmt_ms(ms: float) -> str:
     return f"{ms * 1000:.0f} us" if ms < 1 else f"{ms:.2f} ms" if ms < 100 else f"{ms:.0f} ms"
 
@@ -323,11 +385,11 @@ def soak(wrk: str, port: int, proc: Proc, tmp: Path, seconds: int) -> list[tuple
     return samples
 
 
-def profile(port: int, proc: Proc, tmp: Path, wrk: str, log_dir: Path) -> str:
+def profile(port: int, proc: Proc, tmp: Path, wrk: str, log_dir: Path, name: str = "r1serve") -> str:
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         subprocess.run([PY, "-m", "pip", "install", "-q", "py-spy"], check=True)
-    out = log_dir / "r1serve-profile.txt"
+    out = log_dir / f"{name}-profile.txt"
     load = subprocess.Popen([wrk, "-t1", "-c64", "-d12s", "-s", str(lua_script(tmp, False)),
                              f"http://127.0.0.1:{port}/v1/chat/completions"], stdout=subprocess.DEVNULL)  # fmt: skip
     time.sleep(1)
@@ -356,6 +418,7 @@ def main() -> None:
     results: list[Result] = []
     soak_samples: list[tuple[float, float]] = []
     profile_path = None
+    postgres, database_url = start_postgres() if "serve-pg" in paths else (None, None)
     mock = Proc("mock", [PY, str(HERE / "servers.py"), "mock", "--port", str(mock_port := free_port())], log_dir)
     try:
         wait_http(mock_port, "/v1/models", 30)
@@ -363,7 +426,7 @@ def main() -> None:
             if name == "direct":
                 proc, port = None, mock_port
             else:
-                proc, port = start_path(name, mock_port, log_dir)
+                proc, port = start_path(name, mock_port, log_dir, database_url)
             try:
                 if name != "direct":
                     check(name, port)
@@ -381,11 +444,11 @@ def main() -> None:
                         cpu_text = f"  CPU {cpu_us:5.0f} us/req" if cpu_us is not None else ""
                         print(f"{name:12s} {mode:6s} c={conc:<3d} {rps:9.0f} req/s  p50 {fmt_ms(p50):>9s}  "
                               f"p99 {fmt_ms(p99):>9s}  errors {errors}{cpu_text}", flush=True)  # fmt: skip
-                if name == "r1serve" and proc is not None:
+                if name in R1SERVE_PATHS and proc is not None:
                     if args.profile:
-                        profile_path = profile(port, proc, tmp, wrk, log_dir)
+                        profile_path = profile(port, proc, tmp, wrk, log_dir, name)
                         print("profile:", profile_path, flush=True)
-                    if args.soak:
+                    if args.soak and name == "r1serve":
                         soak_samples = soak(wrk, port, proc, tmp, args.soak)
                         print("soak RSS (s, MB):", [(round(t), round(m, 1)) for t, m in soak_samples], flush=True)
             finally:
@@ -393,7 +456,12 @@ def main() -> None:
                     proc.stop()
     finally:
         mock.stop()
+        if postgres is not None:
+            postgres.stop()  # type: ignore[attr-defined]
     md = table(results, concs)
+    if any(r.path in ("serve", "serve-pg") for r in results):
+        md += "\n\nTargets (same run): `r1serve serve` with accounts on against the stripped app and the floor.\n\n"
+        md += targets(results)
     print()
     print(md)
     print(f"\nlogs: {log_dir}")
@@ -402,8 +470,12 @@ def main() -> None:
             f"Command: `{command_line()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
             f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
             "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 11 SSE events (role, 5 reasoning_content, 3 content, finish, usage) + [DONE].",
-            "r1serve runs its real app (key auth, routing, reasoning normalisation, usage, cost, request ids, "
-            "access log to a file); it asks the upstream for the shape the client asked for (JSON or a stream).",
+            "`r1serve` is the stripped app (the real app with static key auth, routing, reasoning normalisation, "
+            "usage, cost, request ids, access log to a file, and no accounts database); `serve` is "
+            "`r1serve serve --upstream URL --reasoning-dialect reasoning_content` as a user starts it (defaults, "
+            "R1SERVE_API_KEYS, the SQLite accounts database, each response's ledger row committed before its end "
+            "goes out), `serve-pg` the same on PostgreSQL (loopback, fsync on). Each asks the upstream for the "
+            "shape the client asked for (JSON or a stream).",
             "All rows from the same run; the machine's 2 cores are shared by wrk, the mock and the path under test.",
             "",
             md,

@@ -88,9 +88,13 @@ def _version(raw: Mapping[str, Any]) -> PriceVersion:
     return PriceVersion(prices=prices, version=since.date().isoformat() if since else "configured", since=since)
 
 
+_FREE = Prices()
+
+
 class PriceBook:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self._versions: dict[str, list[PriceVersion]] = {}
+        self._catalog: dict[Prices, PriceVersion] = {}
         for model, value in (config or {}).items():
             items = value if isinstance(value, list) else [value]
             try:
@@ -123,15 +127,19 @@ class PriceBook:
     ) -> PriceVersion:
         """The price in force at ``when`` (default now) for the served ``model``; a price configured
         for the name the client asked for (an alias) counts when the served id has none."""
-        when = when or dt.datetime.now(dt.UTC)
         for name in (model, requested):
-            versions = self._versions.get(name.lower()) if name else None
+            versions = self._versions.get(name.lower()) if name and self._versions else None
             if not versions:
                 continue
+            when = when or dt.datetime.now(dt.UTC)
             current = None
             for v in versions:
                 if v.since is None or v.since <= when:
                     current = v
             if current is not None:
                 return current
-        return PriceVersion(prices=catalog or Prices(), version="catalog")
+        catalog = catalog or _FREE
+        found = self._catalog.get(catalog)
+        if found is None:  # one per catalog price, not one per request
+            found = self._catalog[catalog] = PriceVersion(prices=catalog, version="catalog")
+        return found

@@ -1,17 +1,20 @@
 """The accounts layer as one object the API (and the CLI) use: keys, limits, prices, ledger.
 
 Request path, all in memory except the limit check for keys that have limits on the database
-backend (see limiter.py)::
+backend (see limiter.py), and the ledger commit the response waits for::
 
     principal = accounts.authenticate(token)            # dict lookup + HMAC
     accounts.check_model(principal, asked, served)       # scope
     admission = await accounts.admit(principal, ...)     # reserve the worst case, or 429
     ... generate ...
-    accounts.finish(admission, record)                   # settle + queue the ledger row
+    settled = accounts.finish(admission, record)         # settle + queue the ledger row
+    await settled.committed                              # the row is durable (group commit, ledger.py)
+    ... the end of the response goes out ...
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import logging
@@ -59,6 +62,8 @@ class Settlement:
 
     cost_nanos: int
     price: PriceVersion
+    # Resolved once the ledger row is committed (None off an event loop, or when already settled).
+    committed: asyncio.Future[None] | None = None
 
 
 class Accounts:
@@ -79,7 +84,8 @@ class Accounts:
         self.ledger = LedgerWriter(
             engine,
             limiter,
-            flush_interval=float(getattr(settings, "ledger_flush_interval", 0.5)),
+            # Rows are committed as they come (group commit); this is now the back-off after a failed write.
+            retry_interval=float(getattr(settings, "ledger_flush_interval", 0.5)),
         )
         self._refresh_interval = float(getattr(settings, "keys_refresh_interval", 2.0))
         self._stop = threading.Event()
@@ -136,6 +142,7 @@ class Accounts:
         while not self._stop.wait(self._refresh_interval):
             try:
                 self.refresh()
+                self.ledger.checkpoint()
                 if time.monotonic() - last_sweep > 30:
                     last_sweep = time.monotonic()
                     released = self.limiter.sweep()
@@ -216,15 +223,16 @@ class Accounts:
         latency_ms: float | None = None,
         ttft_ms: float | None = None,
     ) -> Settlement:
-        """Settle a request and queue its ledger row. Never blocks; call exactly once per request
-        (a second call for the same admission is ignored, and the ledger ignores a repeated id)."""
+        """Settle a request and queue its ledger row. Never blocks: the returned settlement's
+        ``committed`` resolves once the row is durable. Call exactly once per request (a second call
+        for the same admission is ignored, and the ledger ignores a repeated id)."""
         cost = cost_nanos(usage, price.prices)
         if admission is not None:
             if admission.settled:
                 return Settlement(cost, price)
             admission.settled = True
             self.limiter.settle_local(admission, usage.prompt_tokens + usage.completion_tokens, cost)
-        self.ledger.submit(
+        committed = self.ledger.submit(
             UsageRecord(
                 response_id=response_id,
                 request_id=request_id,
@@ -241,11 +249,14 @@ class Accounts:
                 admission=admission,
             )
         )
-        return Settlement(cost, price)
+        return Settlement(cost, price, committed)
 
     # ------------------------------------------------------------------ reports (blocking)
 
     def usage(
         self, *, key_ids: Sequence[str] | None = None, since: dt.date | dt.datetime | None = None, by_key: bool = False
     ) -> list[dict[str, Any]]:
+        # Read after the rows already submitted are committed: a response that has ended (a stream
+        # cut by its client included) is in the totals, even one whose row was still in the queue.
+        self.ledger.sync()
         return usage_by_day(self.engine, key_ids=key_ids, since=since, by_key=by_key)

@@ -203,7 +203,12 @@ class KeyStore:
         self._engine = engine
         self._hasher = hasher
         # Static keys are kept only as HMACs in memory too, so a heap dump or a repr shows no key.
-        self._static = [hasher.hash(k) for k in static_keys]
+        self._static = [hasher.hash(k).encode() for k in static_keys]
+        # Principals are frozen: one per static key serves every request.
+        self._static_principals = [
+            Principal(key_id=f"static-{i}", name=f"R1SERVE_API_KEYS[{i}]", kind="static")
+            for i in range(len(self._static))
+        ]
         self._admin_hash = hasher.hash(admin_key) if admin_key else None
         self._cache: dict[str, _Cached] = {}
         self._stamp: tuple[object, ...] | None = None
@@ -278,10 +283,10 @@ class KeyStore:
                 return Principal(key_id="admin-env", name="R1SERVE_ADMIN_KEY", kind="admin-env", admin=True)
             matched = -1
             for i, h in enumerate(self._static):  # all compared: timing does not tell which is close
-                if hmac.compare_digest(digest, h.encode()):
+                if hmac.compare_digest(digest, h):
                     matched = i
             if matched >= 0:
-                return Principal(key_id=f"static-{matched}", name=f"R1SERVE_API_KEYS[{matched}]", kind="static")
+                return self._static_principals[matched]
         raise _unauthorized(f"Incorrect API key provided: {redact(token)}.")
 
     # ------------------------------------------------------------------ admin (blocking: CLI or thread)

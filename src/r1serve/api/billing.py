@@ -7,13 +7,17 @@ Thin on purpose: every decision (key checks, limits, prices, the ledger) is in r
 * :class:`Meter` wraps an engine's delta stream: :meth:`Meter.admit` reserves the worst case before
   generation (429 when a limit says no); the wrapper watches the deltas and, however the stream
   ends (finished, failed, or closed early because the client hung up), settles once and queues
-  the ledger row. A cut stream is billed for the prompt and the text handed to the client: the
-  prompt tokens and the received text are counted with the model's own tokenizer when the engine
-  has one (the embedded engine), else estimated.
+  the ledger row. A stream that finishes or fails holds its last delta (or its error) until the
+  row is committed, so the end of the response (the finish and ``[DONE]`` events, the whole JSON
+  body, the error) reaches the client only once its usage is durable. A cut stream is billed once,
+  for the prompt and the text handed to the client: the prompt tokens and the received text are
+  counted with the model's own tokenizer when the engine has one (the embedded engine), else
+  estimated; its row is committed in the next group commit (nobody is left to wait for it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -26,7 +30,7 @@ from r1serve.accounts import Accounts, Principal, estimate_prompt_tokens
 from r1serve.accounts.limiter import Admission
 from r1serve.accounts.prices import PriceVersion
 from r1serve.api.auth import Caller, bearer_token
-from r1serve.engines.base import Delta, EngineUsage, GenerationRequest
+from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.models.catalog import Prices
 from r1serve.routing.registry import ServedModel
 
@@ -105,6 +109,7 @@ class Meter:
         self._usage: EngineUsage | None = None
         self._prompt: int | None = None
         self._done = False
+        self._counted = False  # in the ledger's count of requests generating
         # The hot path settles through this when the client left before the
         # generation even started (the wrapper never ran, so its finally cannot).
         request.state.meter = self
@@ -125,7 +130,9 @@ class Meter:
         self.price = self.accounts.price(entry.id, entry.prices, requested=self.model_name)
         # Exact where the engine can count (the embedded engine renders and tokenizes once, off the event
         # loop, and its generation reuses that); kept for billing a stream that is cut.
-        self._prompt = await self.served.engine.count_prompt_tokens(self.gen)
+        engine = self.served.engine
+        if type(engine).count_prompt_tokens is not Engine.count_prompt_tokens:  # the base counts nothing
+            self._prompt = await engine.count_prompt_tokens(self.gen)
         if not self.principal.limited:
             return
         prompt = self._prompt_tokens()
@@ -156,6 +163,10 @@ class Meter:
 
     async def wrap(self, stream: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
         status = "error"
+        ledger = self.accounts.ledger if self.accounts is not None and self.active else None
+        if ledger is not None:
+            ledger.in_flight += 1  # its row will come: the ledger's group commit waits a moment for it
+            self._counted = True
         try:
             async for delta in stream:
                 if (delta.reasoning or delta.content) and self._ttft is None:
@@ -167,6 +178,7 @@ class Meter:
                 if delta.finish_reason is not None:
                     self._usage = delta.usage or EngineUsage()
                     status = "ok"
+                    await self.settle(status)  # durable before the client can read the end
                 yield delta
                 if status == "ok":
                     return
@@ -176,19 +188,42 @@ class Meter:
             if status != "ok":
                 status = "cancelled"
             raise
+        except asyncio.CancelledError:
+            status = "cancelled"  # the client hung up (api/disconnect.py) or the server is stopping
+            raise
         except BaseException:
             status = "cancelled" if self._received else "error"
+            await stream.aclose()
+            await self.settle(status)  # the error the client gets comes after its row is durable
             raise
         finally:
             await stream.aclose()
             if status == "error" and self._received:
                 status = "cancelled"
-            self.finish(status)
+            self.finish(status)  # no-op when settled above; else nobody waits for the commit
 
-    def finish(self, status: str) -> None:
-        if self._done or not self.active:
+    async def settle(self, status: str) -> None:
+        """Settle and wait until the ledger row is committed. A database that refuses the write does
+        not hold the answer back: the row stays queued for retry, and the failure is logged."""
+        committed = self.finish(status)
+        if committed is None:
             return
+        try:
+            await committed
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("usage of %s not committed before its response ended: %s", self.response_id, exc)
+
+    def finish(self, status: str) -> asyncio.Future[None] | None:
+        """Settle once (later calls are no-ops) and queue the ledger row; returns what resolves when
+        the row is committed."""
+        if self._done or not self.active:
+            return None
         self._done = True
+        assert self.accounts is not None
+        if self._counted:
+            self.accounts.ledger.in_flight -= 1
         assert self.accounts is not None and self.principal is not None
         usage = self._usage
         if usage is None:
@@ -200,7 +235,7 @@ class Meter:
                 estimated=True,
             )
         try:
-            self.accounts.finish(
+            return self.accounts.finish(
                 self.admission,
                 response_id=self.response_id,
                 request_id=self.request_id,
@@ -213,6 +248,7 @@ class Meter:
                 status=status,
                 latency_ms=(time.monotonic() - self._started) * 1000,
                 ttft_ms=None if self._ttft is None else self._ttft * 1000,
-            )
+            ).committed
         except Exception:
             log.exception("recording usage failed")
+            return None
