@@ -66,42 +66,71 @@ _SCHEMA_ONE = ("items", "additionalProperties")
 _SCHEMA_PARAM = "response_format.json_schema.schema"
 
 
+def _refused(key: str, value: Any, schema: dict[str, Any]) -> str | None:
+    """How to name ``key`` if the grammar would not enforce it in ``schema``, else None."""
+    if key in _UNENFORCED:
+        return key
+    if key == "format" and value not in _FORMATS:
+        return f"format: {value}"
+    if key == "pattern" and not (isinstance(value, str) and value.startswith("^") and value.endswith("$")):
+        return "pattern"  # the converter translates anchored patterns only
+    if key in ("minLength", "maxLength") and schema.get("type") != "string":
+        return key
+    return None
+
+
+def _subschemas(key: str, value: Any, where: str) -> list[tuple[Any, str, Any]]:
+    """(subschema, its pointer, a setter's key) for each schema held under ``key``."""
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return [(sub, f"{where}/{name}", name) for name, sub in value.items()]
+    if key in _SCHEMA_LISTS and isinstance(value, list):
+        return [(sub, f"{where}/{i}", i) for i, sub in enumerate(value)]
+    if key in _SCHEMA_ONE:
+        return [(value, where, None)]
+    return []
+
+
 def unenforced_keyword(schema: Any, path: str = "") -> tuple[str, str] | None:
     """The first keyword (and its JSON pointer) in ``schema`` that the grammar would not enforce, or None."""
     if not isinstance(schema, dict):
         return None
     for key, value in schema.items():
-        where = f"{path}/{key}"
-        if key in _UNENFORCED:
-            return key, where
-        if key == "format" and value not in _FORMATS:
-            return f"format: {value}", where
-        if key == "pattern" and not (isinstance(value, str) and value.startswith("^") and value.endswith("$")):
-            return "pattern (only anchored ^...$ patterns)", where
-        if key in ("minLength", "maxLength") and schema.get("type") != "string":
-            return f"{key} (without type: string)", where
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                found = unenforced_keyword(sub, f"{where}/{name}")
-                if found:
-                    return found
-        elif key in _SCHEMA_LISTS and isinstance(value, list):
-            for i, sub in enumerate(value):
-                found = unenforced_keyword(sub, f"{where}/{i}")
-                if found:
-                    return found
-        elif key in _SCHEMA_ONE:
-            found = unenforced_keyword(value, where)
+        named = _refused(key, value, schema)
+        if named:
+            return named, f"{path}/{key}"
+        for sub, where, _ in _subschemas(key, value, f"{path}/{key}"):
+            found = unenforced_keyword(sub, where)
             if found:
                 return found
     return None
 
 
+def _enforceable(schema: Any) -> Any:
+    """A copy of ``schema`` without what the grammar would not enforce (strict: false ignores it)."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if _refused(key, value, schema):
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _enforceable(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_enforceable(sub) for sub in value]
+        elif key in _SCHEMA_ONE:
+            out[key] = _enforceable(value)
+        else:
+            out[key] = value
+    return out
+
+
 def compile_response_format(fmt: ResponseFormat | None) -> str | None:
     """The GBNF grammar for ``fmt`` (root rule ``root``), or None when it constrains nothing (``text``).
 
-    ``json_object`` (and a ``json_schema`` without a schema) is any JSON object. Raises InvalidRequest
-    naming the keyword that ``strict`` cannot have enforced, or what the converter could not compile."""
+    Without ``strict``, what the grammar would not enforce is left out of it (the answer may break those
+    keywords); with it, such a keyword is refused. ``json_object`` (and a ``json_schema`` without a
+    schema) is any JSON object. Raises InvalidRequest naming the keyword that ``strict`` cannot have
+    enforced, or what the converter could not compile."""
     if fmt is None or fmt.type == "text":
         return None
     schema: dict[str, Any] = {"type": "object"}
@@ -125,7 +154,7 @@ def compile_response_format(fmt: ResponseFormat | None) -> str | None:
     converter: Any = make(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         # The converter rewrites $refs in place: it gets its own copy.
-        resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
+        resolved = converter.resolve_refs(json.loads(json.dumps(_enforceable(schema))), "input")
         converter.visit(resolved, "")
     except (AssertionError, KeyError, ValueError, TypeError, IndexError, RecursionError) as exc:
         raise InvalidRequest(
@@ -195,9 +224,13 @@ class Grammar:
         for token in vocab.tokenize(content, add_special=False):
             if not self.allows(token):
                 return kept.decode("utf-8", "ignore")
-            llama_cpp.llama_sampler_accept(self._sampler, token)
+            self.accept(token)
             kept += vocab.piece(token)
         return content
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past ``token``, which it must allow (see the module docstring)."""
+        llama_cpp.llama_sampler_accept(self._sampler, token)
 
     def allows(self, token: int) -> bool:
         one: Any = self._one[0]
@@ -226,7 +259,7 @@ class Grammar:
         if not greedy:
             llama_cpp.llama_sampler_accept(chain, token)
         if not vocab.is_eog(token):
-            llama_cpp.llama_sampler_accept(self._sampler, token)
+            self.accept(token)
         return token
 
     def _best_allowed(self, logits: np.ndarray[Any, Any]) -> int:
