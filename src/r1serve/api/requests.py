@@ -12,13 +12,14 @@ import json
 import sys
 from typing import Any, TypeVar
 
+import jsonschema
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from r1serve.api.errors import validation_error
 from r1serve.engines.base import GenerationRequest, SamplingParams
 from r1serve.errors import InvalidRequest
-from r1serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from r1serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
 from r1serve.reasoning import strip_reasoning_from_history
 from r1serve.routing import ServedModel
 from r1serve.settings import Settings
@@ -163,6 +164,35 @@ def _too_many_messages(n: int, settings: Settings) -> InvalidRequest:
     )
 
 
+def response_format(fmt: ResponseFormat | None) -> ResponseFormat | None:
+    """``response_format`` checked: a ``json_schema`` needs its object, and its schema must be a valid JSON
+    Schema (checked against the meta-schema of the draft it names, 2020-12 by default). What a backend
+    can enforce of it is the engine's to check."""
+    if fmt is None or fmt.type != "json_schema":
+        return fmt
+    if fmt.json_schema is None:
+        raise InvalidRequest(
+            "response_format of type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}.",
+            param="response_format.json_schema",
+            code="missing_required_parameter",
+        )
+    schema = fmt.json_schema.schema_
+    if schema is None:
+        return fmt
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}"
+            + (f" (at /{where})" if where else ""),
+            param="response_format.json_schema.schema",
+            code="invalid_value",
+        ) from None
+    return fmt
+
+
 def chat_generation_request(
     req: ChatCompletionRequest, served: ServedModel, settings: Settings, request_id: str
 ) -> GenerationRequest:
@@ -181,6 +211,7 @@ def chat_generation_request(
         reasoning_effort=req.reasoning_effort,
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
+        response_format=response_format(req.response_format),
         stream=req.stream,
         cache_salt=req.cache_salt,
     )
@@ -231,6 +262,7 @@ def completion_generation_request(
         prompt_logprobs=score_prompt,
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
+        response_format=response_format(req.response_format),
         stream=req.stream,
         cache_salt=req.cache_salt,
     )

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from r1serve.protocol import ChatMessage, PromptLogprob, TokenLogprob
+from r1serve.protocol import ChatMessage, PromptLogprob, ResponseFormat, TokenLogprob
 
 FinishReason = Literal["stop", "length"]
 
@@ -56,6 +56,10 @@ class GenerationRequest:
     model: str | None = None
     # Extra request fields for an upstream engine to forward verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Structured output (json_object / json_schema; "text" is no constraint), its schema already checked
+    # against the JSON Schema meta-schema. The embedded engine decodes the answer (after any reasoning)
+    # under a grammar; an upstream engine forwards it as sent.
+    response_format: ResponseFormat | None = None
     # Whether the client reads a stream; False (a whole JSON answer) lets an upstream engine ask for one too.
     # The engine interface streams deltas either way.
     stream: bool = True

@@ -130,6 +130,11 @@ class Vocab:
             self._model = None
 
     @property
+    def handle(self) -> Any:
+        """The ``llama_vocab`` pointer, for llama.cpp calls that take one (the grammar sampler)."""
+        return self._vocab
+
+    @property
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", "replace") if raw else None

@@ -18,6 +18,8 @@ __all__ = [
     "ChatMessage",
     "StreamOptions",
     "ReasoningEffort",
+    "JsonSchemaFormat",
+    "ResponseFormat",
     "ChatCompletionRequest",
     "CompletionRequest",
     "TopLogprob",
@@ -81,6 +83,23 @@ class StreamOptions(BaseModel):
 ReasoningEffort = Literal["low", "medium", "high"]
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow (Structured Outputs)."""
+
+    # populate_by_name: "schema" would shadow BaseModel.schema, so the field is schema_ on the Python side.
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 def _null_means(default: Any) -> BeforeValidator:
     """For a field OpenAI documents as nullable whose null means its default (clients send it so)."""
     return BeforeValidator(lambda value: default if value is None else value)
@@ -113,6 +132,7 @@ class _SamplingFields(_Request):
     # vLLM's: prefixes cached for requests with another salt (or none) are not reused, which keeps callers
     # who share a key from learning about each other's prompts (callers of different keys never share).
     cache_salt: Annotated[str, Field(min_length=1)] | None = None
+    response_format: ResponseFormat | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

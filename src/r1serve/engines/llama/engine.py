@@ -31,6 +31,7 @@ import llama_cpp._logger as llama_logger
 
 from r1serve.engines import metrics
 from r1serve.engines.base import Delta, Engine, GenerationRequest
+from r1serve.engines.llama.grammar import Grammar, compile_response_format
 from r1serve.engines.llama.placement import Placement, Slot
 from r1serve.engines.llama.sampling import prompt_token_texts
 from r1serve.engines.llama.scheduler import CLOSE_REASONING, Scheduler
@@ -81,6 +82,7 @@ class _Prepared:
     # With prompt_logprobs: each token's text, and the scored prompt's first entry (see prompt_token_texts).
     texts: list[str] | None = None
     head: list[PromptLogprob] | None = None
+    gbnf: str | None = None  # the response_format's grammar
 
 
 class LlamaEngine(Scheduler, Engine):
@@ -204,6 +206,8 @@ class LlamaEngine(Scheduler, Engine):
         for slot_seq in self._running:
             if slot_seq.sampler:
                 llama_cpp.llama_sampler_free(slot_seq.sampler)
+            if slot_seq.grammar is not None:
+                slot_seq.grammar.free()
         self._running.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
@@ -259,7 +263,8 @@ class LlamaEngine(Scheduler, Engine):
             text, opened = self.render_prompt(request)
             self._check_size(text, request)
             tokens = self.vocab.prompt_tokens(text)
-            prepared = _Prepared(self, source, text, opened, tokens)
+            gbnf = compile_response_format(request.response_format)
+            prepared = _Prepared(self, source, text, opened, tokens, gbnf=gbnf)
             if request.prompt_logprobs and tokens:
                 prepared.texts, prepared.head = prompt_token_texts(self.vocab, text, tokens)
             return prepared
@@ -321,6 +326,7 @@ class LlamaEngine(Scheduler, Engine):
             out=asyncio.Queue(),
             parser=ReasoningParser(fmt, starts_in_reasoning=prepared.opened),
             stops=StopMatcher(request.stop),
+            grammar=Grammar(prepared.gbnf) if prepared.gbnf else None,
         )
         if request.prompt_logprobs:
             assert prepared.texts is not None and prepared.head is not None

@@ -130,6 +130,19 @@ class Scheduler:
                 self._metrics.cached_tokens.inc(keep)
             seq.sampler, seq.greedy = make_sampler(seq.request.sampling, self.vocab.n_tokens)
             self._running.append(seq)
+            if seq.grammar is not None:
+                self._start_grammar(seq)
+
+    def _start_grammar(self, seq: Sequence) -> None:
+        assert seq.grammar is not None
+        try:
+            seq.grammar.start(self.vocab)
+        except R1ServeError as exc:
+            self._emit(seq, exc)
+            seq.cancelled = True  # released after this step
+            return
+        if seq.parser.reasoning_closed:  # no reasoning to wait for: the whole output is the answer
+            seq.grammar.begin(self.vocab, "")
 
     def _moved(self, moves: list[tuple[Slot, Slot]]) -> None:
         """Point the sequences that close_gaps moved at their new slots."""
@@ -148,6 +161,8 @@ class Scheduler:
         if seq.sampler:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
+        if seq.grammar is not None:
+            seq.grammar.free()
         if seq.slot is not None:
             # R1's next turn sends this answer back without its reasoning, so it can only reuse the
             # prompt; cut to that, it matches the next turn in full and is reused in place.
@@ -224,7 +239,10 @@ class Scheduler:
             if seq.prompt_scores is not None:
                 self._emit(seq, Delta(prompt_logprobs=seq.prompt_scores))
                 seq.prompt_scores = None
-            if seq.greedy:
+            grammar = seq.grammar
+            if grammar is not None and grammar.active:
+                token = grammar.sample(self._ctx, logits_at, seq.sampler, seq.greedy, self.vocab)
+            elif seq.greedy:
                 # The same choice as llama.cpp's greedy sampler (first maximum), without filling its
                 # vocabulary-sized candidate array: 25 us instead of 180 us per token here.
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, logits_at)
@@ -242,12 +260,18 @@ class Scheduler:
         seq.generated += 1
         self._observe_token(seq)
         if self.vocab.is_eog(token):
+            if seq.grammar is not None and seq.parser.in_reasoning and self._close_reasoning(seq):
+                # The model ended while thinking, but a structured answer is owed: the engine closes
+                # the reasoning (as a spent budget does) and the answer follows under the grammar.
+                return
             self._finish(seq, "stop", logprobs)
             return
         text = seq.decoder.decode(self.vocab.piece(token))
         visible, hit_stop = seq.stops.feed(text)
         was_reasoning = seq.parser.in_reasoning
         reasoning, content = seq.parser.feed(visible)
+        if seq.grammar is not None and not seq.grammar.active and seq.parser.reasoning_closed:
+            content = seq.grammar.begin(self.vocab, content)
         if was_reasoning or seq.parser.in_reasoning:
             seq.reasoning_tokens += 1
             self._metrics.reasoning_tokens.inc()
@@ -277,13 +301,13 @@ class Scheduler:
             self._metrics.ttft.observe(now - seq.submitted)
         seq.last_token_at = now
 
-    def _close_reasoning(self, seq: Sequence) -> None:
+    def _close_reasoning(self, seq: Sequence) -> bool:
         # The model is made to write "</think>" itself: the forced tokens are fed like a prompt
         # chunk, recorded in the sampler's history, and parsed like generated text.
         forced = self._close_tokens
         room = self.context_length - seq.n_past - 2
         if len(forced) > room:
-            return
+            return False
         for tok in forced:
             llama_cpp.llama_sampler_accept(seq.sampler, tok)
         seq.pending = seq.pending + forced
@@ -291,8 +315,11 @@ class Scheduler:
         seq.reasoning_tokens += len(forced)
         seq.reasoning_truncated = True
         reasoning, content = seq.parser.feed(CLOSE_REASONING)
+        if seq.grammar is not None and not seq.grammar.active and seq.parser.reasoning_closed:
+            content = seq.grammar.begin(self.vocab, content)
         if reasoning or content:
             self._emit(seq, Delta(reasoning=reasoning, content=content))
+        return True
 
     def _finish(
         self,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from r1serve.engines.base import Delta, GenerationRequest
+from r1serve.engines.llama.grammar import Grammar
 from r1serve.engines.llama.placement import Slot
 from r1serve.engines.stops import StopMatcher
 from r1serve.protocol import PromptLogprob
@@ -45,6 +46,8 @@ class Sequence:
     # None) with the first sample.
     prompt_scores: list[PromptLogprob] | None = None
     prompt_texts: list[str] = field(default_factory=list)  # per prompt token, when scored
+    # The response_format's grammar, when there is one: it constrains the answer once it starts.
+    grammar: Grammar | None = None
 
 
 class Feed(NamedTuple):

@@ -39,6 +39,9 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> bytes:
         body["reasoning_effort"] = request.reasoning_effort
     elif request.reasoning_budget is not None:
         body["max_reasoning_tokens"] = request.reasoning_budget
+    if request.response_format is not None:
+        # As the client sent it: the upstream enforces (or refuses) it.
+        body["response_format"] = request.response_format.model_dump(by_alias=True, exclude_unset=True)
     if request.logprobs is not None:
         if request.messages is not None:
             body["logprobs"] = True
