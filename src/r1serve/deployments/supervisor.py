@@ -96,7 +96,7 @@ class Deployment:
             return  # stopping or stopped: the replicas' states no longer move the deployment's
         statuses = [r.status for r in self.replicas]
         if "FAILED" in statuses and self.status != "ERROR":
-            self.set_status("ERROR", "REPLICA_FAILED", f"{replica.name} failed: {replica.last_error}")
+            self.set_status("ERROR", "ERROR", f"{replica.name} failed: {replica.last_error}")
         elif self.status == "STARTING" and all(s == "READY" for s in statuses):
             self.set_status("RUNNING", "RUNNING", f"all {len(statuses)} replicas are ready")
 
