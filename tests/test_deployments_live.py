@@ -207,3 +207,65 @@ def test_timeout_stops_the_deployment(server: LiveServer) -> None:
     assert "TIMEOUT" in reasons and reasons[-1] == "STOPPED"
     resp = httpx.post(f"{dep['endpoints'][0]['url']}/chat/completions", json=NOSANA_BODY, timeout=60)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "deployment_stopped"
+
+
+def test_logs_follow_streams_new_lines(server: LiveServer) -> None:
+    dep = _create(server, "followed", replicas=1)
+    url = f"{server.url}/v1/deployments/{dep['id']}/logs"
+    seen: list[dict[str, Any]] = []
+    with httpx.stream("GET", url, params={"follow": "true", "replica": "supervisor"}, timeout=_WAIT) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if "RUNNING" in seen[-1]["line"]:
+                    break  # the start, line by line, up to the moment it is running
+    assert [s["seq"] for s in seen] == sorted({s["seq"] for s in seen})  # in order, none twice
+    assert any("CREATED" in s["line"] for s in seen) and any("is ready" in s["line"] for s in seen)
+    httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_restarted_server_brings_its_deployments_back(tmp_path: Path) -> None:
+    servers: list[LiveServer] = []
+
+    def boot(name: str) -> LiveServer:
+        live = LiveServer(tmp_path, name, {"R1SERVE_N_THREADS": "1"}, ("--parallel", "2"))
+        servers.append(live)
+        live.wait_ready()
+        return live
+
+    try:
+        first = boot("first")
+        dep = _until(first, _create(first, "durable", replicas=1)["id"], lambda d: d["status"] == "RUNNING")
+        old_pid = dep["replicas_detail"][0]["pid"]
+        first.stop()  # a clean shutdown ends the replicas but keeps the deployment's status
+        assert _gone(old_pid)
+
+        second = boot("second")
+        dep = _until(second, "durable", lambda d: d["status"] == "RUNNING")
+        assert "RESTORED" in [e["reason"] for e in dep["events"]]
+        chat = httpx.post(
+            f"{second.url}/deployments/durable/v1/chat/completions", json={**NOSANA_BODY, "max_tokens": 8}, timeout=600
+        )
+        assert chat.status_code == 200, chat.text
+        # r1serve killed outright: its replicas die with it (no orphan holds a port), and the next
+        # start brings the deployment back once more.
+        pid = dep["replicas_detail"][0]["pid"]
+        second.proc.kill()
+        assert _gone(pid)
+        third = boot("third")
+        assert _until(third, "durable", lambda d: d["status"] == "RUNNING")["replicas_detail"][0]["status"] == "READY"
+    finally:
+        for live in servers:
+            live.stop()
