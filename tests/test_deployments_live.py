@@ -8,6 +8,7 @@ One r1serve server for the module; each test makes its own deployment.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -269,3 +270,51 @@ def test_restarted_server_brings_its_deployments_back(tmp_path: Path) -> None:
     finally:
         for live in servers:
             live.stop()
+
+
+async def _client_run(url: str, stream: bool) -> dict[str, Any]:
+    body = {**NOSANA_BODY, "max_tokens": 96, "temperature": 0, "stream": stream}
+    async with httpx.AsyncClient(timeout=600) as client:
+        if not stream:
+            resp = await client.post(f"{url}/chat/completions", json=body)
+            return {"stream": False, "status": resp.status_code, "body": resp.json()}
+        events: list[Any] = []
+        async with client.stream("POST", f"{url}/chat/completions", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+        return {"stream": True, "status": resp.status_code, "events": events}
+
+
+def test_kill_under_load_loses_no_request_that_had_not_started(server: LiveServer) -> None:
+    dep = _until(server, _create(server, "loaded", replicas=2)["id"], lambda d: d["status"] == "RUNNING")
+    url = dep["endpoints"][0]["url"]
+
+    async def scenario() -> tuple[list[dict[str, Any]], int]:
+        tasks = [asyncio.create_task(_client_run(url, stream=i % 2 == 1)) for i in range(8)]
+        while True:  # kill the first replica while it has requests in flight
+            detail = (await asyncio.to_thread(_get, server, dep["id"]))["replicas_detail"][0]
+            if detail["outstanding"] > 0:
+                os.kill(detail["pid"], signal.SIGKILL)
+                return list(await asyncio.gather(*tasks)), detail["outstanding"]
+            await asyncio.sleep(0.05)
+
+    results, in_flight = asyncio.run(scenario())
+    assert in_flight > 0
+    for r in results:
+        assert r["status"] == 200, r
+        if not r["stream"]:
+            assert r["body"]["choices"][0]["message"]["content"], r  # JSON answers never fail: failover
+            continue
+        events = r["events"]
+        assert events[-1] == "[DONE]", events[-3:]
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        if errors:  # only a stream that had started on the killed replica, with text before the error
+            before = events[: events.index(errors[0])]
+            assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in before), events
+            assert errors[0]["error"]["message"]
+        else:
+            assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in events[:-1] if c.get("choices"))
+    after = _until(server, dep["id"], lambda d: d["replicas_detail"][0]["status"] == "READY")
+    assert after["replicas_detail"][0]["restarts"] == 1
+    httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
