@@ -146,3 +146,14 @@ def test_records_survive_a_restart(tmp_path: Path) -> None:
         assert "RESTORED" in [e["reason"] for e in by_name["kept"]["events"]]
         assert by_name["gone"]["status"] == "STOPPED"
         assert "RESTORED" not in [e["reason"] for e in by_name["gone"]["events"]]
+
+
+def test_the_name_is_a_model_name_on_v1(client: TestClient) -> None:
+    _create(client, name="mine")
+    chat = {"model": "mine", "messages": [{"role": "user", "content": "hi"}]}
+    resp = client.post("/v1/chat/completions", json=chat)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "deployment_not_ready"  # its replicas: none
+    client.post("/v1/deployments/mine/stop")
+    assert client.post("/v1/chat/completions", json=chat).json()["error"]["code"] == "deployment_stopped"
+    other = client.post("/v1/chat/completions", json={**chat, "model": "not-mine"})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"

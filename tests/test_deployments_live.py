@@ -135,6 +135,10 @@ def test_nosana_flow(server: LiveServer, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=600, check=True,
         )  # fmt: skip
         assert json.loads(curled.stdout)["choices"][0]["message"]["content"]
+    # Its name is a model name on the server's own /v1 too.
+    main = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    via_main = main.chat.completions.create(model="nosana-r1", messages=NOSANA_BODY["messages"], max_tokens=8)
+    assert via_main.model == "nosana-r1" and via_main.choices[0].message.content
     # Least outstanding first, ties taken in turn: both replicas took traffic.
     assert all(n >= 1 for n in _requests(_get(server, "nosana-r1"))), _get(server, "nosana-r1")["replicas_detail"]
 

@@ -175,9 +175,9 @@ class Deployment:
             self._timer.cancel()
             self._timer = None
         self.group = None
-        await asyncio.gather(*(r.stop(5.0) for r in self.replicas))
-        self.record["replicas_detail"] = [r.as_dict() for r in self.replicas]
-        self.supervisor.persist(self)
+        if self.replicas:
+            await asyncio.gather(*(r.stop(5.0) for r in self.replicas))
+            self.supervisor.persist(self)
         self.log.close()
 
     # ------------------------------------------------------------------ the API's view
@@ -242,9 +242,8 @@ class Supervisor:
             dep.start("RESTORED", "r1serve restarted", expires=expires)
 
     async def close(self) -> None:
-        await asyncio.gather(*(d.shutdown() for d in self.deployments.values() if d.replicas))
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await asyncio.gather(*(d.shutdown() for d in self.deployments.values()))
+        await self.flush()
         await self.client.release()
 
     # ------------------------------------------------------------------ persistence
