@@ -322,3 +322,42 @@ def test_kill_under_load_loses_no_request_that_had_not_started(server: LiveServe
     after = _until(server, dep["id"], lambda d: d["replicas_detail"][0]["status"] == "READY")
     assert after["replicas_detail"][0]["restarts"] == 1
     httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
+
+
+def test_stop_lets_a_stream_in_flight_finish(server: LiveServer) -> None:
+    dep = _until(server, _create(server, "drained", replicas=1)["id"], lambda d: d["status"] == "RUNNING")
+    url = dep["endpoints"][0]["url"]
+    # Long enough to outlast the replica's own graceful shutdown (uvicorn's 5 s): only the supervisor's
+    # draining, waiting for it before the process is told to end, lets it finish.
+    count = "Count from 1 to 400, one number per line, nothing else."
+    body = {"messages": [{"role": "user", "content": count}], "max_tokens": 400, "temperature": 0, "stream": True}
+    events: list[Any] = []
+    marks: list[int] = []  # how many events had arrived when the deployment was already stopping
+    stopping: asyncio.Task[Any] | None = None
+
+    async def scenario() -> dict[str, Any]:
+        nonlocal stopping
+        async with httpx.AsyncClient(timeout=600) as client:
+            async with client.stream("POST", f"{url}/chat/completions", json=body) as resp:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                    if stopping is None:  # the stream has started: stop the deployment under it
+                        stopping = asyncio.create_task(client.post(f"{server.url}/v1/deployments/{dep['id']}/stop"))
+                        await asyncio.sleep(0.5)
+                        refused = await client.post(f"{url}/chat/completions", json={**body, "stream": False})
+                        assert refused.status_code == 404  # no new request once it is stopping
+                        marks.append(len(events))
+            assert stopping is not None
+            stopped = await stopping
+            return stopped.json()  # type: ignore[no-any-return]
+
+    stopped = asyncio.run(scenario())
+    assert len(events) > marks[0] + 2  # text kept coming while the deployment was stopping
+    assert events[-1] == "[DONE]"
+    assert not [e for e in events if isinstance(e, dict) and "error" in e]
+    assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in events[:-1] if c.get("choices"))
+    assert stopped["status"] == "STOPPED"
+    reasons = [e["reason"] for e in stopped["events"]]
+    assert reasons.index("REPLICA_DRAINING") < reasons.index("REPLICA_STOPPED")
