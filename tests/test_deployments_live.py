@@ -9,10 +9,12 @@ One r1serve server for the module; each test makes its own deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -361,3 +363,29 @@ def test_stop_lets_a_stream_in_flight_finish(server: LiveServer) -> None:
     assert stopped["status"] == "STOPPED"
     reasons = [e["reason"] for e in stopped["events"]]
     assert reasons.index("REPLICA_DRAINING") < reasons.index("REPLICA_STOPPED")
+
+
+def test_a_client_that_hangs_up_cancels_the_replicas_request(server: LiveServer) -> None:
+    dep = _until(server, _create(server, "hangup", replicas=1)["id"], lambda d: d["status"] == "RUNNING")
+    count = "Count from 1 to 400, one number per line, nothing else."
+    body = {"messages": [{"role": "user", "content": count}], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{dep['endpoints'][0]['url']}/chat/completions", json=body, timeout=600) as resp:
+        for n, _line in enumerate(resp.iter_lines()):
+            if n >= 4:
+                break  # hang up mid-stream
+    dep = _until(server, dep["id"], lambda d: d["replicas_detail"][0]["outstanding"] == 0)
+    # The replica saw its client (r1serve) leave too: its own ledger settled the request as cancelled,
+    # not as a 400-token answer generated for nobody.
+    ledger = server.log_path.parent / "data" / "deployments" / dep["id"] / "replica-0" / "data" / "accounts.db"
+    assert _ledger_statuses(ledger) == ["cancelled"]
+    httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
+
+
+def _ledger_statuses(path: Path) -> list[str]:
+    deadline = time.monotonic() + 60
+    while True:  # the ledger is written in batches
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            rows = [str(r[0]) for r in db.execute("SELECT status FROM usage_ledger WHERE model_served != ''")]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
