@@ -118,10 +118,12 @@ def test_postgres_needs_explicit_upgrade(postgres: PostgresServer, tmp_path: Pat
 
 
 def test_migrations_match_models(tmp_path: Path) -> None:
-    """The hand-written migration creates exactly what the models describe."""
+    """The hand-written migrations create exactly what the models describe (the deployments' table,
+    defined above accounts in r1serve.deployments, shares the database and its Base)."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
+    import r1serve.deployments.store  # noqa: F401 - registers its table on Base.metadata
     from r1serve.accounts.models import Base
 
     engine = accounts_db.make_engine(f"sqlite:///{tmp_path / 'm.db'}")

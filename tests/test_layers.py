@@ -1,4 +1,5 @@
-"""The layers import in one direction only: protocol -> reasoning -> engines -> routing -> accounts -> api, cli.
+"""The layers import in one direction only: protocol -> reasoning -> engines -> routing -> accounts ->
+deployments -> api, cli.
 
 A module may import from its own layer and the layers below it, never above. The check reads the
 source (no imports run), so it also catches imports inside functions.
@@ -25,9 +26,10 @@ LAYERS: dict[str, int] = {
     "routing": 3,
     "gateway": 3,  # routes over several engines; builds a ModelRegistry
     "accounts": 4,
-    "api": 5,
-    "cli": 6,
-    "__main__": 6,
+    "deployments": 5,  # replicas behind a model group (routing), recorded in the accounts database
+    "api": 6,
+    "cli": 7,
+    "__main__": 7,
     "__init__": 0,
 }
 

@@ -303,3 +303,13 @@ def _register_accounts() -> None:
 
 
 _register_accounts()
+
+
+# Deployments: replicas behind an endpoint URL, managed through the server's API (r1serve.deployments.commands).
+def _register_deployments() -> None:
+    from r1serve.deployments.commands import deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
+
+
+_register_deployments()

@@ -102,6 +102,14 @@ class Settings(BaseSettings):
     ledger_flush_interval: float = 0.5
     keys_refresh_interval: float = 2.0
 
+    # --- Deployments (r1serve.deployments): replicas as local child processes
+    deployment_max_replicas: int = 8  # the most replicas one deployment may ask for
+    # A replica that crashes this many times within the window is FAILED (and its deployment ERROR).
+    deployment_crash_limit: int = 3
+    deployment_crash_window: float = 120.0  # seconds
+    deployment_ready_timeout: float = 600.0  # seconds a replica may take to answer /health
+    deployment_grace_seconds: float = 30.0  # in-flight requests may finish this long before a replica ends
+
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -27,6 +27,7 @@ from r1serve.accounts import Accounts
 from r1serve.api.accounts_routes import accounts_api, open_accounts, use_accounts
 from r1serve.api.auth import StaticKeys
 from r1serve.api.console import console_router
+from r1serve.api.deployments_routes import deployments_api, running_deployments
 from r1serve.api.errors import install_error_handlers
 from r1serve.api.guard import BrowserGuard
 from r1serve.api.hotpaths import HotPaths, hot_routes
@@ -91,17 +92,19 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if registry is not None:
-            _settle_heap()
-            yield
+            async with running_deployments(app, settings, accounts):
+                _settle_heap()
+                yield
             return
         owned = await asyncio.to_thread(open_accounts, settings)
         use_accounts(app, owned)
         try:
             built = await build_registry(settings)
             app.state.registry = built
-            _settle_heap()
             try:
-                yield
+                async with running_deployments(app, settings, owned):
+                    _settle_heap()
+                    yield
             finally:
                 await close_registry(built)  # generations end and settle before the ledger's last flush
         finally:
@@ -120,6 +123,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
         app.state.registry = registry
     app.state.authenticator = StaticKeys(settings.api_keys)
     app.state.accounts = None  # set, so that per-request lookups find it without raising AttributeError
+    app.state.deployments = None  # the Supervisor, while the app runs with an accounts database
     if accounts is not None:
         use_accounts(app, accounts)
 
@@ -127,6 +131,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.include_router(plumber)
     app.hot_routers = (api, plumber)
     app.include_router(accounts_api)
+    app.include_router(deployments_api)
     app.include_router(ops)
     app.include_router(console_router())
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

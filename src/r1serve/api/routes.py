@@ -8,7 +8,7 @@ them, FastAPI's registration describes them in /openapi.json and /docs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -28,8 +28,11 @@ from r1serve.protocol import (
     ModelCard,
     ModelList,
 )
-from r1serve.routing import ModelRegistry
+from r1serve.routing import ModelRegistry, ServedModel
 from r1serve.settings import Settings
+
+if TYPE_CHECKING:
+    from r1serve.deployments import Supervisor
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -55,6 +58,18 @@ def settings_of(request: Request) -> Settings:
     return request.scope["app"].state.settings  # type: ignore[no-any-return]
 
 
+def resolve_served(request: Request, name: str | None) -> ServedModel:
+    """The registry's model for ``name``, else the deployment of that name (its name is a model name on
+    /v1 too, served by its replicas); the registry's names win, and cost nothing extra."""
+    try:
+        return registry_of(request).resolve(name)
+    except ModelNotFound:
+        supervisor: Supervisor | None = request.scope["app"].state.deployments
+        if name and supervisor is not None and supervisor.by_name(name) is not None:
+            return supervisor.served(name)
+        raise
+
+
 # ----------------------------------------------------------------------------- OpenAI API
 
 api = APIRouter(dependencies=[Depends(authenticate)], responses=ERRORS)
@@ -72,7 +87,7 @@ async def chat_completions(request: Request) -> Response:
     precheck_messages(raw, settings)
     body = parse_raw(raw, ChatCompletionRequest)
     check_messages(body, settings)
-    served = registry_of(request).resolve(body.model)
+    served = resolve_served(request, body.model)
     return await serve_chat(request, body, served, settings, model_name=body.model or served.entry.id)
 
 
@@ -85,7 +100,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     """Served by the hot paths (api/hotpaths.py), which authenticate first."""
     body = parse_raw(await request.body(), CompletionRequest)
-    served = registry_of(request).resolve(body.model)
+    served = resolve_served(request, body.model)
     return await serve_completion(
         request, body, served, settings_of(request), model_name=body.model or served.entry.id
     )

@@ -1,0 +1,192 @@
+"""Deployments over HTTP: ``/v1/deployments`` (create, list, get, start, stop, logs) and each
+deployment's endpoint URL, ``/deployments/{name}/v1/...``, served like ``/v1`` by its replicas.
+
+Creating and changing a deployment needs an admin key, or a server with auth off (loopback and no key
+exists, where every caller may do anything already). Reading needs any key the server accepts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import ValidationError
+from starlette.responses import Response, StreamingResponse
+
+from r1serve.accounts import Accounts
+from r1serve.api.auth import authenticate
+from r1serve.api.billing import accounts_of, principal_of
+from r1serve.api.errors import validation_error
+from r1serve.api.requests import json_object, parse_raw
+from r1serve.api.serving import serve_chat, serve_completion
+from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from r1serve.settings import Settings
+
+
+class DeploymentsDisabled(R1ServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "deployments_disabled"
+
+
+@asynccontextmanager
+async def running_deployments(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
+    """The supervisor for the app's lifetime (deployments live in the accounts database: none without)."""
+    if accounts is None:
+        yield
+        return
+    supervisor = Supervisor(settings, DeploymentStore(accounts.engine))
+    await supervisor.start()
+    app.state.deployments = supervisor
+    try:
+        yield
+    finally:
+        app.state.deployments = None
+        await supervisor.close()
+
+
+def _supervisor(request: Request) -> Supervisor:
+    supervisor: Supervisor | None = getattr(request.app.state, "deployments", None)
+    if supervisor is None:
+        raise DeploymentsDisabled("Deployments need the accounts database, which this server has not opened.")
+    return supervisor
+
+
+def _manager(request: Request) -> Supervisor:
+    supervisor = _supervisor(request)
+    accounts, principal = accounts_of(request), principal_of(request)
+    if accounts is not None and principal is not None and principal.kind != "open":
+        accounts.require_admin(principal)
+    return supervisor
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+deployments_api = APIRouter(dependencies=[Depends(authenticate)], tags=["deployments"])
+
+
+@deployments_api.post("/v1/deployments", summary="Create and start a deployment (admin)")
+async def create_deployment(request: Request) -> dict[str, Any]:
+    supervisor = _manager(request)
+    try:
+        body = DeploymentCreate.model_validate(json_object(await request.body()))
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    principal = principal_of(request)
+    dep = await supervisor.create(body, owner=principal.key_id if principal else None)
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.get("/v1/deployments", summary="List deployments")
+async def list_deployments(request: Request) -> dict[str, Any]:
+    supervisor = _supervisor(request)
+    base = _base_url(request)
+    return {"object": "list", "data": [d.as_dict(base) for d in supervisor.deployments.values()]}
+
+
+@deployments_api.get("/v1/deployments/{ident}", summary="One deployment (by id or name)")
+async def get_deployment(request: Request, ident: str) -> dict[str, Any]:
+    return _supervisor(request).get(ident).as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/stop", summary="Stop a deployment (admin)")
+async def stop_deployment(request: Request, ident: str) -> dict[str, Any]:
+    dep = await _manager(request).stop(ident)
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/start", summary="Start a stopped deployment again (admin)")
+async def start_deployment(request: Request, ident: str) -> dict[str, Any]:
+    dep = await _manager(request).start_again(ident)
+    return dep.as_dict(_base_url(request))
+
+
+def _since(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        if value.replace(".", "", 1).isdigit():
+            return dt.datetime.fromtimestamp(float(value), dt.UTC)
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise InvalidRequest(
+            "since must be an ISO 8601 time or unix seconds", param="since", code="invalid_value"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _source(replica: str | None) -> str | None:
+    if replica is None:
+        return None
+    if replica.isdigit():
+        return f"replica-{replica}"
+    if replica == "supervisor" or replica.startswith("replica-"):
+        return replica
+    raise InvalidRequest("replica must be a replica's index or name, or `supervisor`", param="replica")
+
+
+@deployments_api.get("/v1/deployments/{ident}/logs", summary="Recent log lines; follow=true streams them (SSE)")
+async def deployment_logs(
+    request: Request,
+    ident: str,
+    replica: str | None = None,
+    since: str | None = None,
+    tail: int | None = None,
+    follow: bool = False,
+) -> Response:
+    dep = _supervisor(request).get(ident)
+    source, after = _source(replica), _since(since)
+    if tail is not None and tail < 1:
+        raise InvalidRequest("tail must be at least 1", param="tail", code="invalid_value")
+    if not follow:
+        lines = dep.log.lines(source=source, since=after, limit=tail)
+        body = {"object": "list", "deployment": dep.id, "data": [line.as_dict() for line in lines]}
+        return Response(json.dumps(body), media_type="application/json")
+
+    async def events() -> AsyncIterator[str]:
+        async for line in dep.log.follow(source=source, since=after, tail=tail):
+            yield f"data: {json.dumps(line.as_dict())}\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+# ----------------------------------------------------------------------------- the endpoint URL
+
+
+@deployments_api.post("/deployments/{name}/v1/chat/completions", summary="Chat with a deployment")
+async def deployment_chat(request: Request, name: str) -> Response:
+    supervisor = _supervisor(request)
+    body = parse_raw(await request.body(), ChatCompletionRequest)
+    served = supervisor.served(name)
+    settings: Settings = request.app.state.settings
+    return await serve_chat(request, body, served, settings, model_name=body.model or name)
+
+
+@deployments_api.post("/deployments/{name}/v1/completions", summary="Text completion from a deployment")
+async def deployment_completion(request: Request, name: str) -> Response:
+    supervisor = _supervisor(request)
+    body = parse_raw(await request.body(), CompletionRequest)
+    served = supervisor.served(name)
+    settings: Settings = request.app.state.settings
+    return await serve_completion(request, body, served, settings, model_name=body.model or name)
+
+
+@deployments_api.get("/deployments/{name}/v1/models", summary="The model a deployment serves")
+async def deployment_models(request: Request, name: str) -> ModelList:
+    served = _supervisor(request).served(name)
+    entry = served.entry
+    card = ModelCard(
+        id=name, root=entry.id, context_length=entry.context_length, reasoning_format=entry.reasoning_format
+    )
+    return ModelList(data=[card])
+

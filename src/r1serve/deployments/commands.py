@@ -1,0 +1,221 @@
+"""``r1serve deploy``: create, list, get, logs, stop and start deployments on a running server.
+
+The server owns the replica processes, so these commands talk to its API (``--url``, the key from
+``--api-key``, ``$R1SERVE_API_KEY`` or ``R1SERVE_ADMIN_KEY``), never to the database directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from r1serve.settings import Settings
+
+deploy_app = typer.Typer(help="Deployments: a model on N replicas behind one endpoint URL.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
+KeyOption = Annotated[
+    str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")
+]
+
+# Nosana's example request body (their DeepSeek-R1 guide): no model, the endpoint knows it.
+EXAMPLE_BODY = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Give me a short fun fact about the roman empire"},
+    ],
+    "max_tokens": 4000,
+    "temperature": 0.7,
+}
+
+
+class Client:
+    def __init__(self, url: str | None, key: str | None) -> None:
+        settings = Settings()
+        self.base = (url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        self.key = key or os.environ.get("R1SERVE_API_KEY") or settings.admin_key
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        data = json.dumps(body).encode() if body is not None else None
+        return urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            with urllib.request.urlopen(self._request(method, path, body), timeout=60) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise _fail(f"{exc.code}: {_message(exc.read())}") from None
+        except urllib.error.URLError as exc:
+            raise _fail(f"cannot reach {self.base}: {exc.reason} (is `r1serve serve` running?)") from None
+
+    def stream(self, path: str) -> Iterator[dict[str, Any]]:
+        """The data events of an SSE response."""
+        try:
+            with urllib.request.urlopen(self._request("GET", path), timeout=None) as resp:
+                for raw in resp:
+                    line = raw.decode("utf-8", errors="replace").strip()
+                    if line.startswith("data:"):
+                        yield json.loads(line[5:])
+        except urllib.error.HTTPError as exc:
+            raise _fail(f"{exc.code}: {_message(exc.read())}") from None
+        except urllib.error.URLError as exc:
+            raise _fail(f"cannot reach {self.base}: {exc.reason}") from None
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", errors="replace")[:500]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _quote(ident: str) -> str:
+    return urllib.parse.quote(ident, safe="")
+
+
+def _replicas_text(dep: dict[str, Any]) -> str:
+    return ", ".join(f"{r['name']} {r['status']}" for r in dep["replicas_detail"]) or "no replicas"
+
+
+def _print_endpoint(dep: dict[str, Any], key_hint: bool) -> None:
+    url = dep["endpoints"][0]["url"]
+    out.print(f"\n[bold]endpoint URL:[/bold] {url}", highlight=False)
+    auth = ' -H "Authorization: Bearer $R1SERVE_API_KEY"' if key_hint else ""
+    curl = (
+        f"curl -X POST {shlex.quote(url + '/chat/completions')} -H 'Content-Type: application/json'{auth} "
+        f"-d {shlex.quote(json.dumps(EXAMPLE_BODY))}"
+    )
+    out.print(curl, highlight=False, markup=False, soft_wrap=True)
+
+
+@deploy_app.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="Unique, URL-safe: lower-case letters, digits, dashes.")],
+    template: Annotated[str, typer.Option(help="Catalog id or alias (see `r1serve models`), or a GGUF path.")],
+    replicas: Annotated[int, typer.Option(help="Replica processes.")] = 1,
+    strategy: Annotated[str, typer.Option(help="SIMPLE: run the replicas until the timeout.")] = "SIMPLE",
+    timeout: Annotated[float, typer.Option(help="Minutes until the deployment stops.")] = 60.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per replica.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the start until every replica is ready.")] = True,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Create a deployment and follow its start; ends with the endpoint URL and a curl to paste."""
+    client = Client(url, api_key)
+    body: dict[str, Any] = {
+        "name": name, "template": template, "replicas": replicas, "strategy": strategy, "timeout": timeout,
+    }  # fmt: skip
+    if threads is not None:
+        body["threads"] = threads
+    dep = client.call("POST", "/v1/deployments", body)
+    out.print(f"created {dep['name']} ({dep['id']}): {dep['status']}", highlight=False)
+    if wait:
+        dep = _follow_start(client, dep)
+    _print_endpoint(dep, key_hint=bool(client.key))
+    if dep["status"] == "ERROR":
+        raise typer.Exit(1)
+
+
+def _follow_start(client: Client, dep: dict[str, Any]) -> dict[str, Any]:
+    """Replica states and the supervisor's log lines as they come, until RUNNING (or a failure)."""
+    seen = 0
+    shown = ""
+    while True:
+        logs = client.call("GET", f"/v1/deployments/{dep['id']}/logs?replica=supervisor")["data"]
+        for line in logs:
+            if line["seq"] > seen:
+                seen = line["seq"]
+                out.print(f"[dim]{line['time']}[/dim] {line['line']}", highlight=False, markup=True)
+        state = f"{dep['status']}: {_replicas_text(dep)}"
+        if state != shown:
+            out.print(f"[bold]{state}[/bold]", highlight=False)
+            shown = state
+        if dep["status"] not in ("STARTING", "DRAFT"):
+            return dep
+        time.sleep(0.5)
+        dep = client.call("GET", f"/v1/deployments/{dep['id']}")
+
+
+@deploy_app.command("list")
+def list_command(url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """Every deployment with its status and endpoint URL."""
+    data = Client(url, api_key).call("GET", "/v1/deployments")["data"]
+    table = Table(title_justify="left")
+    for column in ("name", "status", "replicas", "strategy", "expires", "endpoint URL"):
+        table.add_column(column, overflow="fold")
+    for dep in data:
+        table.add_row(
+            dep["name"], dep["status"], _replicas_text(dep), dep["strategy"], dep["expires_at"] or "",
+            dep["endpoints"][0]["url"],
+        )  # fmt: skip
+    out.print(table)
+
+
+@deploy_app.command("get")
+def get(
+    name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
+) -> None:
+    """One deployment as JSON (its endpoint URL, replicas and events)."""
+    dep = Client(url, api_key).call("GET", f"/v1/deployments/{_quote(name)}")
+    print(json.dumps(dep, indent=2))
+
+
+@deploy_app.command("logs")
+def logs(
+    name: Annotated[str, typer.Argument(help="Name or id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    replica: Annotated[str | None, typer.Option(help="Only this replica (index or name), or `supervisor`.")] = None,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines so far.")] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """The deployment's log lines (replicas' output and the supervisor's), each with its time."""
+    client = Client(url, api_key)
+    query = {k: v for k, v in {"replica": replica, "tail": tail, "follow": "true" if follow else None}.items() if v}
+    path = f"/v1/deployments/{_quote(name)}/logs?{urllib.parse.urlencode(query)}"
+    lines = client.stream(path) if follow else iter(client.call("GET", path)["data"])
+    try:
+        for line in lines:
+            print(f"{line['time']} [{line['source']}] {line['line']}", flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@deploy_app.command("stop")
+def stop(
+    name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
+) -> None:
+    """Stop every replica (in-flight requests finish first); the endpoint URL then answers 404."""
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/stop")
+    out.print(f"{dep['name']}: {dep['status']}", highlight=False)
+
+
+@deploy_app.command("start")
+def start(
+    name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
+) -> None:
+    """Start a stopped deployment again, with a fresh timeout."""
+    client = Client(url, api_key)
+    dep = _follow_start(client, client.call("POST", f"/v1/deployments/{_quote(name)}/start"))
+    _print_endpoint(dep, key_hint=bool(client.key))

@@ -1,0 +1,314 @@
+"""One replica: a supervised ``r1serve serve`` child process on a free loopback port.
+
+Its life: PENDING -> STARTING (spawned, probing ``/health``) -> READY (a gateway target, takes traffic)
+-> DRAINING (out of routing, in-flight requests finish) -> STOPPED. A crash restarts it with
+exponential backoff; ``crash_limit`` crashes within ``crash_window`` seconds make it FAILED. A READY
+replica whose ``/health`` stops answering is NOT_READY (out of routing) until it answers again.
+
+The child dies with r1serve (Linux ``PR_SET_PDEATHSIG``), so a killed r1serve leaves no orphan holding
+a port; a restarted r1serve starts its deployments' replicas afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from r1serve.deployments.logs import DeploymentLog, iso, now
+from r1serve.deployments.spec import ReplicaStatus
+from r1serve.engines.upstream import HttpClient, Timeouts, UpstreamConfig, UpstreamEngine
+from r1serve.gateway.group import CircuitBreaker, Target
+
+log = logging.getLogger("r1serve.deployments")
+
+_PR_SET_PDEATHSIG = 1
+_LIVENESS_INTERVAL = 5.0
+_LIVENESS_FAILURES = 3  # consecutive failed checks before a READY replica is NOT_READY
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What every replica of one deployment runs."""
+
+    deployment: str  # the deployment's name
+    model: str  # catalog id or GGUF path, as ``r1serve serve --model`` takes it
+    model_id: str  # the id the child serves it under
+    threads: int
+    models_dir: Path
+    directory: Path  # the deployment's own directory: replica data dirs live here
+    crash_limit: int
+    crash_window: float
+    ready_timeout: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Replica:
+    def __init__(
+        self,
+        index: int,
+        plan: ReplicaPlan,
+        log_: DeploymentLog,
+        client: HttpClient,
+        on_change: Callable[[Replica, str], None],
+    ) -> None:
+        self.index = index
+        self.name = f"replica-{index}"
+        self.plan = plan
+        self.log = log_
+        self.client = client
+        self.on_change = on_change  # (replica, reason): routing and the deployment's status follow
+        self.status: ReplicaStatus = "PENDING"
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.restarts = 0
+        self.target: Target | None = None
+        self.last_error: str | None = None
+        self.started_at: str | None = None
+        self._crashes: deque[float] = deque()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._requests_before = 0  # requests served by earlier processes of this replica
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"{self.plan.deployment}:{self.name}")
+
+    async def stop(self, grace: float) -> None:
+        """Out of routing, let in-flight requests finish (up to ``grace`` seconds), end the process."""
+        self._stopping = True
+        if self.status in ("READY", "NOT_READY", "STARTING"):
+            self._set("DRAINING", "draining")
+        target = self.target
+        if target is not None:
+            deadline = time.monotonic() + grace
+            while target.stats.outstanding > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        await self._end_process()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop_target()
+        if self.status != "FAILED":
+            self._set("STOPPED", "stopped")
+
+    # ------------------------------------------------------------------ the supervising loop
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._run_once()
+            if self._stopping:
+                return
+            stamp = time.monotonic()
+            self._crashes.append(stamp)
+            while self._crashes and stamp - self._crashes[0] > self.plan.crash_window:
+                self._crashes.popleft()
+            if len(self._crashes) >= self.plan.crash_limit:
+                self._set(
+                    "FAILED",
+                    f"crashed {len(self._crashes)} times within {self.plan.crash_window:g}s: {self.last_error}",
+                )
+                return
+            delay = min(30.0, 2.0 ** (len(self._crashes) - 1))
+            self.restarts += 1
+            self._say(f"restarting {self.name} in {delay:g}s (restart {self.restarts})")
+            self._set("PENDING", f"restarting after: {self.last_error}")
+            await asyncio.sleep(delay)
+
+    async def _run_once(self) -> None:
+        """One process, from spawn to exit (or to a failed readiness probe, which kills it)."""
+        self.port = free_port()
+        self._proc = proc = await self._spawn(self.port)
+        self.pid = proc.pid
+        self.started_at = iso(now())
+        self._set("STARTING", f"process {proc.pid} on port {self.port}")
+        pump = asyncio.create_task(self._pump(proc))
+        liveness: asyncio.Task[None] | None = None
+        try:
+            if await self._wait_ready(proc):
+                await self._add_target()
+                self._set("READY", "readiness probe passed")
+                liveness = asyncio.create_task(self._liveness())
+            code = await proc.wait()
+            if not self._stopping:
+                self.last_error = f"exited with {_exit_text(code)}"
+                self._say(f"{self.name} (pid {proc.pid}) {self.last_error}")
+        finally:
+            if liveness is not None:
+                liveness.cancel()
+            if not self._stopping:
+                await self._drop_target()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(pump, 2.0)
+
+    async def _spawn(self, port: int) -> asyncio.subprocess.Process:
+        data = self.plan.directory / self.name
+        data.mkdir(parents=True, exist_ok=True)
+        # The child gets none of r1serve's own R1SERVE_* settings (its accounts, keys, port) but the
+        # ones given here; its own data dir keeps its accounts database apart from the parent's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")}
+        env.update(
+            R1SERVE_MODELS_DIR=str(self.plan.models_dir),
+            R1SERVE_DATA_DIR=str(data / "data"),
+            R1SERVE_N_THREADS=str(self.plan.threads),
+            PYTHONUNBUFFERED="1",
+        )
+        cmd = [
+            sys.executable, "-m", "r1serve", "serve",
+            "--model", self.plan.model, "--host", "127.0.0.1", "--port", str(port),
+        ]  # fmt: skip
+        self._say(f"starting {self.name}: r1serve serve --model {self.plan.model} --port {port}")
+        return await asyncio.create_subprocess_exec(
+            *cmd,
+            cwd=data,  # a directory of its own: no developer's .env is read
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            raw = await proc.stdout.readline()
+            if not raw:
+                return
+            self.log.write(self.name, raw.decode("utf-8", errors="replace"))
+
+    async def _probe(self, timeout: float = 2.0) -> bool:
+        try:
+            async with self.client.session.get(
+                f"http://127.0.0.1:{self.port}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self.plan.ready_timeout
+        while proc.returncode is None and not self._stopping:
+            if await self._probe():
+                self._say(f"{self.name} is ready on port {self.port}")
+                return True
+            if time.monotonic() > deadline:
+                self.last_error = f"not ready after {self.plan.ready_timeout:g}s"
+                self._say(f"{self.name} {self.last_error}: killing it")
+                proc.kill()
+                return False
+            await asyncio.sleep(0.25)
+        return False
+
+    async def _liveness(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(_LIVENESS_INTERVAL)
+            if await self._probe(timeout=5.0):
+                failures = 0
+                if self.status == "NOT_READY":
+                    self._set("READY", "health check passed again")
+            else:
+                failures += 1
+                if failures >= _LIVENESS_FAILURES and self.status == "READY":
+                    self._set("NOT_READY", f"{failures} health checks failed")
+
+    async def _add_target(self) -> None:
+        engine = UpstreamEngine(
+            UpstreamConfig(
+                name=f"{self.plan.deployment}/{self.name}",
+                base_url=f"http://127.0.0.1:{self.port}/v1",
+                model=self.plan.model_id,
+                # The child is r1serve: reasoning, when the model has it, comes as reasoning_content.
+                dialect="reasoning_content",
+                timeouts=Timeouts(connect=2.0),
+            ),
+            self.client,
+        )
+        # The supervisor probes the replica itself (the gateway's health loop is off); a breaker that
+        # opens on the first failure keeps a dead replica out until the supervisor has restarted it.
+        self.target = Target(
+            f"{self.plan.deployment}/{self.name}", engine, breaker=CircuitBreaker(1, 5.0), health_interval=0
+        )
+        await self.target.start()
+
+    async def _drop_target(self) -> None:
+        target, self.target = self.target, None
+        if target is not None:
+            self._requests_before += target.stats.requests
+            await target.close()
+
+    async def _end_process(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 15.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    # ------------------------------------------------------------------ state
+
+    def _set(self, status: ReplicaStatus, reason: str) -> None:
+        if status == self.status:
+            return
+        self.status = status
+        self.on_change(self, reason)
+
+    def _say(self, text: str) -> None:
+        self.log.write("supervisor", text)
+
+    @property
+    def requests(self) -> int:
+        return self._requests_before + (self.target.stats.requests if self.target else 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "port": self.port,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "requests": self.requests,
+            "outstanding": self.target.stats.outstanding if self.target else 0,
+            "started_at": self.started_at,
+            "last_error": self.last_error,
+        }
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

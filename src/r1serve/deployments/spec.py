@@ -1,0 +1,116 @@
+"""What a deployment is: its statuses, strategies, and the checks a create request passes.
+
+Names follow Nosana's deployment manager where it has them (statuses, strategies, ``timeout`` in
+minutes), SkyServe's for replica statuses.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict
+
+from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
+
+Status = Literal["DRAFT", "STARTING", "RUNNING", "STOPPING", "STOPPED", "ARCHIVED", "ERROR"]
+ReplicaStatus = Literal["PENDING", "STARTING", "READY", "NOT_READY", "DRAINING", "STOPPED", "FAILED"]
+STRATEGIES = ("SIMPLE", "SIMPLE-EXTEND", "SCHEDULED", "INFINITE")
+SUPPORTED_STRATEGIES = ("SIMPLE",)
+ENGINES = ("embedded",)
+
+# Statuses in which a deployment's replicas should be up (what a restart of r1serve brings back).
+ACTIVE: tuple[Status, ...] = ("STARTING", "RUNNING")
+STATUSES: tuple[Status, ...] = get_args(Status)
+
+# The name is a path segment of the endpoint URL: lower-case letters, digits and inner dashes.
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class Conflict(R1ServeError):
+    status = 409
+    type = "invalid_request_error"
+    code = "deployment_exists"
+
+
+class DeploymentNotFound(R1ServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "deployment_not_found"
+
+
+class DeploymentCreate(BaseModel):
+    """The body of ``POST /v1/deployments``; types only, the rules are in :func:`validate_create`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    template: str | None = None
+    model: str | None = None  # the same as template (HF and SkyServe call it model)
+    engine: str = "embedded"
+    replicas: int = 1
+    strategy: str = "SIMPLE"
+    # Minutes, as Nosana's; fractions are allowed (tests use seconds-long deployments).
+    timeout: float = 60.0
+    threads: int | None = None  # per replica; default: the server's threads shared among the replicas
+
+
+def resolve_template(spec: str) -> ModelEntry:
+    """A catalog id or alias (the template names users type), or a path to a GGUF that exists."""
+    entry = find_entry(spec)
+    if entry is not None:
+        return entry
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return entry_for_path(path)
+    raise InvalidRequest(
+        f"Unknown template `{spec}`: not a catalog id or alias (see `r1serve models`) nor a GGUF file.",
+        param="template",
+        code="template_not_found",
+    )
+
+
+def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
+    """The checks of a new deployment, each naming its field; returns the template's catalog entry."""
+    if not _NAME.fullmatch(body.name):
+        raise _invalid(
+            "name must be 1-63 lower-case letters, digits or dashes, starting and ending with a letter or digit "
+            "(it is part of the endpoint URL)",
+            "name",
+        )
+    if body.template and body.model and body.template != body.model:
+        raise _invalid("give template or model, not two different ones", "model")
+    spec = body.template or body.model
+    if not spec:
+        raise _invalid("template is required (a catalog id such as `deepseek-r1:1.5b`, or a GGUF path)", "template")
+    entry = resolve_template(spec)
+    if body.engine not in ENGINES:
+        raise _invalid(f"unknown engine `{body.engine}`: one of {', '.join(ENGINES)}", "engine")
+    if body.replicas < 0 or body.replicas > max_replicas:
+        raise _invalid(f"replicas must be between 0 and {max_replicas} (got {body.replicas})", "replicas")
+    check_strategy(body.strategy)
+    if not body.timeout > 0:
+        raise _invalid(f"timeout must be a positive number of minutes (got {body.timeout:g})", "timeout")
+    if body.threads is not None and body.threads < 1:
+        raise _invalid("threads must be at least 1", "threads")
+    return entry
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise _invalid(f"unknown strategy `{strategy}`: one of {', '.join(STRATEGIES)}", "strategy")
+    if strategy not in SUPPORTED_STRATEGIES:
+        raise InvalidRequest(
+            f"strategy `{strategy}` is not supported yet; use SIMPLE", param="strategy", code="not_supported"
+        )
+
+
+def _invalid(message: str, param: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def event(time: str, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+    """One entry of ``events[]``: every state change, with its time and a reason."""
+    return {"time": time, "reason": reason, "message": message, **extra}

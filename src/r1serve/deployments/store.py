@@ -1,0 +1,82 @@
+"""Deployments in the accounts database: one row each, its events and replicas as JSON.
+
+JSON columns rather than tables of their own: they are read and written with their deployment, never
+queried on their own, and the row stays portable between SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from r1serve.accounts.models import Base
+
+
+class DeploymentRow(Base):
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True, nullable=False)
+    template: Mapped[str] = mapped_column(String(500), nullable=False)
+    engine: Mapped[str] = mapped_column(String(32), nullable=False)
+    replicas: Mapped[int] = mapped_column(Integer, nullable=False)
+    strategy: Mapped[str] = mapped_column(String(32), nullable=False)
+    timeout_minutes: Mapped[float] = mapped_column(Float, nullable=False)
+    threads: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    owner_key_id: Mapped[str | None] = mapped_column(String(64))
+    events: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
+    replicas_detail: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+_FIELDS = (
+    "id", "name", "template", "engine", "replicas", "strategy", "timeout_minutes", "threads", "status",
+    "owner_key_id", "started_at", "expires_at", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite returns naive datetimes even for timezone=True columns; every time stored here is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+class DeploymentStore:
+    """Blocking reads and writes (the supervisor calls them in a worker thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def save(self, record: dict[str, Any]) -> None:
+        """Insert or replace one deployment (``record`` as :meth:`load_all` returns them)."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(DeploymentRow, record["id"])
+            if row is None:
+                row = DeploymentRow(id=record["id"])
+                session.add(row)
+            for field in _FIELDS[1:]:
+                setattr(row, field, record[field])
+            row.events = json.dumps(record["events"])
+            row.replicas_detail = json.dumps(record["replicas_detail"])
+
+    def load_all(self) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at)).all()
+            out = []
+            for row in rows:
+                record: dict[str, Any] = {f: getattr(row, f) for f in _FIELDS}
+                for f in ("started_at", "expires_at", "created_at", "updated_at"):
+                    record[f] = _aware(record[f])
+                record["events"] = json.loads(row.events)
+                record["replicas_detail"] = json.loads(row.replicas_detail)
+                out.append(record)
+            return out
