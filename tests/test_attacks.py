@@ -664,3 +664,33 @@ async def test_deepseek_chat_honours_max_tokens(tmp_path: Path) -> None:
         for bad in ("0", "many", -1, 1.5):
             resp = await client.post("/deepseek_chat", json={"prompt": "hi", "max_tokens": bad})
             assert _error(resp, 400)["param"] == "max_tokens", bad
+
+
+# Found by a review of the fixes above.
+
+
+async def test_other_upstream_4xx_bodies_stay_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    billing = Reply(kind="status", status=402, body='{"error": {"message": "org-7f3a out of credit, card 4242"}}')
+    async with FakeUpstream(default=billing) as up, app_client(tmp_path, up) as client:
+        error = _error(await client.post("/v1/chat/completions", json={"messages": HELLO}), 502)
+        assert "HTTP 402" in error["message"] and "org-7f3a" not in error["message"]
+    assert "org-7f3a" in caplog.text
+
+
+async def test_localhost_subdomains_only_in_the_default_host_set(tmp_path: Path) -> None:
+    async with FakeUpstream() as up, app_client(tmp_path, up, allowed_hosts=["gpu-box.lan"]) as client:
+        assert (await client.get("/v1/models", headers={"host": "evil.localhost"})).status_code == 403
+
+
+async def test_unreadable_or_huge_schemas_are_400s(tmp_path: Path) -> None:
+    nested: dict[str, Any] = {"type": "string"}
+    for _ in range(120):  # deep enough for the schema library's recursion, not for the body's depth limit
+        nested = {"type": "object", "properties": {"a": nested}}
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}
+    async with FakeUpstream() as up, app_client(tmp_path, up) as client:
+        for schema in ({"$schema": []}, {"$schema": 5}, nested, huge):
+            body = {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert _error(resp, 400)["param"] == "response_format.json_schema.schema"
+        assert len(up.requests) == 0

@@ -55,6 +55,7 @@ def _create(client: TestClient, **fields: Any) -> Any:
         ({"replicas": 5}, "replicas", 400),  # above deployment_max_replicas
         ({"timeout": 0}, "timeout", 400),
         ({"timeout": -5}, "timeout", 400),
+        ({"timeout": 1e10}, "timeout", 400),  # overflowed the deadline: a 500 and a stuck name
         ({"strategy": "FOREVER"}, "strategy", 400),
         ({"strategy": "INFINITE"}, "strategy", 400),  # known, not supported yet
         ({"name": "Not_URL safe"}, "name", 400),

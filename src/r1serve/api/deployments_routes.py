@@ -21,7 +21,7 @@ from r1serve.accounts import Accounts
 from r1serve.api.auth import authenticate
 from r1serve.api.billing import accounts_of, principal_of
 from r1serve.api.errors import validation_error
-from r1serve.api.requests import json_object, parse_raw
+from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
 from r1serve.errors import InvalidRequest, R1ServeError
@@ -166,9 +166,12 @@ async def deployment_logs(
 @deployments_api.post("/deployments/{name}/v1/chat/completions", summary="Chat with a deployment")
 async def deployment_chat(request: Request, name: str) -> Response:
     supervisor = _supervisor(request)
-    body = parse_raw(await request.body(), ChatCompletionRequest)
-    served = supervisor.served(name)
     settings: Settings = request.app.state.settings
+    raw = await request.body()
+    precheck_messages(raw, settings)
+    body = parse_raw(raw, ChatCompletionRequest)
+    check_messages(body, settings)
+    served = supervisor.served(name)
     return await serve_chat(request, body, served, settings, model_name=body.model or name)
 
 

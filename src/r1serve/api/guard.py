@@ -55,6 +55,9 @@ class BrowserGuard:
 
     def __init__(self, listen_host: str, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()):
         hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        # *.localhost names resolve to loopback only (RFC 6761): accepted in the default set, not past an
+        # explicit list.
+        self.any_localhost = not hosts
         if "*" in hosts:
             self.hosts: frozenset[str] | None = None
         elif hosts:
@@ -80,7 +83,7 @@ class BrowserGuard:
             ok = self._hosts_seen.get(raw_host)
             if ok is None:
                 name = host_name(raw_host.decode("latin-1"))
-                ok = name in self.hosts or name.endswith(".localhost")
+                ok = name in self.hosts or (self.any_localhost and name.endswith(".localhost"))
                 _remember(self._hosts_seen, raw_host, ok)
             if not ok:
                 return PermissionDenied(

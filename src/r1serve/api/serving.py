@@ -8,6 +8,7 @@ The handlers in routes.py parse the body and resolve the model, then call :func:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from r1serve.api.billing import Meter, open_meter
 from r1serve.api.bodies import Collected, chat_completion_body, collect, completion_body
 from r1serve.api.chunks import ChatChunkEncoder, CompletionChunkEncoder, Encoder, sse_events
-from r1serve.api.requests import chat_generation_request, completion_generation_request
+from r1serve.api.requests import chat_generation_request, check_json_schema, completion_generation_request
 from r1serve.api.responses import JSONBody, SSEResponse, generation_headers
 from r1serve.engines.base import Delta, GenerationRequest
 from r1serve.models.catalog import Prices
@@ -43,6 +44,8 @@ async def serve_chat(
     request: Request, req: ChatCompletionRequest, served: ServedModel, settings: Settings, *, model_name: str
 ) -> Response:
     gen = chat_generation_request(req, served, settings, request.state.request_id)
+    if gen.response_format is not None and gen.response_format.json_schema is not None:
+        await asyncio.to_thread(check_json_schema, gen.response_format)
     gen.cache_scope = cache_scope(request)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
 
@@ -71,6 +74,8 @@ async def serve_completion(
     request: Request, req: CompletionRequest, served: ServedModel, settings: Settings, *, model_name: str
 ) -> Response:
     gen = completion_generation_request(req, served, settings, request.state.request_id)
+    if gen.response_format is not None and gen.response_format.json_schema is not None:
+        await asyncio.to_thread(check_json_schema, gen.response_format)
     gen.cache_scope = cache_scope(request)
     completion_id, created = new_id("cmpl-"), int(time.time())
     echo = gen.prompt if req.echo else None

@@ -57,6 +57,9 @@ class DeploymentCreate(BaseModel):
     threads: int | None = None  # per replica; default: the server's threads shared among the replicas
 
 
+MAX_TIMEOUT_MINUTES = 525_600  # a year; far larger ones overflow the deadline's datetime arithmetic
+
+
 def resolve_template(spec: str) -> ModelEntry:
     """A catalog id or alias (the template names users type), or a path to a GGUF that exists."""
     entry = find_entry(spec)
@@ -91,8 +94,11 @@ def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
     if body.replicas < 0 or body.replicas > max_replicas:
         raise _invalid(f"replicas must be between 0 and {max_replicas} (got {body.replicas})", "replicas")
     check_strategy(body.strategy)
-    if not body.timeout > 0:
-        raise _invalid(f"timeout must be a positive number of minutes (got {body.timeout:g})", "timeout")
+    if not 0 < body.timeout <= MAX_TIMEOUT_MINUTES:
+        raise _invalid(
+            f"timeout must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES} (got {body.timeout:g})",
+            "timeout",
+        )
     if body.threads is not None and body.threads < 1:
         raise _invalid("threads must be at least 1", "threads")
     return entry

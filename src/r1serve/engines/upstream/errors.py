@@ -188,5 +188,15 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
             retryable=False,
             upstream_status=status,
         )
-    # The request itself was refused (400, 413, 422...): the client's to fix; no retry, no failover.
-    raise InvalidRequest(f"upstream {name} rejected the request (HTTP {status}): {detail}", code="upstream_rejected")
+    if status in (400, 413, 422):
+        # The request itself was refused: the client's to fix; no retry, no failover.
+        raise InvalidRequest(
+            f"upstream {name} rejected the request (HTTP {status}): {detail}", code="upstream_rejected"
+        )
+    # Any other 4xx (402 billing, 405, 409, 451...) is about the upstream's account or set-up, not the
+    # request: its words go to the log, and another target may do better.
+    log_detail(config, f"answered HTTP {status}", detail)
+    raise AttemptFailed(
+        f"upstream {name} refused the request (HTTP {status})", kind="upstream_refused", retryable=False,
+        upstream_status=status,
+    )
