@@ -59,7 +59,8 @@ def chromium_available() -> bool:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not chromium_available():
-        pytest.skip(f"needs the playwright package and {CHROMIUM} (scripts/install-test-services.sh)")
+        # A failure, not a skip: the test set-up installs both, and a skipped browser test proves nothing.
+        pytest.fail(f"needs the playwright package and {CHROMIUM} (scripts/install-test-services.sh)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

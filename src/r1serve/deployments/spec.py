@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
 
 Status = Literal["DRAFT", "STARTING", "RUNNING", "STOPPING", "STOPPED", "ARCHIVED", "ERROR"]
@@ -35,9 +35,7 @@ class Conflict(R1ServeError):
     code = "deployment_exists"
 
 
-class DeploymentNotFound(R1ServeError):
-    status = 404
-    type = "invalid_request_error"
+class DeploymentNotFound(NotFound):
     code = "deployment_not_found"
 
 

@@ -31,7 +31,7 @@ from r1serve.deployments.spec import (
 )
 from r1serve.deployments.store import DeploymentStore
 from r1serve.engines.upstream import HttpClient
-from r1serve.errors import InvalidRequest, R1ServeError
+from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.gateway.group import GroupEngine, Member
 from r1serve.models.catalog import ModelEntry
 from r1serve.routing import ServedModel
@@ -40,9 +40,7 @@ from r1serve.settings import Settings
 log = logging.getLogger("r1serve.deployments")
 
 
-class DeploymentStopped(R1ServeError):
-    status = 404
-    type = "invalid_request_error"
+class DeploymentStopped(NotFound):
     code = "deployment_stopped"
 
 
