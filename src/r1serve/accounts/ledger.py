@@ -234,6 +234,7 @@ class LedgerWriter:
                 time.sleep(0.5)
         self._close_connection()
         self._close_inline()
+        log.info("usage ledger: %d rows written in %d commits", self.written, self.commits)
 
     def _commit_inline(self) -> None:
         """SQLite: commit what is queued right here on the event loop. A commit in WAL mode without
