@@ -195,7 +195,11 @@ class LlamaEngine(Scheduler, Engine):
         self.entry = replace(self.entry, reasoning_format=fmt, context_length=self.context_length)
         log.info(
             "loaded %s: %d-token context per sequence, %d sequences, %d threads, reasoning format %s",
-            self.model_path.name, self.context_length, n_seq, self.settings.n_threads, fmt,
+            self.model_path.name,
+            self.context_length,
+            n_seq,
+            self.settings.n_threads,
+            fmt,
         )
 
     def _wait_for_preparations(self) -> None:
@@ -225,7 +229,9 @@ class LlamaEngine(Scheduler, Engine):
         """The prompt text, and whether it already opened the reasoning (``<think>`` at its end)."""
         assert self._template is not None
         if request.messages is not None:
-            text = self._template.render(request.messages)
+            # tool_choice "none": the model is not told of the tools at all.
+            tools = request.tools if request.tool_choice != "none" else None
+            text = self._template.render(request.messages, tools=tools)
             opened = self.entry.reasoning_format == "deepseek_r1" and prompt_opens_reasoning(text)
             return text, opened
         return request.prompt or "", False

@@ -28,6 +28,7 @@ from r1serve.errors import InvalidRequest, UpstreamError
 
 log = logging.getLogger("r1serve.upstream")
 
+
 class AttemptFailed(UpstreamError):
     """One attempt failed before anything was yielded: the gateway may retry or fail over.
 
@@ -197,6 +198,8 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
     # request: its words go to the log, and another target may do better.
     log_detail(config, f"answered HTTP {status}", detail)
     raise AttemptFailed(
-        f"upstream {name} refused the request (HTTP {status})", kind="upstream_refused", retryable=False,
+        f"upstream {name} refused the request (HTTP {status})",
+        kind="upstream_refused",
+        retryable=False,
         upstream_status=status,
     )
