@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -103,7 +103,7 @@ class ChatTemplate:
         self._eos = eos_token
         # Whether the template renders the tools' definitions itself (Qwen's does, R1's does not).
         self.renders_tools = "tools" in source
-        self.tool_format = "r1" if R1_CALLS_BEGIN in source else "qwen"
+        self.tool_format: Literal["qwen", "r1"] = "r1" if R1_CALLS_BEGIN in source else "qwen"
 
     def render(
         self, messages: list[ChatMessage], *, add_generation_prompt: bool = True, tools: list[Tool] | None = None
