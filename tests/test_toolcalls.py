@@ -22,6 +22,7 @@ from r1serve.toolcalls import (
     parse_tool_calls,
 )
 
+NAMES = frozenset({"get_weather", "a", "b.c", "f", "g", "search"})
 MARKER_BITS = ("<tool_call", "</tool_call", "<｜tool▁", "tool▁sep", "｜>")
 
 
@@ -32,7 +33,7 @@ def ids() -> object:
 
 def run(chunks: list[str]) -> tuple[str, list[tuple[str | None, str | None, str]]]:
     """Feed ``chunks``; the content and the calls reassembled from the streamed pieces (as a client does)."""
-    parser = ToolCallParser(new_id=ids())  # type: ignore[arg-type]
+    parser = ToolCallParser(new_id=ids(), names=NAMES)  # type: ignore[arg-type]
     content: list[str] = []
     calls: dict[int, list[str | None]] = {}
     for piece_source in [*(parser.feed(c) for c in chunks), parser.finish()]:
@@ -82,7 +83,17 @@ CASES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("a < b and <tool>x</tool> <｜User｜>", "a < b and <tool>x</tool> <｜User｜>", []),
     ("plain answer  \n", "plain answer  \n", []),
     (f"{QWEN_OPEN}not json{QWEN_CLOSE}", f"{QWEN_OPEN}not json{QWEN_CLOSE}", []),
-    (f"x {QWEN_OPEN}unclosed", f"x{QWEN_OPEN}unclosed", []),
+    (f"x {QWEN_OPEN}unclosed", f"x {QWEN_OPEN}unclosed", []),
+    # the call's JSON in a Markdown fence (the default model writes that), and fences that are not calls
+    (
+        'Calling.\n```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```',
+        "Calling.",
+        [("get_weather", '{\n    "city": "Paris"\n  }')],
+    ),
+    ("Here:\n```python\nprint(1)\n```\nDone.", "Here:\n```python\nprint(1)\n```\nDone.", []),
+    ('```json\n{"name": "John", "age": 3}\n```', '```json\n{"name": "John", "age": 3}\n```', []),
+    ('```json\n{"name": "rm_rf", "arguments": {}}\n```', '```json\n{"name": "rm_rf", "arguments": {}}\n```', []),
+    ('```\n{"name": "f", "arguments": {"a": [1]}}\n```\n', "", [("f", '{"a": [1]}')]),
     # an unclosed call (cut by max_tokens): its arguments so far
     (f'{QWEN_OPEN}{{"name": "f", "arguments": {{"a": ', "", [("f", '{"a": ')]),
 ]
@@ -90,7 +101,7 @@ CASES: list[tuple[str, str, list[tuple[str, str]]]] = [
 
 @pytest.mark.parametrize(("text", "content", "calls"), CASES)
 def test_whole_text(text: str, content: str, calls: list[tuple[str, str]]) -> None:
-    got_content, got = parse_tool_calls(text, new_id=ids())  # type: ignore[arg-type]
+    got_content, got = parse_tool_calls(text, new_id=ids(), names=NAMES)  # type: ignore[arg-type]
     assert got_content == content
     assert [(c.name, c.arguments) for c in got] == calls
     assert [c.id for c in got] == [f"call_{i}" for i in range(len(calls))]
@@ -124,7 +135,8 @@ def test_no_half_marker_reaches_content_while_streaming() -> None:
 
 _ALPHABET = st.sampled_from(
     ["a", " ", "\n", "{", "}", '"', ":", ",", "`", "<", QWEN_OPEN, QWEN_CLOSE, R1_CALLS_BEGIN, R1_CALL_BEGIN,
-     R1_CALL_END, R1_CALLS_END, R1_SEP, '{"name": "f", "arguments": ', "function", "```json\n"]
+     R1_CALL_END, R1_CALLS_END, R1_SEP, '{"name": "f", "arguments": ', "function", "```json\n", "```", "```\n",
+     '"name"', '"f"', '"arguments"']
 )  # fmt: skip
 
 

@@ -56,9 +56,46 @@ R1_CALL_BEGIN = "<｜tool▁call▁begin｜>"
 R1_CALL_END = "<｜tool▁call▁end｜>"
 R1_SEP = "<｜tool▁sep｜>"
 
-_MARKERS = (QWEN_OPEN, R1_CALLS_BEGIN, R1_CALL_BEGIN, R1_CALLS_END)
+# Small models asked for Qwen's format often write the call's JSON in a Markdown fence instead (the
+# default model does, with tool_choice "auto"); llama.cpp's Hermes parser takes that too. A fence is a
+# call only when its JSON starts {"name": "<one of the request's tools>", "arguments": ...; anything
+# else in it is content, decided as soon as the text rules a call out.
+FENCE_JSON = "```json"
+FENCE = "```\n"
+FENCE_END = "```"
+_MARKERS = (QWEN_OPEN, R1_CALLS_BEGIN, R1_CALL_BEGIN, R1_CALLS_END, FENCE_JSON, FENCE)
 # Qwen's head: the name is read only when it is a plain identifier (so that no marker can hide in it).
 _QWEN_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_.\-]+)"\s*,\s*"arguments"\s*:')
+_HEAD_PARTS = (None, "{", None, '"name"', None, ":", None, "NAME", None, ",", None, '"arguments"', None, ":")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def _could_be_head(text: str) -> bool:
+    """Whether ``text`` is a prefix of Qwen's call head (or holds one whole): what _QWEN_HEAD matches."""
+    pos = 0
+    for part in _HEAD_PARTS:
+        if part is None:  # whitespace
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+        elif part == "NAME":
+            if pos < len(text) and text[pos] != '"':
+                return False
+            pos += 1
+            while pos < len(text) and text[pos] in _NAME_CHARS:
+                pos += 1
+            if pos < len(text) and text[pos] != '"':
+                return False
+            pos += 1
+        else:
+            rest = text[pos : pos + len(part)]
+            if not part.startswith(rest):
+                return False
+            pos += len(part)
+        if pos >= len(text):
+            return True
+    return True
+
+
 _R1_HEAD = re.compile(r"\s*([A-Za-z_]*)\s*" + re.escape(R1_SEP) + r"([^\n<]*)\n")
 
 
@@ -91,8 +128,11 @@ _State = Literal["text", "qwen_head", "r1_head", "r1_fence", "args"]
 class ToolCallParser:
     """Incremental: ``feed`` answer chunks, then ``finish`` once."""
 
-    def __init__(self, *, new_id: Callable[[], str] = new_call_id) -> None:
+    def __init__(self, *, new_id: Callable[[], str] = new_call_id, names: frozenset[str] = frozenset()) -> None:
+        """``names``: the request's functions; a fenced call must name one of them."""
         self._new_id = new_id
+        self._names = names
+        self._close = QWEN_CLOSE  # what ends the Qwen-style call being read: </tool_call> or a fence
         self._state: _State = "text"
         self._buf = ""
         self._trim = False  # drop leading whitespace (after a call or a block marker)
@@ -115,8 +155,8 @@ class ToolCallParser:
     # ------------------------------------------------------------------ the machine
 
     def _run(self, text: str, *, final: bool) -> tuple[str, list[ToolCallPiece]]:
-        # The common case, taken once per token: answer text with no '<' and nothing held.
-        if self._state == "text" and not self._buf and "<" not in text and not final:
+        # The common case, taken once per token: answer text that starts no marker, and nothing held.
+        if self._state == "text" and not self._buf and "<" not in text and "`" not in text and not final:
             return self._text_out(text, hold_ws=True), []
         self._buf += text
         content: list[str] = []
@@ -160,14 +200,19 @@ class ToolCallParser:
             self._buf = head[len(body) :] + held
             content.append(self._plain(body))
             return False
-        content.append(self._plain(buf[:found].rstrip()))
+        before = buf[:found]
+        body = before.rstrip()
+        content.append(self._plain(body))
         self._buf = buf[found + len(marker) :]
+        # The whitespace before the marker is dropped if a call follows, kept if it turns out to be text.
+        self._open = before[len(body) :] + marker
         if marker in (R1_CALLS_BEGIN, R1_CALLS_END):
             self._trim = True
-        elif marker == QWEN_OPEN:
-            self._state, self._open = "qwen_head", marker
+        elif marker in (QWEN_OPEN, FENCE_JSON, FENCE):
+            self._state = "qwen_head"
+            self._close = QWEN_CLOSE if marker == QWEN_OPEN else FENCE_END
         else:
-            self._state, self._open = "r1_head", marker
+            self._state = "r1_head"
         return True
 
     def _plain(self, text: str) -> str:
@@ -184,24 +229,29 @@ class ToolCallParser:
         pieces.append(piece)
         self._state, self._end, self._tail, self._args, self._sent = "args", end, tail, "", 0
 
-    def _fail_head(self, content: list[str]) -> None:
-        """Not a call after all: what was read is content, its marker included."""
-        content.append(self._plain(self._open + self._buf))
-        self._buf, self._state = "", "text"
+    def _fail_head(self, content: list[str]) -> bool:
+        """Not a call after all: its marker is content, and what followed it is read again as text."""
+        content.append(self._plain(self._open))
+        self._state = "text"
+        return True
 
     def _step_qwen_head(self, final: bool, content: list[str], pieces: list[ToolCallPiece]) -> bool:
+        fenced = self._close == FENCE_END
         m = _QWEN_HEAD.match(self._buf)
         if m:
-            rest = self._buf[m.end() :]
-            self._buf = rest
-            self._start_call(m.group(1), pieces, end=QWEN_CLOSE, tail="}")
+            if fenced and m.group(1) not in self._names:
+                return self._fail_head(content)
+            self._buf = self._buf[m.end() :]
+            self._start_call(m.group(1), pieces, end=self._close, tail="}")
             return True
-        close = self._buf.find(QWEN_CLOSE)
+        if fenced and not _could_be_head(self._buf):
+            return self._fail_head(content)
+        close = self._buf.find(self._close)
         if close < 0:
-            if final:
-                self._fail_head(content)
-            return False
-        body, self._buf = self._buf[:close], self._buf[close + len(QWEN_CLOSE) :]
+            return self._fail_head(content) if final else False
+        if fenced:  # the head never matched: not a call
+            return self._fail_head(content)
+        body = self._buf[:close]
         try:
             call = json.loads(body)
             name = call["name"]
@@ -209,11 +259,10 @@ class ToolCallParser:
             if not isinstance(name, str):
                 raise TypeError
         except (ValueError, TypeError, KeyError, AttributeError):
-            content.append(self._plain(self._open + body + QWEN_CLOSE))
-            self._state = "text"
-            return True
+            return self._fail_head(content)
+        self._buf = self._buf[close + len(self._close) :]
         args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        self._start_call(name, pieces, end=QWEN_CLOSE, tail="}")
+        self._start_call(name, pieces, end=self._close, tail="}")
         self._finish_call(args, pieces)
         return True
 
@@ -225,8 +274,7 @@ class ToolCallParser:
             self._state = "r1_fence"
             return True
         if R1_CALL_END in self._buf or final or len(self._buf) > 4096:
-            self._fail_head(content)
-            return True
+            return self._fail_head(content)
         return False
 
     def _step_r1_fence(self, final: bool, content: list[str], pieces: list[ToolCallPiece]) -> bool:
@@ -285,9 +333,11 @@ class ToolCallParser:
         self._state, self._trim, self._args = "text", True, ""
 
 
-def parse_tool_calls(text: str, *, new_id: Callable[[], str] = new_call_id) -> tuple[str, list[ToolCallPiece]]:
+def parse_tool_calls(
+    text: str, *, new_id: Callable[[], str] = new_call_id, names: frozenset[str] = frozenset()
+) -> tuple[str, list[ToolCallPiece]]:
     """Whole-text form: the content and the calls (one piece each) of ``text``."""
-    parser = ToolCallParser(new_id=new_id)
+    parser = ToolCallParser(new_id=new_id, names=names)
     parser.feed(text)
     parser.finish()
     return "".join(parser.content_parts), parser.calls

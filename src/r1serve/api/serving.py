@@ -145,7 +145,7 @@ async def _start(
     every delta and settles the request however the stream ends."""
     stream = served.engine.generate(gen)
     if gen.tools and gen.tool_choice != "none":
-        stream = with_tool_calls(stream)
+        stream = with_tool_calls(stream, frozenset(t.function.name for t in gen.tools))
     if meter is not None:
         stream = meter.wrap(stream)
     try:

@@ -14,8 +14,11 @@ from r1serve.engines.base import Delta
 from r1serve.toolcalls import ToolCallParser
 
 
-async def with_tool_calls(stream: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
-    parser = ToolCallParser()
+async def with_tool_calls(
+    stream: AsyncGenerator[Delta, None], names: frozenset[str] = frozenset()
+) -> AsyncGenerator[Delta, None]:
+    """``names``: the request's functions (a call in a Markdown fence must name one)."""
+    parser = ToolCallParser(names=names)
     called = False
     offset = 0  # calls the engine reported itself come first; parsed ones are numbered after them
     try:
