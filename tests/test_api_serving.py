@@ -413,7 +413,10 @@ def test_completion_echo() -> None:
 
 
 def test_completion_echo_with_prompt_logprobs_in_json_and_stream() -> None:
-    prompt = [PromptLogprob(token="Hel"), PromptLogprob(token="lo", logprob=-1.5, top_logprobs=[TopLogprob(token="p", logprob=-0.2)])]
+    prompt = [
+        PromptLogprob(token="Hel"),
+        PromptLogprob(token="lo", logprob=-1.5, top_logprobs=[TopLogprob(token="p", logprob=-0.2)]),
+    ]
     deltas = [
         Delta(prompt_logprobs=prompt),
         Delta(content=" world", logprobs=[TokenLogprob(token=" world", logprob=-0.5)]),
@@ -432,7 +435,9 @@ def test_completion_echo_with_prompt_logprobs_in_json_and_stream() -> None:
     # token's is null, as OpenAI's echo and vLLM's give it (the SDK parses responses without validation).
     assert body["choices"][0]["text"] == "Hello world!"
     assert body["choices"][0]["logprobs"] == expected
-    enc = CompletionChunkEncoder(completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True)
+    enc = CompletionChunkEncoder(
+        completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True
+    )
     assert enc.start() == []  # the echo waits for the prompt's logprobs
     events = [e for e in _encode_all(enc, deltas) if e["choices"]]
     assert events[0]["choices"][0]["text"] == "Hello"

@@ -30,7 +30,9 @@ def _client(settings: Settings) -> Iterator[TestClient]:
     accounts = Accounts.open(settings)
     accounts.start()
     try:
-        with TestClient(create_app(settings, registry=ModelRegistry(), accounts=accounts), base_url="http://localhost") as client:
+        with TestClient(
+            create_app(settings, registry=ModelRegistry(), accounts=accounts), base_url="http://localhost"
+        ) as client:
             yield client
     finally:
         accounts.close()

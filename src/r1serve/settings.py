@@ -77,9 +77,9 @@ class Settings(BaseSettings):
     upstream: str | None = None  # base URL of any OpenAI-compatible server, e.g. http://host:8000/v1
     upstream_key_env: str | None = None  # the environment variable holding the upstream's API key
     upstream_model: str | None = None
-    reasoning_dialect: Literal[
-        "auto", "think_in_content", "think_tags", "reasoning_content", "reasoning", "none"
-    ] = "auto"
+    reasoning_dialect: Literal["auto", "think_in_content", "think_tags", "reasoning_content", "reasoning", "none"] = (
+        "auto"
+    )
     upstream_connect_timeout: float | None = None
     upstream_first_byte_timeout: float | None = None
     upstream_idle_timeout: float | None = None

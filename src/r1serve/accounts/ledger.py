@@ -495,15 +495,19 @@ def usage_by_day(
     """Totals per day and model (and key, for admins) from the daily roll-ups."""
     d = table(UsageDaily)
     group = [d.c.day, d.c.model] + ([d.c.key_id] if by_key else [])
-    stmt = select(
-        *group,
-        func.sum(d.c.requests).label("requests"),
-        func.sum(d.c.prompt_tokens).label("prompt_tokens"),
-        func.sum(d.c.cached_tokens).label("cached_tokens"),
-        func.sum(d.c.completion_tokens).label("completion_tokens"),
-        func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
-        func.sum(d.c.cost_nanos).label("cost_nanos"),
-    ).group_by(*group).order_by(*group)
+    stmt = (
+        select(
+            *group,
+            func.sum(d.c.requests).label("requests"),
+            func.sum(d.c.prompt_tokens).label("prompt_tokens"),
+            func.sum(d.c.cached_tokens).label("cached_tokens"),
+            func.sum(d.c.completion_tokens).label("completion_tokens"),
+            func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
+            func.sum(d.c.cost_nanos).label("cost_nanos"),
+        )
+        .group_by(*group)
+        .order_by(*group)
+    )
     if key_ids is not None:
         stmt = stmt.where(d.c.key_id.in_(list(key_ids)))
     since_day = _since_date(since)

@@ -192,4 +192,3 @@ async def deployment_models(request: Request, name: str) -> ModelList:
         id=name, root=entry.id, context_length=entry.context_length, reasoning_format=entry.reasoning_format
     )
     return ModelList(data=[card])
-

@@ -27,9 +27,7 @@ out = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
-KeyOption = Annotated[
-    str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")
-]
+KeyOption = Annotated[str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")]
 
 # Nosana's example request body (their DeepSeek-R1 guide): no model, the endpoint knows it.
 EXAMPLE_BODY = {

@@ -338,4 +338,3 @@ class Supervisor:
         if dep is None:
             raise DeploymentNotFound(f"No deployment named `{name}`.", param="model")
         return dep.served()
-
