@@ -15,7 +15,7 @@ from typing import Protocol
 from fastapi import Request
 
 from r1serve.api.context import scope_header
-from r1serve.api.sessions import SessionStore, console_call, session_of
+from r1serve.api.sessions import Session, SessionStore, console_call, page_session, session_of
 from r1serve.errors import AuthenticationError, R1ServeError
 
 
@@ -104,6 +104,22 @@ async def api_is_open(request: Request) -> bool:
     except AuthenticationError:
         return False
     return True
+
+
+async def live_session(request: Request) -> Session | None:
+    """For a page's GET: the session the cookie names, if it is alive and its key still valid (a dead one
+    is ended). Pages only decide which static HTML to send; their data calls are checked on their own."""
+    session = page_session(request)
+    if session is None:
+        return None
+    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        session.caller = await authenticator.resume(request, session.caller)
+    except AuthenticationError:
+        store: SessionStore = request.app.state.sessions
+        store.end(request.cookies.get("r1serve_session", ""))
+        return None
+    return session
 
 
 async def _session_caller(request: Request, authenticator: Authenticator) -> Caller | None:

@@ -25,8 +25,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
-from r1serve.api.auth import api_is_open
-from r1serve.api.sessions import page_session
+from r1serve.api.auth import api_is_open, live_session
 from r1serve.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -122,7 +121,7 @@ def console_router(console: Console | None = None) -> APIRouter:
         route = request.url.path
         if route in _SIGNED_IN:
             # Only which static page to send is decided here; every call for data is checked on its own.
-            session = page_session(request)
+            session = await live_session(request)
             if session is None and not await api_is_open(request):
                 return RedirectResponse("/console/signin", status_code=303, headers=SECURITY_HEADERS)
             if route in _ADMIN and session is not None and not session.caller.admin:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from r1serve.api.auth import Authenticator, api_is_open, bearer_token
-from r1serve.api.sessions import SessionStore, check_state_change, cookie_value, page_session, set_cookie
-from r1serve.errors import AuthenticationError, InvalidRequest
+from r1serve.api.auth import Authenticator, api_is_open, bearer_token, live_session
+from r1serve.api.sessions import SessionStore, check_state_change, cookie_value, set_cookie
+from r1serve.errors import InvalidRequest
 
 signin_api = APIRouter(include_in_schema=False)
 
@@ -16,15 +16,7 @@ _NOBODY = {"signed_in": False, "admin": False, "name": None, "key": None}
 
 @signin_api.get("/console/session")
 async def who(request: Request) -> JSONResponse:
-    store: SessionStore = request.app.state.sessions
-    authenticator: Authenticator = request.app.state.authenticator
-    session = page_session(request)
-    if session is not None:
-        try:
-            session.caller = await authenticator.resume(request, session.caller)
-        except AuthenticationError:
-            store.end(cookie_value(request) or "")
-            session = None
+    session = await live_session(request)
     if session is not None:
         body = {"signed_in": True, "admin": session.caller.admin, "name": session.name, "key": session.key}
         return JSONResponse({"open": False, **body})

@@ -29,6 +29,7 @@
   let signedIn = false;
   r1.session.then((s) => {
     signedIn = !!s.signed_in;
+    if (s.open) ui.apiKey.closest("label").nextElementSibling.textContent = "This server's API is open: no key is needed.";
     if (signedIn) {
       ui.apiKey.placeholder = "signed in as " + s.name;
       ui.apiKey.closest("label").nextElementSibling.textContent = "Signed in: the console's session is used unless you enter a key.";
@@ -130,12 +131,13 @@
       item, details, summary, answer, stats,
       reasoning: "", content: "", reasoningChunks: 0, truncated: false, usage: null, requestId: "",
       sent: performance.now(), firstToken: 0, firstReasoning: 0, firstAnswer: 0, ended: 0, pending: false,
-      renders: 0, shownReasoning: "", shownContent: "",
+      renders: 0, chunks: 0, shownReasoning: "", shownContent: "",
     };
     view.render = function () {
       view.pending = false;
       view.renders += 1;
       item.dataset.renders = String(view.renders);
+      item.dataset.chunks = String(view.chunks);
       if (view.shownReasoning !== view.reasoning) {
         reasoningText.textContent = view.reasoning;
         view.shownReasoning = view.reasoning;
@@ -241,6 +243,7 @@
   }
 
   function onChunk(view, chunk) {
+    view.chunks += 1;
     if (chunk.usage) view.usage = chunk.usage;
     for (const choice of chunk.choices || []) {
       const delta = choice.delta || {};
