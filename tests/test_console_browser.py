@@ -1,4 +1,4 @@
-"""Hostile model output in the playground, in real Chromium (no model: see below).
+"""Hostile model output and a long markdown stream in the playground, in real Chromium (no model: see below).
 
 Browser tests live in modules of their own, with no async tests: Playwright's sync API runs an event loop
 while its browser is open, and pytest-asyncio cannot start one beside it.
@@ -34,12 +34,15 @@ HOSTILE = (
 )
 
 
+# The answer is markdown: what markdown makes of it is checked too (code highlighted, a table, emphasis).
+MARKDOWN = "**bold** and `code`\n\n```python\ndef f(x):\n    return x + 1\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+
+
 @contextmanager
-def _hostile_server(tmp_path: Path) -> Iterator[str]:
+def _fronted_fake(tmp_path: Path, reply: Reply) -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    reply = Reply(fields=[("reasoning_content", "Thinking: " + HOSTILE), ("content", HOSTILE)])
     upstream = FakeUpstream(default=reply)
     asyncio.run_coroutine_threadsafe(upstream.start(), loop).result(30)
     with socket.socket() as s:
@@ -74,7 +77,8 @@ def _hostile_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_hostile_model_output_renders_as_inert_text(browser: object, tmp_path: Path, screenshots: Path) -> None:
-    with _hostile_server(tmp_path) as url:
+    reply = Reply(fields=[("reasoning_content", "Thinking: " + HOSTILE), ("content", MARKDOWN + HOSTILE)])
+    with _fronted_fake(tmp_path, reply) as url:
         tab = open_tab(browser, url)
         page = tab.page
         page.goto(url)  # type: ignore[attr-defined]
@@ -83,12 +87,88 @@ def test_hostile_model_output_renders_as_inert_text(browser: object, tmp_path: P
         page.click("#send")  # type: ignore[attr-defined]
         message = page.locator('li.msg.assistant[data-state="done"]')  # type: ignore[attr-defined]
         message.wait_for(timeout=60_000)
-        # Every byte arrived and is shown as text; nothing became an element.
-        assert message.locator(".answer").text_content() == HOSTILE
+        # The markdown is rendered: emphasis, a highlighted code block, a table.
+        answer = message.locator(".answer")
+        assert answer.locator("strong").inner_text() == "bold"
+        assert answer.locator("pre code.language-python .hljs-keyword").first.inner_text() == "def"
+        assert answer.locator("table td").all_inner_texts() == ["1", "2"]
+        # The raw HTML the model wrote is shown as the text it is; the markdown image is a note, not a load.
+        shown = answer.text_content()
+        for raw in (
+            "<img src=x onerror=alert(1)>",
+            "<script>alert(2)</script>",
+            "<svg onload=alert(4)></svg>",
+            '<iframe src="https://evil.example/"></iframe>',
+            "<style>body{display:none}</style>",
+        ):
+            assert raw in shown, raw
+        assert "[image: pixel] https://evil.example/p.png" in shown
         assert message.locator(".reasoning-text").text_content() == "Thinking: " + HOSTILE
-        for tag in ("img", "script", "svg", "iframe", "a", "link", "style"):
+        for tag in ("img", "script", "svg", "iframe", "link", "style", "form", "input"):
             assert page.locator(f"#messages {tag}").count() == 0, tag  # type: ignore[attr-defined]
+        # The only links are the ones markdown made from bare addresses: never javascript:, never a referrer.
+        for link in page.locator("#messages .answer a").all():  # type: ignore[attr-defined]
+            assert link.get_attribute("href").startswith("https://evil.example/")
+            assert link.get_attribute("rel") == "noopener noreferrer"
         assert page.locator("body").is_visible()  # type: ignore[attr-defined]
         message.locator("details.reasoning summary").click()  # open the panel: its text is inert too
         page.screenshot(path=str(screenshots / "playground-hostile-output.png"))  # type: ignore[attr-defined]
         tab.assert_clean()  # no dialog, no request beyond the origin, no CSP violation, no console error
+
+
+# ----------------------------------------------------------------------------- a long stream stays responsive
+
+# A markdown answer of 4,000 chunks (one token each, as a model streams), with code blocks all along so that
+# every re-render parses and highlights a growing document.
+_LINE = "Step {i}: add `x{i}` to the **total**.\n\n```python\ntotal += x{i}  # running sum\n```\n\n"
+_LONG = "".join(_LINE.format(i=i) for i in range(120))
+
+# Counts animation frames and, at each one, the renders the message has done so far (data-renders), and the
+# long tasks the page had (PerformanceObserver), so the test can tell renders per frame without timing.
+_WATCH_FRAMES = """
+window.__frames = [];
+window.__longTasks = [];
+new PerformanceObserver((list) => {
+  for (const e of list.getEntries()) window.__longTasks.push(Math.round(e.duration));
+}).observe({entryTypes: ["longtask"]});
+(function tick() {
+  const msg = document.querySelector("li.msg.assistant");
+  window.__frames.push(msg ? Number(msg.dataset.renders || 0) : 0);
+  requestAnimationFrame(tick);
+})();
+"""
+
+
+def test_a_long_markdown_stream_renders_at_most_once_per_frame(
+    browser: object, tmp_path: Path, screenshots: Path
+) -> None:
+    chunk = max(1, len(_LONG) // 4000)
+    reply = Reply(fields=[("content", _LONG)], chunk=chunk, chunk_delay=0.001)
+    with _fronted_fake(tmp_path, reply) as url:
+        tab = open_tab(browser, url)
+        page = tab.page
+        page.goto(url)  # type: ignore[attr-defined]
+        page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+        page.evaluate(_WATCH_FRAMES)  # type: ignore[attr-defined]
+        page.fill("#prompt", "Sum them up, step by step.")  # type: ignore[attr-defined]
+        page.click("#send")  # type: ignore[attr-defined]
+        message = page.locator('li.msg.assistant[data-state="done"]')  # type: ignore[attr-defined]
+        message.wait_for(timeout=120_000)
+        page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")  # type: ignore[attr-defined]
+        frames = page.evaluate("window.__frames")  # type: ignore[attr-defined]
+        chunks = int(message.get_attribute("data-chunks"))
+        renders = int(message.get_attribute("data-renders"))
+        print(
+            f"chunks={chunks} renders={renders} frames={len(frames)} long tasks={page.evaluate('window.__longTasks')}"
+        )  # type: ignore[attr-defined]
+        assert chunks >= 3900  # the stream really was some 4,000 deltas
+        # Between two frames, at most one render (the final one, after the stream ended, may share a frame
+        # with the last scheduled one): the page never re-renders per delta.
+        steps = [b - a for a, b in zip(frames, frames[1:], strict=False)]
+        assert max(steps) <= 2 and sum(1 for s in steps if s == 2) <= 1, steps
+        assert renders < chunks / 4
+        # Everything arrived and was rendered: all 120 code blocks, highlighted.
+        assert message.locator(".answer pre code.language-python").count() == 120
+        assert message.locator(".answer").inner_text().rstrip().endswith("total += x119  # running sum")
+        page.screenshot(path=str(screenshots / "playground-long-markdown.png"))  # type: ignore[attr-defined]
+        tab.assert_clean()

@@ -33,14 +33,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, func, select
 
 from r1serve.engines.base import EngineUsage
 
 from .limiter import Admission, Limiter
-from .models import UsageDaily, UsageRow, nanos_to_usd, table
+from .models import ApiKey, UsageDaily, UsageRow, nanos_to_usd, table
 
 log = logging.getLogger("r1serve.accounts")
 
@@ -529,6 +529,62 @@ def usage_by_day(
         }
         if by_key:
             item["key_id"] = r.key_id
+        out.append(item)
+    return out
+
+
+SeriesBy = Literal["key", "model"]
+
+
+def usage_series(
+    engine: Engine,
+    *,
+    by: SeriesBy,
+    key_ids: Sequence[str] | None = None,
+    since: dt.datetime | dt.date | None = None,
+) -> list[dict[str, Any]]:
+    """Totals per day and key (with the key's name and prefix) or per day and model: ONE grouped query
+    over the daily roll-ups, so a chart's totals cover every row, never a page of them."""
+    d = table(UsageDaily)
+    k = table(ApiKey)
+    series = d.c.key_id if by == "key" else d.c.model
+    columns = [d.c.day, series.label("series")]
+    group = [d.c.day, series]
+    if by == "key":
+        columns += [func.max(k.c.name).label("name"), func.max(k.c.prefix).label("prefix")]
+    stmt = select(
+        *columns,
+        func.sum(d.c.requests).label("requests"),
+        func.sum(d.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(d.c.completion_tokens).label("completion_tokens"),
+        func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
+        func.sum(d.c.cost_nanos).label("cost_nanos"),
+    )
+    if by == "key":
+        stmt = stmt.select_from(d.outerjoin(k, k.c.id == d.c.key_id))
+    stmt = stmt.group_by(*group).order_by(*group)
+    if key_ids is not None:
+        stmt = stmt.where(d.c.key_id.in_(list(key_ids)))
+    since_day = _since_date(since)
+    if since_day is not None:
+        stmt = stmt.where(d.c.day >= since_day)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    out = []
+    for r in rows:
+        completion, reasoning = int(r.completion_tokens), int(r.reasoning_tokens)
+        item: dict[str, Any] = {
+            "date": r.day.isoformat() if hasattr(r.day, "isoformat") else str(r.day),
+            by: r.series,
+            "requests": int(r.requests),
+            "prompt_tokens": int(r.prompt_tokens),
+            "reasoning_tokens": reasoning,
+            "answer_tokens": completion - reasoning,
+            "cost_usd": nanos_to_usd(int(r.cost_nanos)),
+        }
+        if by == "key":
+            item["key_name"] = r.name or r.series  # static-N, admin-env and open have no row
+            item["key_prefix"] = f"r1-{r.prefix}…" if r.prefix else None
         out.append(item)
     return out
 

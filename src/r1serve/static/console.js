@@ -1,9 +1,11 @@
 // The playground: chat with a model served here, streaming over fetch.
 //
-// Model output is untrusted. It only ever reaches the page through textContent (never innerHTML), so
-// markup in it stays text; the page's Content-Security-Policy is the second line behind that.
+// Model output is untrusted. The reasoning reaches the page through textContent only; the answer as
+// markdown through markdown.js (raw HTML shown as text, images never loaded, DOMPurify over the result),
+// as DOM nodes, never an HTML string. The page's Content-Security-Policy is the second line behind that.
 // The reasoning and the answer are re-rendered at most once per animation frame, however fast tokens
-// arrive, so that long streams keep the page responsive.
+// arrive, so that long streams keep the page responsive (each message counts its renders in
+// data-renders, which the tests compare with the frames that passed).
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -24,9 +26,20 @@
     return node;
   }
 
+  let signedIn = false;
+  r1.session.then((s) => {
+    signedIn = !!s.signed_in;
+    if (s.open) ui.apiKey.closest("label").nextElementSibling.textContent = "This server's API is open: no key is needed.";
+    if (signedIn) {
+      ui.apiKey.placeholder = "signed in as " + s.name;
+      ui.apiKey.closest("label").nextElementSibling.textContent = "Signed in: the console's session is used unless you enter a key.";
+    }
+  });
+
   function headers() {
-    const h = { "Content-Type": "application/json" };
-    // The key lives in this variable's input only: no cookie, no storage.
+    // The console's header: with it, a signed-in session's cookie counts (api/sessions.py).
+    const h = { "Content-Type": "application/json", "X-R1serve-Console": "1" };
+    // A key typed here lives in this input only: no cookie, no storage.
     const key = ui.apiKey.value.trim();
     if (key) h.Authorization = "Bearer " + key;
     return h;
@@ -46,7 +59,7 @@
       const response = await fetch("/v1/models", { headers: headers() });
       if (!response.ok) {
         ui.status.textContent = response.status === 401
-          ? "This server needs an API key: enter it on the left."
+          ? "This server needs an API key: sign in, or enter it on the left."
           : await errorText(response);
         return;
       }
@@ -109,7 +122,7 @@
     const summary = el("summary", "", "Thinking…");
     const reasoningText = el("div", "text reasoning-text");
     details.append(summary, reasoningText);
-    const answer = el("div", "text answer");
+    const answer = el("div", "answer markdown");
     const stats = el("dl", "stats");
     item.append(el("div", "who", "Assistant"), details, answer, stats);
     ui.messages.append(item);
@@ -118,11 +131,22 @@
       item, details, summary, answer, stats,
       reasoning: "", content: "", reasoningChunks: 0, truncated: false, usage: null, requestId: "",
       sent: performance.now(), firstToken: 0, firstReasoning: 0, firstAnswer: 0, ended: 0, pending: false,
+      renders: 0, chunks: 0, shownReasoning: "", shownContent: "",
     };
     view.render = function () {
       view.pending = false;
-      reasoningText.textContent = view.reasoning;
-      answer.textContent = view.content;
+      view.renders += 1;
+      item.dataset.renders = String(view.renders);
+      item.dataset.chunks = String(view.chunks);
+      if (view.shownReasoning !== view.reasoning) {
+        reasoningText.textContent = view.reasoning;
+        view.shownReasoning = view.reasoning;
+      }
+      if (view.shownContent !== view.content) {
+        answer.replaceChildren(r1markdown.render(view.content));
+        answer.dataset.source = view.content.length;
+        view.shownContent = view.content;
+      }
       if (view.reasoning) details.classList.remove("empty");
     };
     view.schedule = function () {
@@ -219,6 +243,7 @@
   }
 
   function onChunk(view, chunk) {
+    view.chunks += 1;
     if (chunk.usage) view.usage = chunk.usage;
     for (const choice of chunk.choices || []) {
       const delta = choice.delta || {};
@@ -281,7 +306,7 @@
     addUserMessage(text);
     const view = assistantView();
     view.body = requestBody(messages);
-    view.keyed = !!ui.apiKey.value.trim();
+    view.keyed = !!ui.apiKey.value.trim() || signedIn;
     const controller = new AbortController();
     setRunning(controller);
     let note = "";
