@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pg import PostgresServer, postgres  # noqa: F401 - the fixture
@@ -19,6 +20,7 @@ from sqlalchemy import func, select, text
 from r1serve.accounts import Accounts, PriceBook, Principal, cost_nanos, estimate_prompt_tokens, is_loopback
 from r1serve.accounts import db as accounts_db
 from r1serve.accounts.keys import KeyHasher, generate_key, key_prefix
+from r1serve.accounts.ledger import LedgerUnavailable
 from r1serve.accounts.limiter import SqlLimiter
 from r1serve.accounts.models import BudgetCounter, Reservation, UsageDaily, UsageRow
 from r1serve.engines.base import EngineUsage
@@ -444,6 +446,29 @@ async def test_sqlite_checkpoint_after_inline_commits(tmp_path: Path) -> None:
         acc.close()
 
 
+async def test_sqlite_backlog_is_written_a_batch_per_loop_turn(tmp_path: Path) -> None:
+    """Rows queued faster than one commit (a backlog after an outage) are committed a batch a turn, so
+    the loop serves requests between batches instead of stalling for the whole backlog."""
+    acc = Accounts.open(make_settings(tmp_path, None))
+    acc.start()
+    try:
+        p = Principal(key_id="k", name="k", kind="static")
+        futures = []
+        for i in range(2500):  # the writer's batches are 1000 rows
+            settled = acc.finish(
+                None, response_id=f"b-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m")
+            )
+            futures.append(settled.committed)
+        seen: list[int] = []
+        asyncio.get_running_loop().call_soon(lambda: seen.append(acc.ledger.pending))  # after the first turn
+        await asyncio.gather(*futures)
+        assert seen == [1500] and acc.ledger.pending == 0
+        with acc.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(UsageRow)).scalar() == 2500
+    finally:
+        acc.close()
+
+
 def test_ledger_flushes_on_close(backend: tuple[str, str], db_url: str | None, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, db_url, ledger_flush_interval=3600)
     acc = Accounts.open(settings, backend=backend[1])
@@ -475,6 +500,34 @@ def test_ledger_keeps_rows_when_the_database_fails(tmp_path: Path) -> None:
         with acc.engine.begin() as conn:
             conn.execute(text("ALTER TABLE usage_ledger_away RENAME TO usage_ledger"))
         assert acc.ledger.flush() == 1 and acc.ledger.pending == 0
+    finally:
+        acc.close()
+
+
+async def test_ledger_outage_does_not_hold_responses_while_the_writer_backs_off(tmp_path: Path) -> None:
+    acc = Accounts.open(make_settings(tmp_path, None, ledger_flush_interval=30))  # the writer's back-off
+    acc.start()
+    p = Principal(key_id="k", name="k", kind="static")
+
+    def finish(rid: str) -> Any:
+        return acc.finish(None, response_id=rid, principal=p, model_served="m", usage=EngineUsage(1, 1),
+                          price=acc.price("m")).committed  # fmt: skip
+
+    try:
+        with acc.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE usage_ledger RENAME TO usage_ledger_away"))
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(finish("first"), 10)  # the thread's immediate retry failed too
+        # The thread now sleeps 30 s before its next try: a row submitted meanwhile is not kept waiting.
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(finish("second"), 5)
+        assert acc.ledger.pending == 2  # both kept for the retry
+        with acc.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE usage_ledger_away RENAME TO usage_ledger"))
+        await asyncio.wait_for(finish("third"), 10)  # the next inline commit writes all three
+        assert acc.ledger.pending == 0
+        with acc.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(UsageRow)).scalar() == 3
     finally:
         acc.close()
 
