@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from r1serve.deployments.logs import DeploymentLog, iso, now
+from r1serve.deployments.logs import DeploymentLog, iso, now, pump
 from r1serve.deployments.spec import ReplicaStatus
 from r1serve.engines.upstream import HttpClient, Timeouts, UpstreamConfig, UpstreamEngine
 from r1serve.gateway.group import CircuitBreaker, Target
@@ -198,11 +198,7 @@ class Replica:
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        while True:
-            raw = await proc.stdout.readline()
-            if not raw:
-                return
-            self.log.write(self.name, raw.decode("utf-8", errors="replace"))
+        await pump(proc.stdout, self.log, self.name)
 
     async def _probe(self, timeout: float = 2.0) -> bool:
         try:
