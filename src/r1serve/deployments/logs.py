@@ -77,6 +77,10 @@ class DeploymentLog:
         self._new = asyncio.Event()
         return line
 
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
     def lines(
         self, *, source: str | None = None, since: dt.datetime | None = None, after: int = 0, limit: int | None = None
     ) -> list[LogLine]:

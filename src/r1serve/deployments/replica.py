@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import logging
 import os
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -30,6 +32,7 @@ import aiohttp
 
 from r1serve.deployments.logs import DeploymentLog, iso, now, pump
 from r1serve.deployments.spec import ReplicaStatus
+from r1serve.deployments.templates import expand
 from r1serve.engines.upstream import HttpClient, Timeouts, UpstreamConfig, UpstreamEngine
 from r1serve.gateway.group import CircuitBreaker, Target
 
@@ -53,6 +56,9 @@ class ReplicaPlan:
     crash_limit: int
     crash_window: float
     ready_timeout: float
+    # The command engine's argv (placeholders unexpanded); None: an ``r1serve serve`` child.
+    command: tuple[str, ...] | None = None
+    readiness_path: str = "/health"  # probed for readiness and liveness
 
 
 def free_port() -> int:
@@ -93,6 +99,7 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._requests_before = 0  # requests served by earlier processes of this replica
+        self._spawn_seq = 0  # the log's last line before this process started
 
     # ------------------------------------------------------------------ control
 
@@ -159,7 +166,12 @@ class Replica:
                 liveness = asyncio.create_task(self._liveness())
             code = await proc.wait()
             if not self._stopping:
-                self.last_error = f"exited with {_exit_text(code)}"
+                # The child's last words usually say why (a model that cannot be fetched, a bad flag).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pump), 2.0)
+                last = self.log.lines(source=self.name, limit=1)
+                said = f": {last[0].text[:300]}" if last and last[0].seq > self._spawn_seq else ""
+                self.last_error = f"exited with {_exit_text(code)}{said}"
                 self._say(f"{self.name} (pid {proc.pid}) {self.last_error}")
         finally:
             if liveness is not None:
@@ -181,11 +193,20 @@ class Replica:
             R1SERVE_N_THREADS=str(self.plan.threads),
             PYTHONUNBUFFERED="1",
         )
-        cmd = [
-            sys.executable, "-m", "r1serve", "serve",
-            "--model", self.plan.model, "--host", "127.0.0.1", "--port", str(port),
-        ]  # fmt: skip
-        self._say(f"starting {self.name}: r1serve serve --model {self.plan.model} --port {port}")
+        if self.plan.command is not None:
+            cmd = expand(list(self.plan.command), port=port, model=self.plan.model, threads=self.plan.threads)
+            self._say(f"starting {self.name}: {shlex.join(cmd)}")
+        else:
+            cmd = [
+                sys.executable, "-m", "r1serve", "serve",
+                "--model", self.plan.model, "--host", "127.0.0.1", "--port", str(port),
+            ]  # fmt: skip
+            self._say(f"starting {self.name}: r1serve serve --model {self.plan.model} --port {port}")
+        self._spawn_seq = self.log.last_seq
+        if self.plan.command is not None and shutil.which(cmd[0]) is None:
+            # Not a crash worth retrying with backoff: the same missing program will be missing again;
+            # still, the replica's normal crash accounting makes it FAILED with this reason.
+            cmd = [sys.executable, "-c", f"import sys; sys.exit('command not found: {cmd[0]!r}')"]
         return await asyncio.create_subprocess_exec(
             *cmd,
             cwd=data,  # a directory of its own: no developer's .env is read
@@ -203,7 +224,7 @@ class Replica:
     async def _probe(self, timeout: float = 2.0) -> bool:
         try:
             async with self.client.session.get(
-                f"http://127.0.0.1:{self.port}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"http://127.0.0.1:{self.port}{self.plan.readiness_path}", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -242,8 +263,9 @@ class Replica:
                 name=f"{self.plan.deployment}/{self.name}",
                 base_url=f"http://127.0.0.1:{self.port}/v1",
                 model=self.plan.model_id,
-                # The child is r1serve: reasoning, when the model has it, comes as reasoning_content.
-                dialect="reasoning_content",
+                # An r1serve child sends reasoning as reasoning_content; a command's server may be any
+                # (vLLM with a reasoning parser, llama.cpp with <think> in the text): auto-detected.
+                dialect="reasoning_content" if self.plan.command is None else "auto",
                 timeouts=Timeouts(connect=2.0),
             ),
             self.client,

@@ -7,19 +7,20 @@ minutes), SkyServe's for replica statuses.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
+from r1serve.deployments.templates import check_readiness_path, parse_command
+from r1serve.deployments.templates import resolve_template as resolve_template  # the supervisor's, re-exported
 from r1serve.errors import InvalidRequest, NotFound, R1ServeError
-from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
+from r1serve.models.catalog import ModelEntry
 
 Status = Literal["DRAFT", "STARTING", "RUNNING", "STOPPING", "STOPPED", "ARCHIVED", "ERROR"]
 ReplicaStatus = Literal["PENDING", "STARTING", "READY", "NOT_READY", "DRAINING", "STOPPED", "FAILED"]
 STRATEGIES = ("SIMPLE", "SIMPLE-EXTEND", "SCHEDULED", "INFINITE")
 SUPPORTED_STRATEGIES = ("SIMPLE",)
-ENGINES = ("embedded",)
+ENGINES = ("embedded", "command")  # command: any OpenAI-compatible server's command line (templates.py)
 
 # Statuses in which a deployment's replicas should be up (what a restart of r1serve brings back).
 ACTIVE: tuple[Status, ...] = ("STARTING", "RUNNING")
@@ -53,24 +54,13 @@ class DeploymentCreate(BaseModel):
     # Minutes, as Nosana's; fractions are allowed (tests use seconds-long deployments).
     timeout: float = 60.0
     threads: int | None = None  # per replica; default: the server's threads shared among the replicas
+    # The command engine: a command line with {port} and {model} placeholders, and the path that answers
+    # 200 once it is ready (default /v1/models).
+    command: str | None = None
+    readiness_path: str | None = None
 
 
 MAX_TIMEOUT_MINUTES = 525_600  # a year; far larger ones overflow the deadline's datetime arithmetic
-
-
-def resolve_template(spec: str) -> ModelEntry:
-    """A catalog id or alias (the template names users type), or a path to a GGUF that exists."""
-    entry = find_entry(spec)
-    if entry is not None:
-        return entry
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return entry_for_path(path)
-    raise InvalidRequest(
-        f"Unknown template `{spec}`: not a catalog id or alias (see `r1serve models`) nor a GGUF file.",
-        param="template",
-        code="template_not_found",
-    )
 
 
 def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
@@ -86,9 +76,14 @@ def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
     spec = body.template or body.model
     if not spec:
         raise _invalid("template is required (a catalog id such as `deepseek-r1:1.5b`, or a GGUF path)", "template")
-    entry = resolve_template(spec)
     if body.engine not in ENGINES:
         raise _invalid(f"unknown engine `{body.engine}`: one of {', '.join(ENGINES)}", "engine")
+    entry = resolve_template(spec, body.engine)
+    if body.engine == "command":
+        parse_command(body.command)
+    elif body.command is not None:
+        raise _invalid("command is only for engine `command`", "command")
+    check_readiness_path(body.readiness_path, body.engine)
     if body.replicas < 0 or body.replicas > max_replicas:
         raise _invalid(f"replicas must be between 0 and {max_replicas} (got {body.replicas})", "replicas")
     check_strategy(body.strategy)

@@ -30,6 +30,7 @@ from r1serve.deployments.spec import (
     validate_create,
 )
 from r1serve.deployments.store import DeploymentStore
+from r1serve.deployments.templates import launch_of, model_argument, parse_command
 from r1serve.engines.upstream import HttpClient
 from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.gateway.group import GroupEngine, Member
@@ -122,16 +123,22 @@ class Deployment:
     def _plan(self) -> ReplicaPlan:
         settings = self.supervisor.settings
         threads = self.record["threads"] or max(1, settings.n_threads // max(1, self.record["replicas"]))
+        engine = self.record["engine"]
+        command, readiness = launch_of(self.record)
+        model = model_argument(self.record["template"], self.entry, engine, Path(settings.models_dir))
         return ReplicaPlan(
             deployment=self.name,
-            model=self.record["template"],
-            model_id=self.entry.id,
+            model=model,
+            # A command's server knows the model by the name it was given; an r1serve child by its id.
+            model_id=model if engine == "command" else self.entry.id,
             threads=threads,
             models_dir=Path(settings.models_dir),
             directory=self.supervisor.directory / self.id,
             crash_limit=settings.deployment_crash_limit,
             crash_window=settings.deployment_crash_window,
             ready_timeout=settings.deployment_ready_timeout,
+            command=tuple(parse_command(command)) if engine == "command" else None,
+            readiness_path=readiness,
         )
 
     def start(self, reason: str, message: str, *, expires: dt.datetime | None = None) -> None:
@@ -224,7 +231,7 @@ class Supervisor:
         self._writes = asyncio.Lock()
         for record in await asyncio.to_thread(self.store.load_all):
             try:
-                entry = resolve_template(record["template"])
+                entry = resolve_template(record["template"], record["engine"])
             except InvalidRequest as exc:
                 log.error("deployment %s: %s", record["name"], exc.message)
                 continue
@@ -308,7 +315,9 @@ class Supervisor:
         }
         dep = Deployment(record, entry, self)
         self.deployments[dep.id] = dep
-        dep.add_event("CREATED", f"template {record['template']}, strategy {body.strategy}")
+        # The command engine's launch is kept in the CREATED event (templates.launch_of reads it back).
+        launch = {"command": body.command, "readiness_path": body.readiness_path} if body.engine == "command" else {}
+        dep.add_event("CREATED", f"template {record['template']}, strategy {body.strategy}", **launch)
         dep.start("STARTING", "created")
         await self.flush()
         return dep
