@@ -20,10 +20,12 @@ from starlette.responses import Response, StreamingResponse
 from r1serve.accounts import Accounts
 from r1serve.api.auth import authenticate
 from r1serve.api.billing import accounts_of, principal_of
+from r1serve.api.deployment_scope import check_call, may_see
 from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
-from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments import Deployment, DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments.spec import DeploymentNotFound
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1serve.settings import Settings
@@ -89,12 +91,22 @@ async def create_deployment(request: Request) -> dict[str, Any]:
 async def list_deployments(request: Request) -> dict[str, Any]:
     supervisor = _supervisor(request)
     base = _base_url(request)
-    return {"object": "list", "data": [d.as_dict(base) for d in supervisor.deployments.values()]}
+    visible = [d for d in supervisor.deployments.values() if may_see(request, d.name)]
+    return {"object": "list", "data": [d.as_dict(base) for d in visible]}
 
 
 @deployments_api.get("/v1/deployments/{ident}", summary="One deployment (by id or name)")
 async def get_deployment(request: Request, ident: str) -> dict[str, Any]:
-    return _supervisor(request).get(ident).as_dict(_base_url(request))
+    return _readable(request, ident).as_dict(_base_url(request))
+
+
+def _readable(request: Request, ident: str) -> Deployment:
+    """The deployment, unless the caller's key is limited to others (then it does not exist for it)."""
+    supervisor = _supervisor(request)
+    dep = supervisor.get(ident)
+    if not may_see(request, dep.name):
+        raise DeploymentNotFound(f"No deployment `{ident}`.", param="id")
+    return dep
 
 
 @deployments_api.post("/v1/deployments/{ident}/stop", summary="Stop a deployment (admin)")
@@ -142,7 +154,7 @@ async def deployment_logs(
     tail: int | None = None,
     follow: bool = False,
 ) -> Response:
-    dep = _supervisor(request).get(ident)
+    dep = _readable(request, ident)
     source, after = _source(replica), _since(since)
     if tail is not None and tail < 1:
         raise InvalidRequest("tail must be at least 1", param="tail", code="invalid_value")
@@ -171,21 +183,26 @@ async def deployment_chat(request: Request, name: str) -> Response:
     precheck_messages(raw, settings)
     body = parse_raw(raw, ChatCompletionRequest)
     check_messages(body, settings)
+    check_call(request, name)
     served = supervisor.served(name)
-    return await serve_chat(request, body, served, settings, model_name=body.model or name)
+    # The body's model does not choose anything here (the URL does): the deployment's name is what the
+    # answer reports, what the ledger records, and what a scoped key's check sees.
+    return await serve_chat(request, body, served, settings, model_name=name)
 
 
 @deployments_api.post("/deployments/{name}/v1/completions", summary="Text completion from a deployment")
 async def deployment_completion(request: Request, name: str) -> Response:
     supervisor = _supervisor(request)
     body = parse_raw(await request.body(), CompletionRequest)
+    check_call(request, name)
     served = supervisor.served(name)
     settings: Settings = request.app.state.settings
-    return await serve_completion(request, body, served, settings, model_name=body.model or name)
+    return await serve_completion(request, body, served, settings, model_name=name)
 
 
 @deployments_api.get("/deployments/{name}/v1/models", summary="The model a deployment serves")
 async def deployment_models(request: Request, name: str) -> ModelList:
+    check_call(request, name)
     served = _supervisor(request).served(name)
     entry = served.entry
     card = ModelCard(

@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from r1serve.deployments import metrics
 from r1serve.deployments.logs import DeploymentLog, iso, now
 from r1serve.deployments.replica import Replica, ReplicaPlan
 from r1serve.deployments.spec import (
@@ -229,6 +230,7 @@ class Supervisor:
         """Load every deployment; start again those that were running and whose time is not up."""
         self.client.acquire()
         self._writes = asyncio.Lock()
+        metrics.watch(self)  # /metrics: replicas by state, restarts, requests, outstanding
         for record in await asyncio.to_thread(self.store.load_all):
             try:
                 entry = resolve_template(record["template"], record["engine"])
@@ -247,6 +249,7 @@ class Supervisor:
             dep.start("RESTORED", "r1serve restarted", expires=expires)
 
     async def close(self) -> None:
+        metrics.unwatch(self)
         await asyncio.gather(*(d.shutdown() for d in self.deployments.values()))
         await self.flush()
         await self.client.release()

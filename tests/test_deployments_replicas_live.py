@@ -1,6 +1,7 @@
 """Deployments of the ``command`` engine and of hub templates, with real processes and the real default
 model: llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``) supervised as a
-replica (readiness on /v1/models, a 200 KiB line in its output, SIGKILL and restart, stop); the
+replica (readiness on /v1/models, a 200 KiB line in its output, SIGKILL and restart, stop, and its
+series on /metrics: state, requests, outstanding during a stream, restarts); the
 ``deepseek-r1`` template served from a Hugging Face cache laid out on disk (no download: offline); a
 template whose weights are not here fails with the reason in its events.
 """
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 from conftest import DEFAULT_MODEL, LiveServer
+from test_deployments_metrics import samples
 
 from r1serve.models.catalog import HubSource, find_entry
 from r1serve.models.fetch import local_path
@@ -138,6 +140,23 @@ def test_command_engine_runs_llama_cpp_server(server: LiveServer) -> None:
     ).json()["data"]
     assert any("-m llama_cpp.server --model /" in s["line"] for s in supervisor)  # {model}: the GGUF's path
 
+    # /metrics: one READY replica, the request counted, one outstanding while a stream runs.
+    def scrape(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return samples(httpx.get(f"{server.url}/metrics", timeout=30).text, name)
+
+    one = (("deployment", "llamacpp"), ("replica", "replica-0"))
+    assert scrape("r1serve_deployment_replicas")[(("deployment", "llamacpp"), ("state", "READY"))] == 1
+    assert scrape("r1serve_deployment_replica_requests_total")[one] == 1
+    assert scrape("r1serve_deployment_replica_outstanding")[one] == 0
+    body = {"messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", f"{dep['endpoints'][0]['url']}/chat/completions", json=body, timeout=600) as resp:
+        lines_in = resp.iter_lines()
+        # The first chunk (the role) goes out before the replica is asked; a text chunk comes from it.
+        next(line for line in lines_in if line.startswith("data: {") and '"content":"' in line.replace(" ", ""))
+        assert scrape("r1serve_deployment_replica_outstanding")[one] == 1
+        assert "data: [DONE]" in list(lines_in)
+    assert scrape("r1serve_deployment_replica_outstanding")[one] == 0
+
     # Supervised like an r1serve replica: SIGKILL, restart with backoff, ready, serving again.
     victim = dep["replicas_detail"][0]["pid"]
     os.kill(victim, signal.SIGKILL)
@@ -148,6 +167,8 @@ def test_command_engine_runs_llama_cpp_server(server: LiveServer) -> None:
     )
     assert dep["replicas_detail"][0]["pid"] != victim and "SIGKILL" in dep["replicas_detail"][0]["last_error"]
     assert _ask(dep)
+    assert scrape("r1serve_deployment_replica_restarts_total")[one] == 1
+    assert scrape("r1serve_deployment_replica_requests_total")[one] == 3  # across both processes
     stopped = httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).json()
     assert stopped["status"] == "STOPPED"
     resp = httpx.post(
