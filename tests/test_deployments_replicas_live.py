@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,8 +125,14 @@ def _ask(dep: dict[str, Any]) -> str:
 
 
 def test_command_engine_runs_llama_cpp_server(server: LiveServer) -> None:
-    dep = _create(server, name="llamacpp", engine="command", command=COMMAND)
-    dep = _until(server, dep["id"], lambda d: d["status"] == "RUNNING")
+    created = subprocess.run(
+        [sys.executable, "-m", "r1serve", "deploy", "create", "llamacpp", "--template", DEFAULT_MODEL,
+         "--engine", "command", "--command", COMMAND, "--no-wait", "--url", server.url],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")},
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    dep = _until(server, "llamacpp", lambda d: d["status"] == "RUNNING")
     assert dep["engine"] == "command"
     assert _ask(dep)
 

@@ -118,6 +118,11 @@ def create(
     timeout: Annotated[float, typer.Option(help="Minutes until the deployment stops.")] = 60.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads per replica.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the start until every replica is ready.")] = True,
+    engine: Annotated[str, typer.Option(help="embedded (r1serve serve) or command (--command).")] = "embedded",
+    command: Annotated[
+        str | None, typer.Option(help="The command engine's server command line, with {port} and {model}.")
+    ] = None,
+    readiness_path: Annotated[str | None, typer.Option(help="Path that answers 200 once a replica is ready.")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
@@ -128,6 +133,10 @@ def create(
     }  # fmt: skip
     if threads is not None:
         body["threads"] = threads
+    if engine != "embedded" or command is not None:
+        body.update(engine=engine, command=command)
+    if readiness_path is not None:
+        body["readiness_path"] = readiness_path
     dep = client.call("POST", "/v1/deployments", body)
     out.print(f"created {dep['name']} ({dep['id']}): {dep['status']}", highlight=False)
     if wait:
