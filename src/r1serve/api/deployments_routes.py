@@ -11,10 +11,10 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from r1serve.accounts import Accounts
@@ -24,9 +24,19 @@ from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments.spec import DeploymentExtend, DeploymentUpdate
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1serve.settings import Settings
+
+
+class _Scale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class DeploymentsDisabled(R1ServeError):
@@ -86,10 +96,12 @@ async def create_deployment(request: Request) -> dict[str, Any]:
 
 
 @deployments_api.get("/v1/deployments", summary="List deployments")
-async def list_deployments(request: Request) -> dict[str, Any]:
+async def list_deployments(request: Request, archived: bool = False) -> dict[str, Any]:
+    """Archived deployments are left out unless ``?archived=true`` (then only they are listed)."""
     supervisor = _supervisor(request)
     base = _base_url(request)
-    return {"object": "list", "data": [d.as_dict(base) for d in supervisor.deployments.values()]}
+    data = [d.as_dict(base) for d in supervisor.deployments.values() if (d.status == "ARCHIVED") == archived]
+    return {"object": "list", "data": data}
 
 
 @deployments_api.get("/v1/deployments/{ident}", summary="One deployment (by id or name)")
@@ -106,6 +118,41 @@ async def stop_deployment(request: Request, ident: str) -> dict[str, Any]:
 @deployments_api.post("/v1/deployments/{ident}/start", summary="Start a stopped deployment again (admin)")
 async def start_deployment(request: Request, ident: str) -> dict[str, Any]:
     dep = await _manager(request).start_again(ident)
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/archive", summary="Archive a stopped deployment (admin)")
+async def archive_deployment(request: Request, ident: str) -> dict[str, Any]:
+    dep = await _manager(request).archive(ident)
+    return dep.as_dict(_base_url(request))
+
+
+def _body(raw: bytes, model: type[_Body]) -> _Body:
+    try:
+        return model.model_validate(json_object(raw))
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+@deployments_api.patch("/v1/deployments/{ident}", summary="Change timeout, replicas or schedule (admin)")
+async def update_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.update(ident, _body(await request.body(), DeploymentUpdate))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/extend", summary="Add minutes to the timeout (admin)")
+async def extend_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.extend(ident, _body(await request.body(), DeploymentExtend))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/scale", summary="Change the replica count (admin)")
+async def scale_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    body = _body(await request.body(), _Scale)
+    dep = await supervisor.update(ident, DeploymentUpdate(replicas=body.replicas))
     return dep.as_dict(_base_url(request))
 
 
@@ -192,4 +239,3 @@ async def deployment_models(request: Request, name: str) -> ModelList:
         id=name, root=entry.id, context_length=entry.context_length, reasoning_format=entry.reasoning_format
     )
     return ModelList(data=[card])
-

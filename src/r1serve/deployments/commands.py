@@ -1,4 +1,5 @@
-"""``r1serve deploy``: create, list, get, logs, stop and start deployments on a running server.
+"""``r1serve deploy``: create, list, get, logs, stop, start, extend, scale and archive deployments on a
+running server.
 
 The server owns the replica processes, so these commands talk to its API (``--url``, the key from
 ``--api-key``, ``$R1SERVE_API_KEY`` or ``R1SERVE_ADMIN_KEY``), never to the database directly.
@@ -27,9 +28,7 @@ out = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
-KeyOption = Annotated[
-    str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")
-]
+KeyOption = Annotated[str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")]
 
 # Nosana's example request body (their DeepSeek-R1 guide): no model, the endpoint knows it.
 EXAMPLE_BODY = {
@@ -114,9 +113,17 @@ def create(
     name: Annotated[str, typer.Argument(help="Unique, URL-safe: lower-case letters, digits, dashes.")],
     template: Annotated[str, typer.Option(help="Catalog id or alias (see `r1serve models`), or a GGUF path.")],
     replicas: Annotated[int, typer.Option(help="Replica processes.")] = 1,
-    strategy: Annotated[str, typer.Option(help="SIMPLE: run the replicas until the timeout.")] = "SIMPLE",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="SIMPLE (until the timeout), SIMPLE-EXTEND (extended while the budget allows), "
+            "SCHEDULED (on --schedule, for the timeout), INFINITE (kept up, replicas replaced)."
+        ),
+    ] = "SIMPLE",
     timeout: Annotated[float, typer.Option(help="Minutes until the deployment stops.")] = 60.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads per replica.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Cron (SCHEDULED), e.g. '0 9 * * mon-fri'.")] = None,
+    price_per_hour: Annotated[float | None, typer.Option(help="USD per replica-hour (default: template's).")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the start until every replica is ready.")] = True,
     url: UrlOption = None,
     api_key: KeyOption = None,
@@ -126,10 +133,14 @@ def create(
     body: dict[str, Any] = {
         "name": name, "template": template, "replicas": replicas, "strategy": strategy, "timeout": timeout,
     }  # fmt: skip
-    if threads is not None:
-        body["threads"] = threads
+    for field, value in (("threads", threads), ("schedule", schedule), ("price_per_hour", price_per_hour)):
+        if value is not None:
+            body[field] = value
     dep = client.call("POST", "/v1/deployments", body)
     out.print(f"created {dep['name']} ({dep['id']}): {dep['status']}", highlight=False)
+    if dep["status"] == "STOPPED" and dep.get("next_run_at"):
+        out.print(f"scheduled: the first run starts at {dep['next_run_at']}", highlight=False)
+        wait = False
     if wait:
         dep = _follow_start(client, dep)
     _print_endpoint(dep, key_hint=bool(client.key))
@@ -219,3 +230,42 @@ def start(
     client = Client(url, api_key)
     dep = _follow_start(client, client.call("POST", f"/v1/deployments/{_quote(name)}/start"))
     _print_endpoint(dep, key_hint=bool(client.key))
+
+
+def _summary(dep: dict[str, Any]) -> None:
+    out.print(
+        f"{dep['name']}: {dep['status']}, {dep['replicas']} replicas ({_replicas_text(dep)}), "
+        f"timeout {dep['timeout']:g} min, until {dep['expires_at'] or '-'}, cost ${dep['cost']:.6f}",
+        highlight=False,
+    )
+
+
+@deploy_app.command("extend")
+def extend(
+    name: Annotated[str, typer.Argument(help="Name or id.")],
+    minutes: Annotated[float, typer.Option(help="Minutes added to the timeout (and to a running deadline).")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Add minutes to the timeout; a running deployment's deadline moves by as much."""
+    _summary(Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/extend", {"minutes": minutes}))
+
+
+@deploy_app.command("scale")
+def scale(
+    name: Annotated[str, typer.Argument(help="Name or id.")],
+    replicas: Annotated[int, typer.Argument(help="The new replica count.")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Change the replica count: new ones start at once, removed ones drain first."""
+    _summary(Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/scale", {"replicas": replicas}))
+
+
+@deploy_app.command("archive")
+def archive(
+    name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
+) -> None:
+    """Archive a stopped deployment: hidden from `list`, it refuses every operation from then on."""
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/archive")
+    out.print(f"{dep['name']}: {dep['status']}", highlight=False)
