@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     deployment_extend_lead_seconds: float = 60.0
     # USD per replica-hour when neither the deployment nor its template names a price.
     deployment_price_per_hour: float = 0.0
+    # Replica-time goes to the ledger at most this often (seconds) while a deployment runs, and at its stop.
+    deployment_bill_seconds: float = 10.0
 
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod

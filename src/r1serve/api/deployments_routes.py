@@ -24,6 +24,7 @@ from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments.billing import AccountsBilling
 from r1serve.deployments.spec import DeploymentExtend, DeploymentUpdate
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -51,7 +52,8 @@ async def running_deployments(app: FastAPI, settings: Settings, accounts: Accoun
     if accounts is None:
         yield
         return
-    supervisor = Supervisor(settings, DeploymentStore(accounts.engine))
+    billing = AccountsBilling(accounts, bill_seconds=settings.deployment_bill_seconds)
+    supervisor = Supervisor(settings, DeploymentStore(accounts.engine), billing=billing)
     await supervisor.start()
     app.state.deployments = supervisor
     try:

@@ -30,6 +30,9 @@ err = Console(stderr=True)
 UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
 KeyOption = Annotated[str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")]
 
+# stop, scale and archive answer once the replicas have drained: the server bounds that by its grace period.
+DRAIN_TIMEOUT = 3600.0
+
 # Nosana's example request body (their DeepSeek-R1 guide): no model, the endpoint knows it.
 EXAMPLE_BODY = {
     "messages": [
@@ -54,9 +57,9 @@ class Client:
         data = json.dumps(body).encode() if body is not None else None
         return urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 60) -> Any:
         try:
-            with urllib.request.urlopen(self._request(method, path, body), timeout=60) as resp:
+            with urllib.request.urlopen(self._request(method, path, body), timeout=timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise _fail(f"{exc.code}: {_message(exc.read())}") from None
@@ -218,7 +221,7 @@ def stop(
     name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
 ) -> None:
     """Stop every replica (in-flight requests finish first); the endpoint URL then answers 404."""
-    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/stop")
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/stop", timeout=DRAIN_TIMEOUT)
     out.print(f"{dep['name']}: {dep['status']}", highlight=False)
 
 
@@ -259,7 +262,8 @@ def scale(
     api_key: KeyOption = None,
 ) -> None:
     """Change the replica count: new ones start at once, removed ones drain first."""
-    _summary(Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/scale", {"replicas": replicas}))
+    path = f"/v1/deployments/{_quote(name)}/scale"
+    _summary(Client(url, api_key).call("POST", path, {"replicas": replicas}, timeout=DRAIN_TIMEOUT))
 
 
 @deploy_app.command("archive")
@@ -267,5 +271,5 @@ def archive(
     name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
 ) -> None:
     """Archive a stopped deployment: hidden from `list`, it refuses every operation from then on."""
-    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/archive")
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/archive", timeout=DRAIN_TIMEOUT)
     out.print(f"{dep['name']}: {dep['status']}", highlight=False)

@@ -50,6 +50,7 @@ _FIELDS = (
     "owner_key_id", "started_at", "expires_at", "created_at", "updated_at",
     "schedule", "next_run_at", "price_per_hour", "cost_nanos", "ledger_nanos", "billed_until",
 )  # fmt: skip
+_DEFAULTS: dict[str, Any] = {"cost_nanos": 0, "ledger_nanos": 0}  # a record from before 0004's fields
 _TIMES = ("started_at", "expires_at", "created_at", "updated_at", "next_run_at", "billed_until")
 
 
@@ -74,7 +75,7 @@ class DeploymentStore:
                 row = DeploymentRow(id=record["id"])
                 session.add(row)
             for field in _FIELDS[1:]:
-                setattr(row, field, record.get(field))
+                setattr(row, field, record.get(field, _DEFAULTS.get(field)))
             row.events = json.dumps(record["events"])
             row.replicas_detail = json.dumps(record["replicas_detail"])
 

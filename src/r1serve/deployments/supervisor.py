@@ -294,7 +294,7 @@ class Deployment:
         for old in sorted(self.replicas, key=lambda r: r.index):
             if not self.live():
                 return
-            new = self._new_replica(old.index)
+            new = self._new_replica()  # another index: its own data dir and log beside the old one's
             # The successor is not in self.replicas until it is ready: the old one keeps the status.
             new.on_change = self._successor_changed
             self.add_event("REPLICA_ROTATING", f"{old.name} expires: starting its successor", replica=old.name)
