@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -196,7 +197,7 @@ def test_the_timeout_lets_a_stream_in_flight_finish(api: Api) -> None:
     dep = api.running("expiring", timeout=0.5)  # thirty seconds from the create
     url = dep["endpoints"][0]["url"]
     seen: list[str] = []  # the deployment's statuses while the stream was still open
-    stream = Streamer(url, api.headers, max_tokens=3000, content="Count from 1 to 3000, one number per line.")
+    stream = Streamer(url, api.headers, max_tokens=2000, content="Count from 1 to 3000, one number per line.")
     stream.start()
     assert stream.started.wait(600)
     while stream.is_alive():
@@ -373,3 +374,78 @@ def test_simple_extend_extends_while_the_budget_allows(api: Api, server: LiveSer
     timeout = next(e for e in dep["events"] if e["reason"] == "TIMEOUT")
     assert "budget does not cover another" in timeout["message"]
     assert dep["cost"] <= 0.012 + 1e-9
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_killed_r1serve_comes_back_and_re_adopts_its_live_replicas(tmp_path: Path) -> None:
+    servers: list[LiveServer] = []
+    env = {"R1SERVE_ADMIN_KEY": ENV_ADMIN, "R1SERVE_N_THREADS": "1", "R1SERVE_DEPLOYMENT_ORPHAN_SECONDS": "120",
+           "R1SERVE_DEPLOYMENT_TICK_SECONDS": "0.25"}  # fmt: skip
+
+    def boot(name: str) -> Api:
+        live = LiveServer(tmp_path, name, env, ("--parallel", "2"))  # the same workdir: the same data dir
+        servers.append(live)
+        live.wait_ready()
+        return Api(live, ENV_ADMIN)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        first = boot("first")
+        kept = first.running("kept", replicas=2)
+        stopped = first.running("parked")
+        first.call("POST", "/v1/deployments/parked/stop").raise_for_status()
+        pids = {r["name"]: r["pid"] for r in kept["replicas_detail"]}
+        first.server.proc.kill()  # no clean shutdown: the replicas are left running, on their lease
+        first.server.proc.wait()
+        assert all(_alive(pid) for pid in pids.values())
+        os.kill(pids["replica-1"], signal.SIGKILL)  # one of them dies while r1serve is down
+
+        second = boot("second")
+        dep = second.until("kept", lambda d: d["status"] == "RUNNING")
+        now = {r["name"]: r for r in dep["replicas_detail"]}
+        assert now["replica-0"]["pid"] == pids["replica-0"]  # re-adopted: the same process
+        assert now["replica-1"]["pid"] != pids["replica-1"] and now["replica-1"]["status"] == "READY"  # restarted
+        adopted = [e for e in dep["events"] if e["reason"] == "REPLICA_READY" and "re-adopted" in e["message"]]
+        assert [e["replica"] for e in adopted] == ["replica-0"]
+        for _ in range(4):  # both take traffic; the re-adopted one's output reaches the logs again
+            assert second.call("POST", "/deployments/kept/v1/chat/completions", chat).status_code == 200
+        assert all(r["requests"] >= 1 for r in second.get("kept")["replicas_detail"])
+        since, lines = adopted[0]["time"], []
+        deadline = time.monotonic() + 60
+        while not any("/v1/chat/completions" in ln["line"] for ln in lines):  # access lines come in batches
+            assert time.monotonic() < deadline, lines[-5:]
+            time.sleep(0.25)
+            logs = second.call("GET", f"/v1/deployments/{dep['id']}/logs", None).json()["data"]
+            lines = [ln for ln in logs if ln["source"] == "replica-0" and ln["time"] > since]
+        assert second.get("parked")["status"] == "STOPPED"  # stopped ones stay stopped
+        assert second.get(stopped["id"])["replicas_detail"][0]["status"] == "STOPPED"
+
+        # Killed again, and not back within the lease: the orphans end themselves.
+        orphans = [r["pid"] for r in second.get("kept")["replicas_detail"]]
+        second.server.proc.kill()
+        second.server.proc.wait()
+        assert all(_wait_gone(pid, 120 + 60) for pid in orphans)
+        third = boot("third")
+        dep = third.until("kept", lambda d: d["status"] == "RUNNING")
+        assert not {r["pid"] for r in dep["replicas_detail"]} & set(orphans)  # started afresh
+        assert third.call("POST", "/deployments/kept/v1/chat/completions", chat).status_code == 200
+        third.call("POST", "/v1/deployments/kept/stop").raise_for_status()
+    finally:
+        for live in servers:
+            live.stop()

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     deployment_price_per_hour: float = 0.0
     # Replica-time goes to the ledger at most this often (seconds) while a deployment runs, and at its stop.
     deployment_bill_seconds: float = 10.0
+    # A replica whose r1serve was killed ends itself after this long without its lease renewed; an
+    # r1serve restarted within it re-adopts the replica (deployments/adoption.py).
+    deployment_orphan_seconds: float = 30.0
+    # Set by the supervisor for its replicas (the lease they watch); not for users.
+    deployment_lease_file: str | None = None
 
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod

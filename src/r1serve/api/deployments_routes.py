@@ -7,10 +7,15 @@ exists, where every caller may do anything already). Reading needs any key the s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -24,6 +29,7 @@ from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments.adoption import watch_lease
 from r1serve.deployments.billing import AccountsBilling
 from r1serve.deployments.spec import DeploymentExtend, DeploymentUpdate
 from r1serve.errors import InvalidRequest, R1ServeError
@@ -48,7 +54,23 @@ class DeploymentsDisabled(R1ServeError):
 
 @asynccontextmanager
 async def running_deployments(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
-    """The supervisor for the app's lifetime (deployments live in the accounts database: none without)."""
+    """The supervisor for the app's lifetime (deployments live in the accounts database: none without).
+    A replica of another r1serve (it set ``deployment_lease_file``) watches its supervisor's lease."""
+    watcher: asyncio.Task[None] | None = None
+    if settings.deployment_lease_file:
+        lease = Path(settings.deployment_lease_file)
+        expired = functools.partial(os.kill, os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+        watcher = asyncio.create_task(watch_lease(lease, settings.deployment_orphan_seconds, expired))
+    try:
+        async with _supervised(app, settings, accounts):
+            yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+@asynccontextmanager
+async def _supervised(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
     if accounts is None:
         yield
         return

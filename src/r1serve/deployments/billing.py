@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("r1serve.deployments")
 
 LEDGER_STATUS = "deployment"  # the ledger row's tag for replica-time
+_STOPPABLE = ("STARTING", "RUNNING", "ERROR")  # what a spent budget stops
 
 
 class AccountsBilling:
@@ -56,22 +57,23 @@ class AccountsBilling:
             new = int(dep.record.get("cost_nanos") or 0) - int(dep.record.get("ledger_nanos") or 0)
             stamp = supervisor.clock.now()
             last = dep.record.get("ledger_at")
-            due = not dep.live() or last is None or (stamp - last).total_seconds() >= self.bill_seconds
+            due = not dep.has_processes() or last is None or (stamp - last).total_seconds() >= self.bill_seconds
             if new > 0 and due:
                 dep.record["ledger_at"] = stamp
                 await self._charge(dep, owner, new)
                 supervisor.persist(dep)
-            budgeted = dep.live() and owner.budget_nanos is not None and owner.key_id not in exhausted
+            budgeted = dep.status in _STOPPABLE and owner.budget_nanos is not None and owner.key_id not in exhausted
             if budgeted and not await self._fits(owner, 1):
                 exhausted.add(owner.key_id)
         for dep in list(supervisor.deployments.values()):
             busy = dep._background is not None and not dep._background.done()
-            if dep.live() and dep.record.get("owner_key_id") in exhausted and not busy:
+            unfunded = dep.status in _STOPPABLE and dep.record.get("owner_key_id") in exhausted
+            if unfunded and not busy:
                 dep._background = asyncio.create_task(self._stop_unfunded(supervisor, dep))
 
     async def _stop_unfunded(self, supervisor: Supervisor, dep: Deployment) -> None:
         async with dep.lock:
-            if dep.live():
+            if dep.status in _STOPPABLE:
                 await dep.stop("INSUFFICIENT_FUNDS", "the owner key's budget is spent", final="INSUFFICIENT_FUNDS")
         await self.settle(supervisor)  # the time it took to drain
         await supervisor.flush()

@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
+from r1serve.deployments.adoption import LEASE_FILE, renew
 from r1serve.deployments.logs import DeploymentLog, iso
 from r1serve.deployments.replica import Replica, ReplicaPlan
 from r1serve.deployments.schedule import Clock, Cron
@@ -86,6 +87,7 @@ class Deployment:
         # run while a stop is still draining the replicas it would replace.
         self.lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None  # a timeout, extension or rotation under way
+        self._rotation: asyncio.Task[Any] | None = None  # INFINITE's rotation, which a stop cancels
         self._next_index = 0
 
     @property
@@ -182,6 +184,8 @@ class Deployment:
             crash_limit=settings.deployment_crash_limit,
             crash_window=settings.deployment_crash_window,
             ready_timeout=settings.deployment_ready_timeout,
+            lease_file=self.supervisor.lease,
+            orphan_seconds=settings.deployment_orphan_seconds,
         )
 
     def _new_replica(self, index: int | None = None) -> Replica:
@@ -191,8 +195,16 @@ class Deployment:
         replica = Replica(index, self._plan(), self.log, self.supervisor.client, self.replica_changed)
         return replica
 
-    def start(self, reason: str, message: str, *, expires: dt.datetime | None = None) -> None:
-        """Spawn the replicas; the timeout counts from now unless ``expires`` keeps an earlier deadline."""
+    def start(
+        self,
+        reason: str,
+        message: str,
+        *,
+        expires: dt.datetime | None = None,
+        adopt: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Spawn the replicas; the timeout counts from now unless ``expires`` keeps an earlier deadline.
+        ``adopt``: the replicas a previous r1serve ran (pid, port), taken back if still alive and ours."""
         stamp = self.supervisor.clock.now()
         expires = expires or stamp + dt.timedelta(minutes=float(self.record["timeout_minutes"]))
         self.record["started_at"] = stamp
@@ -200,12 +212,21 @@ class Deployment:
         self.record["billed_until"] = stamp
         self.set_status("STARTING", reason, f"{message}; {self.record['replicas']} replicas, until {iso(expires)}")
         self.replicas = []
-        for _ in range(self.record["replicas"]):
+        previous: dict[int, tuple[int, int]] = {}
+        for detail in (adopt or [])[: self.record["replicas"]]:
+            if detail.get("pid") and detail.get("port") and detail.get("status") in _ADOPTABLE:
+                previous[int(str(detail["name"]).rsplit("-", 1)[-1])] = (int(detail["pid"]), int(detail["port"]))
+        for index in previous:
+            self.replicas.append(self._new_replica(index))
+        while len(self.replicas) < self.record["replicas"]:
             self.replicas.append(self._new_replica())
         if not self.replicas:
             self.set_status("RUNNING", "RUNNING", "no replicas asked for")
         for replica in self.replicas:
-            replica.start()
+            if replica.index in previous:
+                replica.adopt(*previous[replica.index])
+            else:
+                replica.start()
 
     async def stop(self, reason: str, message: str, *, final: Status = "STOPPED") -> None:
         """Drain and end every replica (the caller holds the lock)."""
@@ -233,6 +254,10 @@ class Deployment:
 
     def live(self) -> bool:
         return self.status in ACTIVE
+
+    def has_processes(self) -> bool:
+        """Replicas may be up: live, or ERROR (one failed, the others still serve), or draining."""
+        return self.status in (*ACTIVE, "ERROR", "STOPPING")
 
     def set_timeout(self, minutes: float) -> None:
         """Raising the timeout moves a running deployment's deadline by the difference; lowering it
@@ -374,9 +399,12 @@ class Supervisor:
         self._writes: asyncio.Lock | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.lease = self.directory / LEASE_FILE
 
     async def start(self) -> None:
-        """Load every deployment; start again those that were running and whose time is not up."""
+        """Load every deployment; start again those that were running and whose time is not up
+        (re-adopting the replicas still alive from a killed r1serve)."""
+        renew(self.lease)  # first: the replicas of a killed r1serve are waiting for it
         self.client.acquire()
         self._writes = asyncio.Lock()
         for record in await asyncio.to_thread(self.store.load_all):
@@ -395,7 +423,7 @@ class Supervisor:
                 continue
             # A restart of r1serve does not extend the timeout: the deployment keeps its deadline
             # (SIMPLE-EXTEND and INFINITE past theirs are extended or rotated by the next tick).
-            dep.start("RESTORED", "r1serve restarted", expires=expires)
+            dep.start("RESTORED", "r1serve restarted", expires=expires, adopt=record["replicas_detail"])
         self._ticker = asyncio.create_task(self._tick_forever(), name="deployments:tick")
 
     async def close(self) -> None:
@@ -412,6 +440,7 @@ class Supervisor:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.deployment_tick_seconds)
+            await asyncio.to_thread(renew, self.lease)
             try:
                 await self.tick()
             except Exception:
@@ -445,8 +474,10 @@ class Supervisor:
                 return self._scheduled_run(dep, now)
             return None
         expires = record["expires_at"]
-        if not dep.live() or expires is None:
+        if expires is None or dep.status not in (*ACTIVE, "ERROR"):
             return None
+        if dep.status == "ERROR":  # no extension nor rotation for it, but its timeout still ends it
+            return self._expire(dep) if now >= expires else None
         lead = dt.timedelta(
             seconds=min(self.settings.deployment_extend_lead_seconds, float(record["timeout_minutes"]) * 6.0)
         )
@@ -460,7 +491,7 @@ class Supervisor:
 
     async def _expire(self, dep: Deployment) -> None:
         async with dep.lock:
-            if dep.live():
+            if dep.status in (*ACTIVE, "ERROR"):
                 await dep.stop("TIMEOUT", f"the timeout of {dep.record['timeout_minutes']:g} minutes ran out")
         await self.flush()
 
@@ -493,7 +524,11 @@ class Supervisor:
 
     async def _rotate(self, dep: Deployment) -> None:
         # Not under the lock: a stop must not wait for successors to load. stop() cancels this task.
-        await dep.rotate()
+        dep._rotation = asyncio.current_task()
+        try:
+            await dep.rotate()
+        finally:
+            dep._rotation = None
         async with dep.lock:
             if dep.live():
                 minutes = float(dep.record["timeout_minutes"])
@@ -528,7 +563,7 @@ class Supervisor:
     async def settle_costs(self) -> None:
         """Accrue every live deployment; write what is new to the ledger; stop what its owner cannot pay."""
         for dep in list(self.deployments.values()):
-            if dep.live() or dep.status == "STOPPING":
+            if dep.has_processes():
                 self.accrue(dep)
         if self.billing is not None:
             await self.billing.settle(self)
@@ -642,8 +677,8 @@ class Supervisor:
         return dep
 
     async def _cancel_background(self, dep: Deployment) -> None:
-        task = dep._background
-        if task is not None and not task.done() and dep.strategy == "INFINITE":
+        task = dep._rotation
+        if task is not None and not task.done():
             task.cancel()  # a rotation: its successor is stopped by rotate()'s own cleanup
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -717,3 +752,5 @@ class Supervisor:
 
 
 _RUNNING_REPLICA = ("STARTING", "READY", "NOT_READY", "DRAINING")
+# Replicas a restarted r1serve tries to re-adopt (a stopped or failed one's process is gone anyway).
+_ADOPTABLE = ("STARTING", "READY", "NOT_READY")
