@@ -7,14 +7,19 @@ exists, where every caller may do anything already). Reading needs any key the s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from r1serve.accounts import Accounts
@@ -25,10 +30,21 @@ from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.deployments import Deployment, DeploymentCreate, DeploymentStore, Supervisor
-from r1serve.deployments.spec import DeploymentNotFound
+from r1serve.deployments.adoption import watch_lease
+from r1serve.deployments.billing import AccountsBilling
+from r1serve.deployments.spec import DeploymentExtend, DeploymentNotFound, DeploymentUpdate
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1serve.settings import Settings
+
+
+class _Scale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class DeploymentsDisabled(R1ServeError):
@@ -39,11 +55,28 @@ class DeploymentsDisabled(R1ServeError):
 
 @asynccontextmanager
 async def running_deployments(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
-    """The supervisor for the app's lifetime (deployments live in the accounts database: none without)."""
+    """The supervisor for the app's lifetime (deployments live in the accounts database: none without).
+    A replica of another r1serve (it set ``deployment_lease_file``) watches its supervisor's lease."""
+    watcher: asyncio.Task[None] | None = None
+    if settings.deployment_lease_file:
+        lease = Path(settings.deployment_lease_file)
+        expired = functools.partial(os.kill, os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+        watcher = asyncio.create_task(watch_lease(lease, settings.deployment_orphan_seconds, expired))
+    try:
+        async with _supervised(app, settings, accounts):
+            yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+@asynccontextmanager
+async def _supervised(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
     if accounts is None:
         yield
         return
-    supervisor = Supervisor(settings, DeploymentStore(accounts.engine))
+    billing = AccountsBilling(accounts, bill_seconds=settings.deployment_bill_seconds)
+    supervisor = Supervisor(settings, DeploymentStore(accounts.engine), billing=billing)
     await supervisor.start()
     app.state.deployments = supervisor
     try:
@@ -88,11 +121,16 @@ async def create_deployment(request: Request) -> dict[str, Any]:
 
 
 @deployments_api.get("/v1/deployments", summary="List deployments")
-async def list_deployments(request: Request) -> dict[str, Any]:
+async def list_deployments(request: Request, archived: bool = False) -> dict[str, Any]:
+    """Archived deployments are left out unless ``?archived=true`` (then only they are listed)."""
     supervisor = _supervisor(request)
     base = _base_url(request)
-    visible = [d for d in supervisor.deployments.values() if may_see(request, d.name)]
-    return {"object": "list", "data": [d.as_dict(base) for d in visible]}
+    data = [
+        d.as_dict(base)
+        for d in supervisor.deployments.values()
+        if (d.status == "ARCHIVED") == archived and may_see(request, d.name)
+    ]
+    return {"object": "list", "data": data}
 
 
 @deployments_api.get("/v1/deployments/{ident}", summary="One deployment (by id or name)")
@@ -118,6 +156,41 @@ async def stop_deployment(request: Request, ident: str) -> dict[str, Any]:
 @deployments_api.post("/v1/deployments/{ident}/start", summary="Start a stopped deployment again (admin)")
 async def start_deployment(request: Request, ident: str) -> dict[str, Any]:
     dep = await _manager(request).start_again(ident)
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/archive", summary="Archive a stopped deployment (admin)")
+async def archive_deployment(request: Request, ident: str) -> dict[str, Any]:
+    dep = await _manager(request).archive(ident)
+    return dep.as_dict(_base_url(request))
+
+
+def _body(raw: bytes, model: type[_Body]) -> _Body:
+    try:
+        return model.model_validate(json_object(raw))
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+@deployments_api.patch("/v1/deployments/{ident}", summary="Change timeout, replicas or schedule (admin)")
+async def update_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.update(ident, _body(await request.body(), DeploymentUpdate))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/extend", summary="Add minutes to the timeout (admin)")
+async def extend_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.extend(ident, _body(await request.body(), DeploymentExtend))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/scale", summary="Change the replica count (admin)")
+async def scale_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    body = _body(await request.body(), _Scale)
+    dep = await supervisor.update(ident, DeploymentUpdate(replicas=body.replicas))
     return dep.as_dict(_base_url(request))
 
 
@@ -209,4 +282,3 @@ async def deployment_models(request: Request, name: str) -> ModelList:
         id=name, root=entry.id, context_length=entry.context_length, reasoning_format=entry.reasoning_format
     )
     return ModelList(data=[card])
-
