@@ -220,3 +220,18 @@ def test_langchain_bind_tools_and_with_structured_output(server_url: str) -> Non
     assert isinstance(structured, GetWeather) and structured.city == "Oslo"
     by_tool = llm.with_structured_output(GetWeather, method="function_calling").invoke("Weather in Rome?")
     assert isinstance(by_tool, GetWeather) and by_tool.city == "Rome"
+
+
+def test_reasoning_stays_free_and_the_call_follows_it(reasoning_server_url: str) -> None:
+    # The reasoning-template server: the model thinks (free text, under a thinking budget), then the
+    # answer is decoded under the call grammar; its template has no tools, so they are described in
+    # the system prompt.
+    client = _sdk(reasoning_server_url)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        choice = client.chat.completions.create(
+            model=MODEL, messages=_user(prompt), tools=TOOLS, tool_choice="required", temperature=0.7, seed=i,
+            max_tokens=MAX_TOKENS + 40, extra_body={"max_reasoning_tokens": 30},
+        ).choices[0]  # fmt: skip
+        assert getattr(choice.message, "reasoning_content", None), choice
+        assert choice.message.content is None and choice.finish_reason == "tool_calls"
+        _valid_calls(choice.message)
