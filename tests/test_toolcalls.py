@@ -94,6 +94,16 @@ CASES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ('```json\n{"name": "John", "age": 3}\n```', '```json\n{"name": "John", "age": 3}\n```', []),
     ('```json\n{"name": "rm_rf", "arguments": {}}\n```', '```json\n{"name": "rm_rf", "arguments": {}}\n```', []),
     ('```\n{"name": "f", "arguments": {"a": [1]}}\n```\n', "", [("f", '{"a": [1]}')]),
+    # bare JSON calls at the start of the answer (and after a call); a JSON answer that is not a call
+    (
+        ' {"name": "f", "arguments": {"s": "}{\\"", "n": [1, {}]}}\n{"name": "g", "arguments": {}} ok',
+        "ok",
+        [("f", '{"s": "}{\\"", "n": [1, {}]}'), ("g", "{}")],
+    ),
+    ('{"name": "John", "arguments": 1}', '{"name": "John", "arguments": 1}', []),
+    ('{"answer": 42}', '{"answer": 42}', []),
+    ('Text first {"name": "f", "arguments": {}}', 'Text first {"name": "f", "arguments": {}}', []),
+    ('{"name": "f", "arguments": {"a": "cut', "", [("f", '{"a": "cut')]),
     # an unclosed call (cut by max_tokens): its arguments so far
     (f'{QWEN_OPEN}{{"name": "f", "arguments": {{"a": ', "", [("f", '{"a": ')]),
 ]
@@ -106,7 +116,7 @@ def test_whole_text(text: str, content: str, calls: list[tuple[str, str]]) -> No
     assert [(c.name, c.arguments) for c in got] == calls
     assert [c.id for c in got] == [f"call_{i}" for i in range(len(calls))]
     for _, args in calls:
-        if not args.endswith(" "):
+        if not args.endswith((" ", "cut")):  # the unclosed cases
             json.loads(args)
 
 
@@ -136,7 +146,7 @@ def test_no_half_marker_reaches_content_while_streaming() -> None:
 _ALPHABET = st.sampled_from(
     ["a", " ", "\n", "{", "}", '"', ":", ",", "`", "<", QWEN_OPEN, QWEN_CLOSE, R1_CALLS_BEGIN, R1_CALL_BEGIN,
      R1_CALL_END, R1_CALLS_END, R1_SEP, '{"name": "f", "arguments": ', "function", "```json\n", "```", "```\n",
-     '"name"', '"f"', '"arguments"']
+     '"name"', '"f"', '"arguments"', "\\"]
 )  # fmt: skip
 
 

@@ -56,10 +56,11 @@ R1_CALL_BEGIN = "<｜tool▁call▁begin｜>"
 R1_CALL_END = "<｜tool▁call▁end｜>"
 R1_SEP = "<｜tool▁sep｜>"
 
-# Small models asked for Qwen's format often write the call's JSON in a Markdown fence instead (the
-# default model does, with tool_choice "auto"); llama.cpp's Hermes parser takes that too. A fence is a
-# call only when its JSON starts {"name": "<one of the request's tools>", "arguments": ...; anything
-# else in it is content, decided as soon as the text rules a call out.
+# Small models asked for Qwen's format often write the call's JSON bare or in a Markdown fence instead
+# (the default model does both, with tool_choice "auto"); llama.cpp's Hermes parser takes those too. A
+# fence, or a JSON object that starts the answer (or follows a call), is a call only when it starts
+# {"name": "<one of the request's tools>", "arguments": ...; anything else is content, decided as soon
+# as the text rules a call out. A bare call ends where its object closes (strings and nesting tracked).
 FENCE_JSON = "```json"
 FENCE = "```\n"
 FENCE_END = "```"
@@ -132,7 +133,13 @@ class ToolCallParser:
         """``names``: the request's functions; a fenced call must name one of them."""
         self._new_id = new_id
         self._names = names
-        self._close = QWEN_CLOSE  # what ends the Qwen-style call being read: </tool_call> or a fence
+        self._close = QWEN_CLOSE  # what ends the Qwen-style call being read: </tool_call>, a fence, "" (bare)
+        self._bare_ok = bool(names)  # a bare JSON call may start here (the answer's start, after a call)
+        # A bare call's arguments are scanned for the outer object's close: where, nesting, in a string.
+        self._scan = 0
+        self._depth = 1
+        self._in_str = False
+        self._esc = False
         self._state: _State = "text"
         self._buf = ""
         self._trim = False  # drop leading whitespace (after a call or a block marker)
@@ -156,7 +163,10 @@ class ToolCallParser:
 
     def _run(self, text: str, *, final: bool) -> tuple[str, list[ToolCallPiece]]:
         # The common case, taken once per token: answer text that starts no marker, and nothing held.
-        if self._state == "text" and not self._buf and "<" not in text and "`" not in text and not final:
+        if (
+            self._state == "text" and not self._buf and not self._bare_ok and not final
+            and "<" not in text and "`" not in text
+        ):  # fmt: skip
             return self._text_out(text, hold_ws=True), []
         self._buf += text
         content: list[str] = []
@@ -187,6 +197,15 @@ class ToolCallParser:
 
     def _step_text(self, final: bool, content: list[str], pieces: list[ToolCallPiece]) -> bool:
         buf = self._buf
+        if self._bare_ok:
+            head = buf.lstrip()
+            if not head and not final:
+                return False  # only whitespace so far: a bare call may still start
+            self._bare_ok = False
+            if head.startswith("{"):
+                self._open, self._buf = buf[: len(buf) - len(head)], head
+                self._state, self._close = "qwen_head", ""
+                return True
         found = -1
         marker = ""
         for m in _MARKERS:
@@ -228,6 +247,7 @@ class ToolCallParser:
         self.calls.append(ToolCallPiece(index=piece.index, id=piece.id, name=name))
         pieces.append(piece)
         self._state, self._end, self._tail, self._args, self._sent = "args", end, tail, "", 0
+        self._scan, self._depth, self._in_str, self._esc = 0, 1, False, False
 
     def _fail_head(self, content: list[str]) -> bool:
         """Not a call after all: its marker is content, and what followed it is read again as text."""
@@ -236,7 +256,7 @@ class ToolCallParser:
         return True
 
     def _step_qwen_head(self, final: bool, content: list[str], pieces: list[ToolCallPiece]) -> bool:
-        fenced = self._close == FENCE_END
+        fenced = self._close != QWEN_CLOSE  # in a fence or bare: only the request's functions
         m = _QWEN_HEAD.match(self._buf)
         if m:
             if fenced and m.group(1) not in self._names:
@@ -246,6 +266,8 @@ class ToolCallParser:
             return True
         if fenced and not _could_be_head(self._buf):
             return self._fail_head(content)
+        if not self._close:  # bare: a call only if the head matches
+            return self._fail_head(content) if final else False
         close = self._buf.find(self._close)
         if close < 0:
             return self._fail_head(content) if final else False
@@ -294,19 +316,53 @@ class ToolCallParser:
         self._state = "args"
         return True
 
+    def _outer_close(self) -> int:
+        """A bare call: the index in the arguments read so far of the '}' closing the call's object, or -1."""
+        text, i = self._args, self._scan
+        depth, in_str, esc = self._depth, self._in_str, self._esc
+        found = -1
+        while i < len(text):
+            ch = text[i]
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    found = i
+                    break
+            i += 1
+        self._scan, self._depth, self._in_str, self._esc = i, depth, in_str, esc
+        return found
+
     def _step_args(self, final: bool, content: list[str], pieces: list[ToolCallPiece]) -> bool:
         # The end marker may have begun in what was held back of the arguments.
         start = max(0, len(self._args) - len(self._end) + 1)
         self._args += self._buf
         self._buf = ""
-        end = self._args.find(self._end, start)
+        if not self._end:  # bare: the call's object closing ends it
+            end = self._outer_close()
+            if end >= 0:
+                self._buf = self._args[end + 1 :]
+                self._finish_call(self._args[:end].strip(), pieces)
+                return True
+        else:
+            end = self._args.find(self._end, start)
         if end < 0:
             region = self._args.lstrip()
             if final:
                 self._emit_args(region, pieces)
                 self._state = "text"
                 return False
-            keep = _partial_suffix(region, (self._end,))
+            keep = _partial_suffix(region, (self._end,)) if self._end else 0
             safe = len(region) - keep
             while safe > 0 and (region[safe - 1].isspace() or region[safe - 1] in self._tail):
                 safe -= 1
@@ -331,6 +387,7 @@ class ToolCallParser:
     def _finish_call(self, args: str, pieces: list[ToolCallPiece]) -> None:
         self._emit_args(args, pieces)
         self._state, self._trim, self._args = "text", True, ""
+        self._bare_ok = bool(self._names)
 
 
 def parse_tool_calls(

@@ -15,7 +15,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from r1serve.errors import InvalidRequest
 from r1serve.protocol import ChatMessage, Tool
-from r1serve.toolcalls import R1_CALL_BEGIN, R1_CALL_END, R1_CALLS_BEGIN, R1_CALLS_END, R1_SEP
+from r1serve.toolcalls import (
+    QWEN_CLOSE,
+    QWEN_OPEN,
+    R1_CALL_BEGIN,
+    R1_CALL_END,
+    R1_CALLS_BEGIN,
+    R1_CALLS_END,
+    R1_SEP,
+)
 
 # Used when a GGUF carries no template at all (old conversions): ChatML, the Qwen family's format.
 CHATML_TEMPLATE = (
@@ -78,16 +86,22 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def tools_note(tools: list[Tool]) -> str:
+def tools_note(tools: list[Tool], fmt: Literal["qwen", "r1"]) -> str:
     """The tools described in the system prompt, for a template that does not render them itself
-    (DeepSeek-R1's shows calls and results but not the functions): the signatures and R1's call format."""
+    (DeepSeek-R1's shows calls and results but not the functions): the signatures, and the call format
+    the template's own turns use (R1's markers if it has them, else Qwen's ``<tool_call>`` blocks)."""
     listed = "\n".join(_tojson(t.model_dump(exclude_none=True)) for t in tools)
+    if fmt == "r1":
+        call = (
+            f"{R1_CALLS_BEGIN}{R1_CALL_BEGIN}function{R1_SEP}FUNCTION_NAME\n```json\nARGUMENTS_AS_JSON\n```"
+            f"{R1_CALL_END}{R1_CALLS_END}"
+        )
+    else:
+        call = f'{QWEN_OPEN}\n{{"name": FUNCTION_NAME, "arguments": ARGUMENTS_AS_JSON}}\n{QWEN_CLOSE}'
     return (
         "You may call one or more functions to assist with the user query. The functions, as JSON:\n"
         f"{listed}\n"
-        "To call functions, answer with nothing but the calls, in this format:\n"
-        f"{R1_CALLS_BEGIN}{R1_CALL_BEGIN}function{R1_SEP}FUNCTION_NAME\n```json\nARGUMENTS_AS_JSON\n```"
-        f"{R1_CALL_END}{R1_CALLS_END}"
+        f"To call functions, answer with nothing but the calls, in this format:\n{call}"
     )
 
 
@@ -112,7 +126,7 @@ class ChatTemplate:
         payload = [_message(m) for m in messages]
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         if tools and not self.renders_tools:
-            note = tools_note(tools)
+            note = tools_note(tools, self.tool_format)
             if payload and payload[0]["role"] == "system":
                 payload[0]["content"] = f"{payload[0]['content']}\n\n{note}"
             else:
