@@ -126,6 +126,14 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert int(by_model.locator('[data-field="prompt_tokens"]').inner_text().replace(",", "")) > 0
     assert page.locator("#chart-model svg.bars rect").count() >= 1  # type: ignore[attr-defined]
     assert page.locator("#chart-key svg.bars rect").count() >= 2  # type: ignore[attr-defined]
+    # By keyboard: the first Tab reaches the skip link, the next ones the navigation, in order.
+    page.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"  # type: ignore[attr-defined]
+    page.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert page.evaluate("document.activeElement.textContent") == "Playground"  # type: ignore[attr-defined]
+    page.focus("#metric")  # type: ignore[attr-defined]
+    page.keyboard.press("ArrowDown")  # type: ignore[attr-defined]  # a native select: keys change the chart
+    assert page.input_value("#metric") == "prompt_tokens"  # type: ignore[attr-defined]
     page.select_option("#metric", "answer_tokens")  # type: ignore[attr-defined]
     page.screenshot(path=str(screenshots / "console-usage.png"), full_page=True)  # type: ignore[attr-defined]
 
