@@ -77,3 +77,16 @@ async def test_unknown_asset_is_an_openai_style_404(client: httpx.AsyncClient):
 def test_static_files_are_package_data() -> None:
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert '"static/*"' in text and '"static/vendor/*"' in text
+
+
+def test_vendored_files_match_their_recorded_checksums() -> None:
+    """Offline half of scripts/vendor-console.py: every shipped vendor file is the one its record pins
+    (the script itself re-fetches the pinned versions from npm and compares)."""
+    import json
+
+    record = json.loads((STATIC / "vendor" / "VENDOR.json").read_text())
+    assert {"swagger-ui-dist", "marked", "dompurify", "@highlightjs/cdn-assets"} <= set(record)
+    for package in record.values():
+        assert package["version"] and package["integrity"].startswith("sha512-")
+        for name, digest in package["files"].items():
+            assert hashlib.sha256((STATIC / "vendor" / name).read_bytes()).hexdigest() == digest, name

@@ -38,8 +38,36 @@ HOSTILE = (
 MARKDOWN = "**bold** and `code`\n\n```python\ndef f(x):\n    return x + 1\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
 
 
+# A model group whose first target refuses connections: one failure opens its circuit (no retries, no
+# health checks to close it), and the request fails over to the fake.
+_GROUP = """
+[gateway]
+retries = 0
+health_interval = 0
+breaker_threshold = 1
+breaker_cooldown = 600
+
+[providers.dead]
+preset = "vllm"
+base_url = "http://127.0.0.1:{dead}/v1"
+model = "fake-r1"
+
+[providers.fake]
+preset = "vllm"
+base_url = "{fake}"
+model = "fake-r1"
+dialect = "reasoning_content"
+
+[[routes]]
+name = "deepseek-r1"
+policy = "priority"
+default = true
+targets = [{{ provider = "dead" }}, {{ provider = "fake", priority = 1 }}]
+"""
+
+
 @contextmanager
-def _fronted_fake(tmp_path: Path, reply: Reply) -> Iterator[str]:
+def _fronted_fake(tmp_path: Path, reply: Reply, *, group_with_dead_target: bool = False) -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -50,9 +78,15 @@ def _fronted_fake(tmp_path: Path, reply: Reply) -> Iterator[str]:
         port = s.getsockname()[1]
     base = {k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")}
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the server's whole life
+    source = ["--upstream", upstream.base_url, "--reasoning-dialect", "reasoning_content"]
+    if group_with_dead_target:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]  # closed again: connecting there is refused
+        (tmp_path / "providers.toml").write_text(_GROUP.format(dead=dead, fake=upstream.base_url))
+        source = ["--providers-file", str(tmp_path / "providers.toml")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "r1serve", "serve", "--upstream", upstream.base_url, "--port", str(port),
-         "--reasoning-dialect", "reasoning_content"],
+        [sys.executable, "-m", "r1serve", "serve", *source, "--port", str(port)],
         cwd=tmp_path, env={**base, "R1SERVE_DATA_DIR": str(tmp_path / "data")},
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -171,4 +205,31 @@ def test_a_long_markdown_stream_renders_at_most_once_per_frame(
         assert message.locator(".answer pre code.language-python").count() == 120
         assert message.locator(".answer").inner_text().rstrip().endswith("total += x119  # running sum")
         page.screenshot(path=str(screenshots / "playground-long-markdown.png"))  # type: ignore[attr-defined]
+        tab.assert_clean()
+
+
+# ----------------------------------------------------------------------------- models, upstreams and circuits
+
+
+def test_models_page_shows_a_group_with_an_open_circuit(browser: object, tmp_path: Path, screenshots: Path) -> None:
+    with _fronted_fake(tmp_path, Reply(), group_with_dead_target=True) as url:
+        # One request: the dead target fails (its circuit opens), the fake answers.
+        body = {"model": "deepseek-r1", "messages": [{"role": "user", "content": "hi"}]}
+        answered = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert answered.status_code == 200, answered.text
+        tab = open_tab(browser, url)
+        page = tab.page
+        page.goto(f"{url}/console/models")  # type: ignore[attr-defined]
+        page.locator("body[data-loaded]").wait_for()  # type: ignore[attr-defined]
+        models = page.locator("#models-table").inner_text()  # type: ignore[attr-defined]
+        assert "deepseek-r1" in models and "deepseek-reasoner" in models
+        rows = page.locator("#health-table tbody tr").all_inner_texts()  # type: ignore[attr-defined]
+        assert rows[0].startswith("deepseek-r1") and "group (priority)" in rows[0]
+        dead = next(r for r in rows if "dead" in r)
+        fake = next(r for r in rows if "fake" in r)
+        assert "open" in dead.split("\t") and "down" in dead.split("\t"), dead
+        assert "closed" in fake.split("\t") and "ok" in fake.split("\t"), fake
+        # An open server shows no upstream addresses or error text to a caller without an admin key.
+        assert "127.0.0.1" not in page.locator("#health-table").inner_text()  # type: ignore[attr-defined]
+        page.screenshot(path=str(screenshots / "console-models-circuits.png"), full_page=True)  # type: ignore[attr-defined]
         tab.assert_clean()

@@ -126,6 +126,14 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert int(by_model.locator('[data-field="prompt_tokens"]').inner_text().replace(",", "")) > 0
     assert page.locator("#chart-model svg.bars rect").count() >= 1  # type: ignore[attr-defined]
     assert page.locator("#chart-key svg.bars rect").count() >= 2  # type: ignore[attr-defined]
+    # By keyboard: the first Tab reaches the skip link, the next ones the navigation, in order.
+    page.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"  # type: ignore[attr-defined]
+    page.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert page.evaluate("document.activeElement.textContent") == "Playground"  # type: ignore[attr-defined]
+    page.focus("#metric")  # type: ignore[attr-defined]
+    page.keyboard.press("ArrowDown")  # type: ignore[attr-defined]  # a native select: keys change the chart
+    assert page.input_value("#metric") == "prompt_tokens"  # type: ignore[attr-defined]
     page.select_option("#metric", "answer_tokens")  # type: ignore[attr-defined]
     page.screenshot(path=str(screenshots / "console-usage.png"), full_page=True)  # type: ignore[attr-defined]
 
@@ -176,3 +184,45 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     user.page.goto(f"{url}/console/usage")  # type: ignore[attr-defined]
     user.page.wait_for_url(f"{url}/console/signin")  # type: ignore[attr-defined]
     tab.assert_clean()
+
+
+# An attacker's page on the same site (127.0.0.1, another port: SameSite=Strict still sends the cookie
+# there) tries to spend with the signed-in browser's session: a form post, a no-cors fetch with the cookie,
+# and a fetch that sets the console's header (which needs a CORS pre-flight this server never grants).
+_ATTACK = """<!doctype html><html><body>
+<form id="f" method="POST" action="{url}/deepseek_chat"><input name="prompt" value="spend"></form>
+<script>
+window.__done = (async () => {{
+  const body = JSON.stringify({{messages: [{{role: "user", content: "spend"}}], max_tokens: 4}});
+  try {{ await fetch("{url}/v1/chat/completions", {{method: "POST", mode: "no-cors", credentials: "include",
+    headers: {{"Content-Type": "text/plain"}}, body}}); }} catch (e) {{}}
+  try {{ await fetch("{url}/v1/chat/completions", {{method: "POST", credentials: "include",
+    headers: {{"Content-Type": "application/json", "X-R1serve-Console": "1"}}, body}}); }} catch (e) {{}}
+  return true;
+}})();
+</script></body></html>"""
+
+
+def _requests_so_far(url: str, admin_key: str) -> int:
+    usage = httpx.get(f"{url}/v1/admin/usage", headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    return int(usage.json()["totals"]["requests"])
+
+
+def test_a_same_site_page_cannot_spend_with_the_session(browser: object, admin_server_url: str, admin_key: str) -> None:
+    url = admin_server_url
+    tab = open_tab(browser, url)
+    _sign_in_by_keyboard(tab, url, admin_key)
+    before = _requests_so_far(url, admin_key)
+    page = tab.page
+    attacker = "http://127.0.0.1:9/attack.html"  # same site as the server, another origin
+    page.route(attacker, lambda r: r.fulfill(status=200, content_type="text/html", body=_ATTACK.format(url=url)))  # type: ignore[attr-defined]
+    page.goto(attacker)  # type: ignore[attr-defined]
+    page.evaluate("window.__done")  # type: ignore[attr-defined]
+    with page.expect_navigation():  # type: ignore[attr-defined]
+        page.evaluate("document.getElementById('f').submit()")  # type: ignore[attr-defined]
+    refused = page.locator("body").inner_text()  # type: ignore[attr-defined]
+    assert '"error"' in refused and "origin" in refused.lower(), refused
+    # Nothing was generated or billed on the session's key, and the session itself still works.
+    assert _requests_so_far(url, admin_key) == before
+    page.goto(f"{url}/console/usage")  # type: ignore[attr-defined]
+    page.locator("body[data-loaded]").wait_for()  # type: ignore[attr-defined]

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # auth.py imports this module: the sessions are one of the wa
 
 COOKIE = "r1serve_session"
 CSRF_HEADER = "x-r1serve-console"
+_CSRF_RAW = CSRF_HEADER.encode()
 
 
 @dataclass
@@ -100,7 +101,8 @@ def _own_origin(request: Request, *, required: bool) -> bool:
 
 def console_call(request: Request) -> bool:
     """True when this request is the console's own (cookie, header, own origin, no key of its own)."""
-    if cookie_value(request) is None or scope_header(request.scope, CSRF_HEADER.encode()) != b"1":
+    # The header first: a raw header scan, so API calls (which never carry it) pay no cookie parsing.
+    if scope_header(request.scope, _CSRF_RAW) != b"1" or cookie_value(request) is None:
         return False
     if scope_header(request.scope, b"authorization") is not None:
         return False
@@ -128,7 +130,7 @@ def page_session(request: Request) -> Session | None:
 
 
 def check_state_change(request: Request) -> None:
-    if scope_header(request.scope, CSRF_HEADER.encode()) != b"1":
+    if scope_header(request.scope, _CSRF_RAW) != b"1":
         raise PermissionDenied(f"Console requests carry the {CSRF_HEADER}: 1 header.", code="csrf_failed")
     if not _own_origin(request, required=True):
         raise PermissionDenied("Console requests come from the console's own origin.", code="csrf_failed")

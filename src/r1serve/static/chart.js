@@ -20,7 +20,8 @@
       container.append(r1.el("p", "muted small empty-chart", "No usage in this period."));
       return;
     }
-    const W = 640, H = 220, left = 56, bottom = 28, top = 10, right = 8;
+    // Drawn at the container's own width, so its text stays at its CSS size on a 375 px phone too.
+    const W = Math.max(300, Math.round(container.clientWidth || 640)), H = 220, left = 56, bottom = 28, top = 10, right = 8;
     const totals = days.map((d) => series.reduce((sum, s) => sum + (s.values[d] || 0), 0));
     const max = Math.max(...totals) || 1;
     const svg = node("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "bars" });
@@ -28,7 +29,7 @@
     for (const frac of [0, 0.5, 1]) {
       const y = top + (H - top - bottom) * (1 - frac);
       svg.append(node("line", { x1: left, x2: W - right, y1: y, y2: y, class: "grid" }));
-      svg.append(node("text", { x: left - 6, y: y + 4, class: "axis", "text-anchor": "end" }, format(max * frac)));
+      svg.append(node("text", { x: left - 6, y: y + 4, class: "axis", "text-anchor": "end" }, format(max * frac, true)));
     }
     const slot = (W - left - right) / days.length;
     const bar = Math.max(2, Math.min(48, slot * 0.7));

@@ -133,7 +133,45 @@
       sent: performance.now(), firstToken: 0, firstReasoning: 0, firstAnswer: 0, ended: 0, pending: false,
       renders: 0, chunks: 0, shownReasoning: "", shownContent: "",
     };
-    view.render = function () {
+    // While streaming, the blocks that are complete (up to the last blank line outside a code fence) are
+    // rendered once and kept; each frame re-renders only the growing tail, so a frame's work stays small
+    // however long the answer gets. When the stream ends the whole answer is rendered as one document
+    // (a list or a link reference spanning blocks comes out right).
+    const done = el("div", "md-done");
+    const tail = el("div", "md-tail");
+    let doneUpTo = 0; // content[0:doneUpTo] is rendered into `done`
+    let scanFrom = 0; // where the next scan for a block end starts (never inside a code fence)
+    let inFence = false;
+    function blockEnd() {
+      const text = view.content;
+      let end = doneUpTo;
+      let i = scanFrom;
+      for (;;) {
+        const nl = text.indexOf("\n", i);
+        if (nl < 0) break;
+        const line = text.slice(i, nl).trim();
+        if (line.startsWith("```") || line.startsWith("~~~")) inFence = !inFence;
+        else if (!line && !inFence) end = nl + 1;
+        i = nl + 1;
+      }
+      // Resume at the last complete line next time, and only from outside a fence with known state.
+      scanFrom = i;
+      return end;
+    }
+    function renderAnswer(final) {
+      if (final) {
+        answer.replaceChildren(r1markdown.render(view.content));
+        return;
+      }
+      if (!done.isConnected) answer.replaceChildren(done, tail);
+      const end = blockEnd();
+      if (end > doneUpTo) {
+        done.append(r1markdown.render(view.content.slice(doneUpTo, end)));
+        doneUpTo = end;
+      }
+      tail.replaceChildren(r1markdown.render(view.content.slice(doneUpTo)));
+    }
+    view.render = function (_frameTime, final) {
       view.pending = false;
       view.renders += 1;
       item.dataset.renders = String(view.renders);
@@ -142,9 +180,8 @@
         reasoningText.textContent = view.reasoning;
         view.shownReasoning = view.reasoning;
       }
-      if (view.shownContent !== view.content) {
-        answer.replaceChildren(r1markdown.render(view.content));
-        answer.dataset.source = view.content.length;
+      if (view.shownContent !== view.content || final) {
+        renderAnswer(!!final);
         view.shownContent = view.content;
       }
       if (view.reasoning) details.classList.remove("empty");
@@ -326,7 +363,7 @@
       }
     } finally {
       view.ended = performance.now();
-      view.render();
+      view.render(0, true);
       if (view.firstReasoning) {
         // Also when no answer came (a budget of max_tokens spent thinking, an unclosed tag): never "thinking forever".
         view.details.open = false;

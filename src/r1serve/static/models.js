@@ -29,18 +29,23 @@
     const body = await response.json(); // 503 (degraded) still has the body
     $("health-status").textContent = "Server: " + body.status + " · default model " + body.model;
     const rows = [];
+    const load = (e) => (e.slots !== undefined
+      ? "running " + e.running + " · queued " + e.queued + " · slots " + e.slots : undefined);
     for (const e of body.engines || []) {
-      const name = e.route || e.model || e.name || "engine";
+      const name = e.route || e.name || e.model || e.provider || "engine";
       if (Array.isArray(e.targets)) {
-        rows.push([name, "group (" + e.policy + ")", e.status, "", "", "", ""]);
+        rows.push([name, "group (" + e.policy + ")", e.status, "", "", ""]);
         for (const t of e.targets) {
-          rows.push(["  " + t.name, t.kind, t.status, t.circuit, t.outstanding, t.requests, t.failures]);
+          const counts = "outstanding " + t.outstanding + " · requests " + t.requests + " · failures " + t.failures;
+          rows.push(["↳ " + t.name, t.kind, t.status, t.circuit, counts, t.last_error || (t.engine && load(t.engine))]);
         }
       } else {
-        rows.push([name, e.kind || e.engine || "embedded", e.status, e.circuit, e.running, e.requests, e.failures]);
+        const kind = e.kind || (e.slots !== undefined ? "embedded" : undefined);
+        const where = e.kind === "upstream" ? [e.provider, e.model, e.base_url].filter(Boolean).join(" · ") : load(e);
+        rows.push([name, kind, e.status, e.circuit, where, e.last_error]);
       }
     }
-    const headers = ["engine / target", "kind", "status", "circuit", "outstanding", "requests", "failures"];
+    const headers = ["engine / target", "kind", "status", "circuit", "load", "detail"];
     $("health-table").replaceChildren(table(headers, rows));
   }
 

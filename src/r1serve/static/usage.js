@@ -10,8 +10,10 @@
   const start = new Date(Date.now() - 29 * 86400000);
   since.value = start.toISOString().slice(0, 10);
 
-  function format(v) {
-    return metric.value === "cost_usd" ? "$" + r1.number(v, 6) : r1.number(v, 0);
+  // Axis ticks (tick = true) of a small count keep a decimal: 0, 0.5, 1 rather than 0, 1, 1.
+  function format(v, tick) {
+    if (metric.value === "cost_usd") return "$" + r1.number(v, 6);
+    return r1.number(v, tick && v < 10 ? 1 : 0);
   }
 
   function seriesName(by, row) {
