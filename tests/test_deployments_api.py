@@ -6,6 +6,7 @@ tests/test_deployments_live.py.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from r1serve.accounts import Accounts
 from r1serve.api import create_app
+from r1serve.deployments.schedule import Cron, ManualClock
 from r1serve.routing import ModelRegistry
 from r1serve.settings import Settings
 
@@ -30,7 +32,9 @@ def _client(settings: Settings) -> Iterator[TestClient]:
     accounts = Accounts.open(settings)
     accounts.start()
     try:
-        with TestClient(create_app(settings, registry=ModelRegistry(), accounts=accounts), base_url="http://localhost") as client:
+        with TestClient(
+            create_app(settings, registry=ModelRegistry(), accounts=accounts), base_url="http://localhost"
+        ) as client:
             yield client
     finally:
         accounts.close()
@@ -57,7 +61,13 @@ def _create(client: TestClient, **fields: Any) -> Any:
         ({"timeout": -5}, "timeout", 400),
         ({"timeout": 1e10}, "timeout", 400),  # overflowed the deadline: a 500 and a stuck name
         ({"strategy": "FOREVER"}, "strategy", 400),
-        ({"strategy": "INFINITE"}, "strategy", 400),  # known, not supported yet
+        ({"strategy": "SCHEDULED"}, "schedule", 400),  # SCHEDULED without its schedule
+        ({"strategy": "SCHEDULED", "schedule": "61 * * * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "* * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "*/0 * * * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "0 9 * * funday"}, "schedule", 400),
+        ({"schedule": "0 9 * * *"}, "schedule", 400),  # a schedule on a SIMPLE deployment
+        ({"price_per_hour": -1}, "price_per_hour", 400),
         ({"name": "Not_URL safe"}, "name", 400),
         ({"name": "-dash"}, "name", 400),
         ({"engine": "vllm"}, "engine", 400),
@@ -71,11 +81,6 @@ def test_bad_input_names_the_field(client: TestClient, fields: dict[str, Any], p
     error = resp.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert client.get("/v1/deployments").json()["data"] == []  # nothing was created
-
-
-def test_unsupported_strategy_says_so(client: TestClient) -> None:
-    error = _create(client, strategy="SIMPLE-EXTEND").json()["error"]
-    assert error["code"] == "not_supported" and "not supported yet" in error["message"]
 
 
 def test_duplicate_name_is_409_and_leaves_the_first_alone(client: TestClient) -> None:
@@ -158,3 +163,146 @@ def test_the_name_is_a_model_name_on_v1(client: TestClient) -> None:
     assert client.post("/v1/chat/completions", json=chat).json()["error"]["code"] == "deployment_stopped"
     other = client.post("/v1/chat/completions", json={**chat, "model": "not-mine"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+
+
+def _error(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    error: dict[str, Any] = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_an_operation_the_status_forbids_is_409_naming_the_status(client: TestClient) -> None:
+    dep = _create(client).json()
+    error = _error(client.post(f"/v1/deployments/{dep['id']}/start"), 409)
+    assert error["code"] == "deployment_state" and "RUNNING" in error["message"]
+    error = _error(client.post(f"/v1/deployments/{dep['id']}/archive"), 409)
+    assert "RUNNING" in error["message"]
+    client.post(f"/v1/deployments/{dep['id']}/stop").raise_for_status()
+    error = _error(client.post(f"/v1/deployments/{dep['id']}/stop"), 409)
+    assert error["code"] == "deployment_state" and "STOPPED" in error["message"]
+    assert client.post(f"/v1/deployments/{dep['id']}/start").json()["status"] == "RUNNING"
+
+
+def test_archive_hides_it_and_refuses_every_operation(client: TestClient) -> None:
+    dep = _create(client).json()
+    client.post(f"/v1/deployments/{dep['id']}/stop").raise_for_status()
+    archived = client.post(f"/v1/deployments/{dep['id']}/archive").json()
+    assert archived["status"] == "ARCHIVED" and archived["events"][-1]["reason"] == "ARCHIVED"
+    for op, body in (("start", None), ("stop", None), ("archive", None), ("extend", {"minutes": 5}),
+                     ("scale", {"replicas": 1})):  # fmt: skip
+        error = _error(client.post(f"/v1/deployments/{dep['id']}/{op}", json=body), 409)
+        assert error["code"] == "deployment_archived" and "ARCHIVED" in error["message"], op
+    error = _error(client.patch(f"/v1/deployments/{dep['id']}", json={"timeout": 5}), 409)
+    assert error["code"] == "deployment_archived"
+    assert client.get("/v1/deployments").json()["data"] == []
+    assert [d["id"] for d in client.get("/v1/deployments", params={"archived": "true"}).json()["data"]] == [dep["id"]]
+    assert client.get(f"/v1/deployments/{dep['id']}").json()["status"] == "ARCHIVED"  # still readable
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert _error(client.post("/deployments/r1/v1/chat/completions", json=chat), 404)["code"] == "deployment_stopped"
+    assert _error(_create(client), 409)["param"] == "name"  # the name stays taken
+
+
+def test_raising_the_timeout_extends_lowering_applies_next_start(client: TestClient) -> None:
+    dep = _create(client, timeout=60).json()
+    expires = dt.datetime.fromisoformat(dep["expires_at"])
+    raised = client.patch(f"/v1/deployments/{dep['id']}", json={"timeout": 90}).json()
+    assert raised["timeout"] == 90
+    assert dt.datetime.fromisoformat(raised["expires_at"]) - expires == dt.timedelta(minutes=30)
+    lowered = client.patch(f"/v1/deployments/{dep['id']}", json={"timeout": 10}).json()
+    assert lowered["timeout"] == 10 and lowered["expires_at"] == raised["expires_at"]  # what runs keeps its time
+    extended = client.post(f"/v1/deployments/{dep['id']}/extend", json={"minutes": 15}).json()
+    assert extended["timeout"] == 25
+    assert dt.datetime.fromisoformat(extended["expires_at"]) - expires == dt.timedelta(minutes=45)
+    assert [e["reason"] for e in extended["events"]][-3:] == ["EXTENDED", "TIMEOUT_CHANGED", "EXTENDED"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "param"),
+    [
+        ("patch", "", {"timeout": 0}, "timeout"),
+        ("patch", "", {"timeout": 1e10}, "timeout"),
+        ("patch", "", {"replicas": 9}, "replicas"),
+        ("patch", "", {"replicas": -1}, "replicas"),
+        ("patch", "", {"schedule": "0 9 * * *"}, "schedule"),  # SIMPLE has no schedule
+        ("patch", "", {"colour": "red"}, "colour"),
+        ("patch", "", {"timeout": "long"}, "timeout"),
+        ("post", "/extend", {"minutes": 0}, "minutes"),
+        ("post", "/extend", {"minutes": -3}, "minutes"),
+        ("post", "/extend", {}, "minutes"),
+        ("post", "/extend", {"minutes": 1e10}, "minutes"),
+        ("post", "/extend", {"minutes": 525_590}, "timeout"),  # the sum is over the limit
+        ("post", "/scale", {"replicas": 99}, "replicas"),
+        ("post", "/scale", {"replicas": "many"}, "replicas"),
+    ],
+)
+def test_bad_changes_name_the_field_and_change_nothing(
+    client: TestClient, method: str, path: str, body: dict[str, Any], param: str
+) -> None:
+    dep = _create(client).json()
+    error = _error(getattr(client, method)(f"/v1/deployments/{dep['id']}{path}", json=body), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    after = client.get(f"/v1/deployments/{dep['id']}").json()
+    assert (after["timeout"], after["replicas"], after["expires_at"], after["status"]) == (
+        dep["timeout"], dep["replicas"], dep["expires_at"], "RUNNING"
+    )  # fmt: skip
+
+
+def test_changes_need_an_admin_key(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, api_keys="sk-user-key", admin_key=ADMIN)
+    for client in _client(settings):
+        admin, user = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": "Bearer sk-user-key"}
+        client.post("/v1/deployments", json={"name": "r1", "template": TEMPLATE, "replicas": 0}, headers=admin)
+        for method, path, body in (("patch", "", {"timeout": 5}), ("post", "/extend", {"minutes": 5}),
+                                   ("post", "/scale", {"replicas": 1}), ("post", "/archive", None)):  # fmt: skip
+            resp = getattr(client, method)(f"/v1/deployments/r1{path}", json=body, headers=user)
+            assert resp.status_code == 403, (path, resp.text)
+        assert client.get("/v1/deployments/r1", headers=user).json()["timeout"] == 60
+
+
+def test_scheduled_starts_on_its_schedule_and_runs_for_the_timeout(client: TestClient) -> None:
+    supervisor = client.app.state.deployments  # type: ignore[attr-defined]
+    clock = ManualClock(dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.UTC))  # a Monday
+    supervisor.clock = clock
+    dep = _create(client, strategy="SCHEDULED", schedule="30 9 * * mon-fri", timeout=45).json()
+    assert dep["status"] == "STOPPED" and dep["next_run_at"] == "2030-01-07T09:30:00.000Z"
+    assert dep["events"][-1]["reason"] == "SCHEDULED"
+
+    def tick_at(**when: int) -> dict[str, Any]:
+        clock.set(dt.datetime(2030, 1, 7, tzinfo=dt.UTC).replace(**when))
+        client.portal.call(supervisor.tick)  # type: ignore[union-attr]
+        client.portal.call(supervisor.settled)  # type: ignore[union-attr]
+        return client.get(f"/v1/deployments/{dep['id']}").json()  # type: ignore[no-any-return]
+
+    assert tick_at(hour=9, minute=29)["status"] == "STOPPED"  # not yet
+    running = tick_at(hour=9, minute=30)
+    assert running["status"] == "RUNNING" and "SCHEDULED_START" in [e["reason"] for e in running["events"]]
+    assert running["expires_at"] == "2030-01-07T10:15:00.000Z"  # the timeout counts from the start
+    assert running["next_run_at"] == "2030-01-08T09:30:00.000Z"
+    assert tick_at(hour=10, minute=14)["status"] == "RUNNING"
+    stopped = tick_at(hour=10, minute=15)
+    assert stopped["status"] == "STOPPED" and "TIMEOUT" in [e["reason"] for e in stopped["events"]]
+    assert stopped["next_run_at"] == "2030-01-08T09:30:00.000Z"  # and it waits for the next run
+    # A new schedule: weekends only. Bad cron is a 400 naming schedule, and changes nothing.
+    assert _error(client.patch(f"/v1/deployments/{dep['id']}", json={"schedule": "0 25 * * *"}), 400)["param"] == (
+        "schedule"
+    )
+    changed = client.patch(f"/v1/deployments/{dep['id']}", json={"schedule": "0 12 * * sat,sun"}).json()
+    assert changed["next_run_at"] == "2030-01-12T12:00:00.000Z"
+    # stop on a waiting SCHEDULED deployment pauses its schedule; start runs it now and resumes it.
+    paused = client.post(f"/v1/deployments/{dep['id']}/stop").json()
+    assert paused["next_run_at"] is None and paused["events"][-1]["reason"] == "SCHEDULE_PAUSED"
+    assert tick_at(hour=23, minute=0)["status"] == "STOPPED"
+
+
+def test_cron_parser() -> None:
+    at = dt.datetime(2030, 1, 7, 8, 0, 30, tzinfo=dt.UTC)  # Monday
+    assert Cron.parse("* * * * *").next_after(at) == at.replace(minute=1, second=0)
+    assert Cron.parse("*/15 8 * * *").next_after(at) == at.replace(minute=15, second=0)
+    assert Cron.parse("0 0 1 jan *").next_after(at) == dt.datetime(2031, 1, 1, tzinfo=dt.UTC)
+    assert Cron.parse("0 6 * * 0").next_after(at) == dt.datetime(2030, 1, 13, 6, tzinfo=dt.UTC)  # Sunday
+    assert Cron.parse("0 6 * * 7").next_after(at) == dt.datetime(2030, 1, 13, 6, tzinfo=dt.UTC)  # 7 is Sunday too
+    # Both day fields restricted: either matches (the 10th, or a Wednesday).
+    assert Cron.parse("0 0 10 * wed").next_after(at) == dt.datetime(2030, 1, 9, tzinfo=dt.UTC)
+    assert Cron.parse("0 0 30 2 *").next_after(at) is None  # never
+    assert Cron.parse("5-10/5 1,2 * * *").next_after(at) == dt.datetime(2030, 1, 8, 1, 5, tzinfo=dt.UTC)

@@ -174,7 +174,9 @@ def test_configure_logging_stamps_the_request_id(
             request_id_var.reset(token)
         handler.flush()
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert re.fullmatch(r"\d\d:\d\d:\d\d INFO    r1serve.access \[req_abc\] POST /v1/chat/completions 200 3ms", line)
+        assert re.fullmatch(
+            r"\d\d:\d\d:\d\d INFO    r1serve.access \[req_abc\] POST /v1/chat/completions 200 3ms", line
+        )
     finally:
         for h in root.handlers:
             if h not in saved_handlers:
@@ -304,7 +306,9 @@ def test_a_broken_stream_does_not_fail_the_request(configured: BatchedStreamHand
 
 
 def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
-    scope: dict[str, object] = {"headers": [(b"x-request-id", b"one"), (b"authorization", b"Bearer k"), (b"x-request-id", b"two")]}
+    scope: dict[str, object] = {
+        "headers": [(b"x-request-id", b"one"), (b"authorization", b"Bearer k"), (b"x-request-id", b"two")]
+    }
     assert scope_header(scope, b"x-request-id") == b"one"
     assert scope_header(scope, b"authorization") == b"Bearer k"
     assert scope_header(scope, b"content-length") is None

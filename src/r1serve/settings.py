@@ -77,9 +77,9 @@ class Settings(BaseSettings):
     upstream: str | None = None  # base URL of any OpenAI-compatible server, e.g. http://host:8000/v1
     upstream_key_env: str | None = None  # the environment variable holding the upstream's API key
     upstream_model: str | None = None
-    reasoning_dialect: Literal[
-        "auto", "think_in_content", "think_tags", "reasoning_content", "reasoning", "none"
-    ] = "auto"
+    reasoning_dialect: Literal["auto", "think_in_content", "think_tags", "reasoning_content", "reasoning", "none"] = (
+        "auto"
+    )
     upstream_connect_timeout: float | None = None
     upstream_first_byte_timeout: float | None = None
     upstream_idle_timeout: float | None = None
@@ -112,6 +112,20 @@ class Settings(BaseSettings):
     deployment_crash_window: float = 120.0  # seconds
     deployment_ready_timeout: float = 600.0  # seconds a replica may take to answer /health
     deployment_grace_seconds: float = 30.0  # in-flight requests may finish this long before a replica ends
+    # How often the supervisor checks deadlines, schedules, costs and budgets (seconds).
+    deployment_tick_seconds: float = 1.0
+    # SIMPLE-EXTEND extends, and INFINITE replaces its replicas, this long before the timeout (seconds;
+    # at most a tenth of the timeout).
+    deployment_extend_lead_seconds: float = 60.0
+    # USD per replica-hour when neither the deployment nor its template names a price.
+    deployment_price_per_hour: float = 0.0
+    # Replica-time goes to the ledger at most this often (seconds) while a deployment runs, and at its stop.
+    deployment_bill_seconds: float = 10.0
+    # A replica whose r1serve was killed ends itself after this long without its lease renewed; an
+    # r1serve restarted within it re-adopts the replica (deployments/adoption.py).
+    deployment_orphan_seconds: float = 30.0
+    # Set by the supervisor for its replicas (the lease they watch); not for users.
+    deployment_lease_file: str | None = None
 
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod

@@ -7,26 +7,44 @@ exists, where every caller may do anything already). Reading needs any key the s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from r1serve.accounts import Accounts
 from r1serve.api.auth import authenticate
 from r1serve.api.billing import accounts_of, principal_of
+from r1serve.api.deployment_scope import check_call, may_see
 from r1serve.api.errors import validation_error
 from r1serve.api.requests import check_messages, json_object, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
-from r1serve.deployments import DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments import Deployment, DeploymentCreate, DeploymentStore, Supervisor
+from r1serve.deployments.adoption import watch_lease
+from r1serve.deployments.billing import AccountsBilling
+from r1serve.deployments.spec import DeploymentExtend, DeploymentNotFound, DeploymentUpdate
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1serve.settings import Settings
+
+
+class _Scale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class DeploymentsDisabled(R1ServeError):
@@ -37,11 +55,28 @@ class DeploymentsDisabled(R1ServeError):
 
 @asynccontextmanager
 async def running_deployments(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
-    """The supervisor for the app's lifetime (deployments live in the accounts database: none without)."""
+    """The supervisor for the app's lifetime (deployments live in the accounts database: none without).
+    A replica of another r1serve (it set ``deployment_lease_file``) watches its supervisor's lease."""
+    watcher: asyncio.Task[None] | None = None
+    if settings.deployment_lease_file:
+        lease = Path(settings.deployment_lease_file)
+        expired = functools.partial(os.kill, os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+        watcher = asyncio.create_task(watch_lease(lease, settings.deployment_orphan_seconds, expired))
+    try:
+        async with _supervised(app, settings, accounts):
+            yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+@asynccontextmanager
+async def _supervised(app: FastAPI, settings: Settings, accounts: Accounts | None) -> AsyncIterator[None]:
     if accounts is None:
         yield
         return
-    supervisor = Supervisor(settings, DeploymentStore(accounts.engine))
+    billing = AccountsBilling(accounts, bill_seconds=settings.deployment_bill_seconds)
+    supervisor = Supervisor(settings, DeploymentStore(accounts.engine), billing=billing)
     await supervisor.start()
     app.state.deployments = supervisor
     try:
@@ -86,15 +121,30 @@ async def create_deployment(request: Request) -> dict[str, Any]:
 
 
 @deployments_api.get("/v1/deployments", summary="List deployments")
-async def list_deployments(request: Request) -> dict[str, Any]:
+async def list_deployments(request: Request, archived: bool = False) -> dict[str, Any]:
+    """Archived deployments are left out unless ``?archived=true`` (then only they are listed)."""
     supervisor = _supervisor(request)
     base = _base_url(request)
-    return {"object": "list", "data": [d.as_dict(base) for d in supervisor.deployments.values()]}
+    data = [
+        d.as_dict(base)
+        for d in supervisor.deployments.values()
+        if (d.status == "ARCHIVED") == archived and may_see(request, d.name)
+    ]
+    return {"object": "list", "data": data}
 
 
 @deployments_api.get("/v1/deployments/{ident}", summary="One deployment (by id or name)")
 async def get_deployment(request: Request, ident: str) -> dict[str, Any]:
-    return _supervisor(request).get(ident).as_dict(_base_url(request))
+    return _readable(request, ident).as_dict(_base_url(request))
+
+
+def _readable(request: Request, ident: str) -> Deployment:
+    """The deployment, unless the caller's key is limited to others (then it does not exist for it)."""
+    supervisor = _supervisor(request)
+    dep = supervisor.get(ident)
+    if not may_see(request, dep.name):
+        raise DeploymentNotFound(f"No deployment `{ident}`.", param="id")
+    return dep
 
 
 @deployments_api.post("/v1/deployments/{ident}/stop", summary="Stop a deployment (admin)")
@@ -106,6 +156,41 @@ async def stop_deployment(request: Request, ident: str) -> dict[str, Any]:
 @deployments_api.post("/v1/deployments/{ident}/start", summary="Start a stopped deployment again (admin)")
 async def start_deployment(request: Request, ident: str) -> dict[str, Any]:
     dep = await _manager(request).start_again(ident)
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/archive", summary="Archive a stopped deployment (admin)")
+async def archive_deployment(request: Request, ident: str) -> dict[str, Any]:
+    dep = await _manager(request).archive(ident)
+    return dep.as_dict(_base_url(request))
+
+
+def _body(raw: bytes, model: type[_Body]) -> _Body:
+    try:
+        return model.model_validate(json_object(raw))
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+@deployments_api.patch("/v1/deployments/{ident}", summary="Change timeout, replicas or schedule (admin)")
+async def update_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.update(ident, _body(await request.body(), DeploymentUpdate))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/extend", summary="Add minutes to the timeout (admin)")
+async def extend_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    dep = await supervisor.extend(ident, _body(await request.body(), DeploymentExtend))
+    return dep.as_dict(_base_url(request))
+
+
+@deployments_api.post("/v1/deployments/{ident}/scale", summary="Change the replica count (admin)")
+async def scale_deployment(request: Request, ident: str) -> dict[str, Any]:
+    supervisor = _manager(request)
+    body = _body(await request.body(), _Scale)
+    dep = await supervisor.update(ident, DeploymentUpdate(replicas=body.replicas))
     return dep.as_dict(_base_url(request))
 
 
@@ -142,7 +227,7 @@ async def deployment_logs(
     tail: int | None = None,
     follow: bool = False,
 ) -> Response:
-    dep = _supervisor(request).get(ident)
+    dep = _readable(request, ident)
     source, after = _source(replica), _since(since)
     if tail is not None and tail < 1:
         raise InvalidRequest("tail must be at least 1", param="tail", code="invalid_value")
@@ -171,25 +256,29 @@ async def deployment_chat(request: Request, name: str) -> Response:
     precheck_messages(raw, settings)
     body = parse_raw(raw, ChatCompletionRequest)
     check_messages(body, settings)
+    check_call(request, name)
     served = supervisor.served(name)
-    return await serve_chat(request, body, served, settings, model_name=body.model or name)
+    # The body's model does not choose anything here (the URL does): the deployment's name is what the
+    # answer reports, what the ledger records, and what a scoped key's check sees.
+    return await serve_chat(request, body, served, settings, model_name=name)
 
 
 @deployments_api.post("/deployments/{name}/v1/completions", summary="Text completion from a deployment")
 async def deployment_completion(request: Request, name: str) -> Response:
     supervisor = _supervisor(request)
     body = parse_raw(await request.body(), CompletionRequest)
+    check_call(request, name)
     served = supervisor.served(name)
     settings: Settings = request.app.state.settings
-    return await serve_completion(request, body, served, settings, model_name=body.model or name)
+    return await serve_completion(request, body, served, settings, model_name=name)
 
 
 @deployments_api.get("/deployments/{name}/v1/models", summary="The model a deployment serves")
 async def deployment_models(request: Request, name: str) -> ModelList:
+    check_call(request, name)
     served = _supervisor(request).served(name)
     entry = served.entry
     card = ModelCard(
         id=name, root=entry.id, context_length=entry.context_length, reasoning_format=entry.reasoning_format
     )
     return ModelList(data=[card])
-

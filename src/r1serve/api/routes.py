@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from r1serve.api.auth import authenticate, optional_caller
+from r1serve.api.deployment_scope import check_call
 from r1serve.api.requests import check_messages, parse_raw, precheck_messages
 from r1serve.api.serving import serve_chat, serve_completion
 from r1serve.errors import ModelNotFound
@@ -66,6 +67,7 @@ def resolve_served(request: Request, name: str | None) -> ServedModel:
     except ModelNotFound:
         supervisor: Supervisor | None = request.scope["app"].state.deployments
         if name and supervisor is not None and supervisor.by_name(name) is not None:
+            check_call(request, name)  # a scoped key must name the deployment itself
             return supervisor.served(name)
         raise
 
@@ -101,9 +103,7 @@ async def completions(request: Request) -> Response:
     """Served by the hot paths (api/hotpaths.py), which authenticate first."""
     body = parse_raw(await request.body(), CompletionRequest)
     served = resolve_served(request, body.model)
-    return await serve_completion(
-        request, body, served, settings_of(request), model_name=body.model or served.entry.id
-    )
+    return await serve_completion(request, body, served, settings_of(request), model_name=body.model or served.entry.id)
 
 
 @api.get(

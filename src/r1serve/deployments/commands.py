@@ -1,4 +1,5 @@
-"""``r1serve deploy``: create, list, get, logs, stop and start deployments on a running server.
+"""``r1serve deploy``: create, list, get, logs, stop, start, extend, scale and archive deployments on a
+running server.
 
 The server owns the replica processes, so these commands talk to its API (``--url``, the key from
 ``--api-key``, ``$R1SERVE_API_KEY`` or ``R1SERVE_ADMIN_KEY``), never to the database directly.
@@ -27,9 +28,10 @@ out = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
-KeyOption = Annotated[
-    str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")
-]
+KeyOption = Annotated[str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")]
+
+# stop, scale and archive answer once the replicas have drained: the server bounds that by its grace period.
+DRAIN_TIMEOUT = 3600.0
 
 # Nosana's example request body (their DeepSeek-R1 guide): no model, the endpoint knows it.
 EXAMPLE_BODY = {
@@ -55,9 +57,9 @@ class Client:
         data = json.dumps(body).encode() if body is not None else None
         return urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 60) -> Any:
         try:
-            with urllib.request.urlopen(self._request(method, path, body), timeout=60) as resp:
+            with urllib.request.urlopen(self._request(method, path, body), timeout=timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise _fail(f"{exc.code}: {_message(exc.read())}") from None
@@ -114,10 +116,23 @@ def create(
     name: Annotated[str, typer.Argument(help="Unique, URL-safe: lower-case letters, digits, dashes.")],
     template: Annotated[str, typer.Option(help="Catalog id or alias (see `r1serve models`), or a GGUF path.")],
     replicas: Annotated[int, typer.Option(help="Replica processes.")] = 1,
-    strategy: Annotated[str, typer.Option(help="SIMPLE: run the replicas until the timeout.")] = "SIMPLE",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="SIMPLE (until the timeout), SIMPLE-EXTEND (extended while the budget allows), "
+            "SCHEDULED (on --schedule, for the timeout), INFINITE (kept up, replicas replaced)."
+        ),
+    ] = "SIMPLE",
     timeout: Annotated[float, typer.Option(help="Minutes until the deployment stops.")] = 60.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads per replica.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Cron (SCHEDULED), e.g. '0 9 * * mon-fri'.")] = None,
+    price_per_hour: Annotated[float | None, typer.Option(help="USD per replica-hour (default: template's).")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the start until every replica is ready.")] = True,
+    engine: Annotated[str, typer.Option(help="embedded (r1serve serve) or command (--command).")] = "embedded",
+    command: Annotated[
+        str | None, typer.Option(help="The command engine's server command line, with {port} and {model}.")
+    ] = None,
+    readiness_path: Annotated[str | None, typer.Option(help="Path that answers 200 once a replica is ready.")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
@@ -126,10 +141,18 @@ def create(
     body: dict[str, Any] = {
         "name": name, "template": template, "replicas": replicas, "strategy": strategy, "timeout": timeout,
     }  # fmt: skip
-    if threads is not None:
-        body["threads"] = threads
+    for field, value in (("threads", threads), ("schedule", schedule), ("price_per_hour", price_per_hour)):
+        if value is not None:
+            body[field] = value
+    if engine != "embedded" or command is not None:
+        body.update(engine=engine, command=command)
+    if readiness_path is not None:
+        body["readiness_path"] = readiness_path
     dep = client.call("POST", "/v1/deployments", body)
     out.print(f"created {dep['name']} ({dep['id']}): {dep['status']}", highlight=False)
+    if dep["status"] == "STOPPED" and dep.get("next_run_at"):
+        out.print(f"scheduled: the first run starts at {dep['next_run_at']}", highlight=False)
+        wait = False
     if wait:
         dep = _follow_start(client, dep)
     _print_endpoint(dep, key_hint=bool(client.key))
@@ -207,7 +230,7 @@ def stop(
     name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
 ) -> None:
     """Stop every replica (in-flight requests finish first); the endpoint URL then answers 404."""
-    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/stop")
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/stop", timeout=DRAIN_TIMEOUT)
     out.print(f"{dep['name']}: {dep['status']}", highlight=False)
 
 
@@ -219,3 +242,43 @@ def start(
     client = Client(url, api_key)
     dep = _follow_start(client, client.call("POST", f"/v1/deployments/{_quote(name)}/start"))
     _print_endpoint(dep, key_hint=bool(client.key))
+
+
+def _summary(dep: dict[str, Any]) -> None:
+    out.print(
+        f"{dep['name']}: {dep['status']}, {dep['replicas']} replicas ({_replicas_text(dep)}), "
+        f"timeout {dep['timeout']:g} min, until {dep['expires_at'] or '-'}, cost ${dep['cost']:.6f}",
+        highlight=False,
+    )
+
+
+@deploy_app.command("extend")
+def extend(
+    name: Annotated[str, typer.Argument(help="Name or id.")],
+    minutes: Annotated[float, typer.Option(help="Minutes added to the timeout (and to a running deadline).")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Add minutes to the timeout; a running deployment's deadline moves by as much."""
+    _summary(Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/extend", {"minutes": minutes}))
+
+
+@deploy_app.command("scale")
+def scale(
+    name: Annotated[str, typer.Argument(help="Name or id.")],
+    replicas: Annotated[int, typer.Argument(help="The new replica count.")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Change the replica count: new ones start at once, removed ones drain first."""
+    path = f"/v1/deployments/{_quote(name)}/scale"
+    _summary(Client(url, api_key).call("POST", path, {"replicas": replicas}, timeout=DRAIN_TIMEOUT))
+
+
+@deploy_app.command("archive")
+def archive(
+    name: Annotated[str, typer.Argument(help="Name or id.")], url: UrlOption = None, api_key: KeyOption = None
+) -> None:
+    """Archive a stopped deployment: hidden from `list`, it refuses every operation from then on."""
+    dep = Client(url, api_key).call("POST", f"/v1/deployments/{_quote(name)}/archive", timeout=DRAIN_TIMEOUT)
+    out.print(f"{dep['name']}: {dep['status']}", highlight=False)

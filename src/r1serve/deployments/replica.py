@@ -5,8 +5,10 @@ Its life: PENDING -> STARTING (spawned, probing ``/health``) -> READY (a gateway
 exponential backoff; ``crash_limit`` crashes within ``crash_window`` seconds make it FAILED. A READY
 replica whose ``/health`` stops answering is NOT_READY (out of routing) until it answers again.
 
-The child dies with r1serve (Linux ``PR_SET_PDEATHSIG``), so a killed r1serve leaves no orphan holding
-a port; a restarted r1serve starts its deployments' replicas afresh.
+A killed r1serve's replicas live on for ``orphan_seconds`` (the supervisor's lease, see
+:mod:`.adoption`): a restarted r1serve re-adopts those still alive, ours and healthy (:meth:`Replica.adopt`),
+and starts the others afresh; past that time a replica ends itself, so no orphan holds a port for good.
+Its output goes to a file the supervisor follows (a pipe would break when r1serve dies).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import contextlib
 import ctypes
 import logging
 import os
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -28,14 +32,15 @@ from typing import Any
 
 import aiohttp
 
-from r1serve.deployments.logs import DeploymentLog, iso, now
+from r1serve.deployments.adoption import alive, follow, is_ours, wait_gone
+from r1serve.deployments.logs import DeploymentLog, iso, now, pump
 from r1serve.deployments.spec import ReplicaStatus
+from r1serve.deployments.templates import expand
 from r1serve.engines.upstream import HttpClient, Timeouts, UpstreamConfig, UpstreamEngine
 from r1serve.gateway.group import CircuitBreaker, Target
 
 log = logging.getLogger("r1serve.deployments")
 
-_PR_SET_PDEATHSIG = 1
 _LIVENESS_INTERVAL = 5.0
 _LIVENESS_FAILURES = 3  # consecutive failed checks before a READY replica is NOT_READY
 
@@ -53,17 +58,25 @@ class ReplicaPlan:
     crash_limit: int
     crash_window: float
     ready_timeout: float
+    lease_file: Path | None = None  # the supervisor's lease: the replica ends itself when it grows old
+    orphan_seconds: float = 30.0
+    # The command engine's argv (placeholders unexpanded); None: an ``r1serve serve`` child.
+    command: tuple[str, ...] | None = None
+    readiness_path: str = "/health"  # probed for readiness and liveness
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (command engine only)
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Replica:
@@ -93,12 +106,20 @@ class Replica:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._requests_before = 0  # requests served by earlier processes of this replica
+        self._spawn_seq = 0  # the log's last line before this process started
+        self._adopted: int | None = None  # the pid of a re-adopted process (not our child: no Process)
 
     # ------------------------------------------------------------------ control
 
     def start(self) -> None:
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"{self.plan.deployment}:{self.name}")
+
+    def adopt(self, pid: int, port: int) -> None:
+        """Take back the process a previous r1serve started, if it is still ours and healthy; else
+        start afresh (r1serve restarted)."""
+        self._stopping = False
+        self._task = asyncio.create_task(self._run((pid, port)), name=f"{self.plan.deployment}:{self.name}")
 
     async def stop(self, grace: float) -> None:
         """Out of routing, let in-flight requests finish (up to ``grace`` seconds), end the process."""
@@ -122,9 +143,15 @@ class Replica:
 
     # ------------------------------------------------------------------ the supervising loop
 
-    async def _run(self) -> None:
+    async def _run(self, adopt: tuple[int, int] | None = None) -> None:
         while not self._stopping:
-            await self._run_once()
+            if adopt is not None:
+                pid, port = adopt
+                adopt = None
+                if not await self._run_adopted(pid, port):
+                    continue  # not there, not ours or not healthy: start afresh, no crash counted
+            else:
+                await self._run_once()
             if self._stopping:
                 return
             stamp = time.monotonic()
@@ -159,7 +186,12 @@ class Replica:
                 liveness = asyncio.create_task(self._liveness())
             code = await proc.wait()
             if not self._stopping:
-                self.last_error = f"exited with {_exit_text(code)}"
+                # The child's last words usually say why (a model that cannot be fetched, a bad flag).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pump), 2.0)
+                last = self.log.lines(source=self.name, limit=1)
+                said = f": {last[0].text[:300]}" if last and last[0].seq > self._spawn_seq else ""
+                self.last_error = f"exited with {_exit_text(code)}{said}"
                 self._say(f"{self.name} (pid {proc.pid}) {self.last_error}")
         finally:
             if liveness is not None:
@@ -168,6 +200,48 @@ class Replica:
                 await self._drop_target()
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(pump, 2.0)
+
+    async def _run_adopted(self, pid: int, port: int) -> bool:
+        """Serve through a process the previous r1serve started until it exits; False (and nothing
+        done) when there is no such process of ours or its /health does not answer."""
+        data = self.plan.directory / self.name / "data"
+        if not (alive(pid) and is_ours(pid, port, data)):
+            self._say(f"{self.name}: process {pid} on port {port} is gone or not ours: starting afresh")
+            return False
+        self.port = port
+        if not await self._probe(timeout=5.0):
+            self._say(f"{self.name}: process {pid} on port {port} does not answer /health: ending it")
+            self._adopted = pid
+            await self._end_process()
+            self._adopted = None
+            return False
+        self.pid, self._adopted, self.started_at = pid, pid, iso(now())
+        gone = asyncio.ensure_future(wait_gone(pid))
+        output = self._output_path()
+        offset = output.stat().st_size if output.exists() else 0
+        pump = asyncio.create_task(self._pump_from(follow(output, offset, gone)))
+        liveness: asyncio.Task[None] | None = None
+        try:
+            await self._add_target()
+            self._say(f"{self.name}: re-adopted process {pid} on port {port}")
+            self._set("READY", f"re-adopted process {pid} on port {port}")
+            liveness = asyncio.create_task(self._liveness())
+            await asyncio.shield(gone)
+            if not self._stopping:
+                self.last_error = "the re-adopted process exited"
+                self._say(f"{self.name} (pid {pid}) {self.last_error}")
+        finally:
+            if liveness is not None:
+                liveness.cancel()
+            if not self._stopping:
+                await self._drop_target()
+                self._adopted = None
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(pump, 2.0)
+        return True
+
+    def _output_path(self) -> Path:
+        return self.plan.directory / self.name / "output.log"
 
     async def _spawn(self, port: int) -> asyncio.subprocess.Process:
         data = self.plan.directory / self.name
@@ -179,35 +253,49 @@ class Replica:
             R1SERVE_MODELS_DIR=str(self.plan.models_dir),
             R1SERVE_DATA_DIR=str(data / "data"),
             R1SERVE_N_THREADS=str(self.plan.threads),
+            R1SERVE_DEPLOYMENT_ORPHAN_SECONDS=str(self.plan.orphan_seconds),
             PYTHONUNBUFFERED="1",
         )
-        cmd = [
-            sys.executable, "-m", "r1serve", "serve",
-            "--model", self.plan.model, "--host", "127.0.0.1", "--port", str(port),
-        ]  # fmt: skip
-        self._say(f"starting {self.name}: r1serve serve --model {self.plan.model} --port {port}")
-        return await asyncio.create_subprocess_exec(
-            *cmd,
-            cwd=data,  # a directory of its own: no developer's .env is read
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+        if self.plan.lease_file is not None:
+            env["R1SERVE_DEPLOYMENT_LEASE_FILE"] = str(self.plan.lease_file)
+        if self.plan.command is not None:
+            cmd = expand(list(self.plan.command), port=port, model=self.plan.model, threads=self.plan.threads)
+            self._say(f"starting {self.name}: {shlex.join(cmd)}")
+            if shutil.which(cmd[0]) is None:
+                # The replica's crash accounting makes it FAILED, with this as the child's last words.
+                cmd = [sys.executable, "-c", f"import sys; sys.exit('command not found: {cmd[0]!r}')"]
+        else:
+            cmd = [
+                sys.executable, "-m", "r1serve", "serve",
+                "--model", self.plan.model, "--host", "127.0.0.1", "--port", str(port),
+            ]  # fmt: skip
+            self._say(f"starting {self.name}: r1serve serve --model {self.plan.model} --port {port}")
+        self._spawn_seq = self.log.last_seq
+        # A file, not a pipe: the child may outlive r1serve (module docstring); truncated per process.
+        with open(self._output_path(), "wb") as output:
+            return await asyncio.create_subprocess_exec(
+                *cmd,
+                cwd=data,  # a directory of its own: no developer's .env is read
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                # A command's server knows no lease and cannot be re-adopted (it is not `r1serve serve`):
+                # it dies with r1serve rather than hold its port as an orphan.
+                preexec_fn=_die_with_parent if self.plan.command is not None and sys.platform == "linux" else None,
+            )
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            raw = await proc.stdout.readline()
-            if not raw:
-                return
-            self.log.write(self.name, raw.decode("utf-8", errors="replace"))
+        await self._pump_from(follow(self._output_path(), 0, proc.wait()))
+
+    async def _pump_from(self, stream: asyncio.StreamReader) -> None:
+        # In chunks, whatever the line lengths (logs.pump): readline raised on a line over its limit.
+        await pump(stream, self.log, self.name)
 
     async def _probe(self, timeout: float = 2.0) -> bool:
         try:
             async with self.client.session.get(
-                f"http://127.0.0.1:{self.port}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"http://127.0.0.1:{self.port}{self.plan.readiness_path}", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -246,8 +334,9 @@ class Replica:
                 name=f"{self.plan.deployment}/{self.name}",
                 base_url=f"http://127.0.0.1:{self.port}/v1",
                 model=self.plan.model_id,
-                # The child is r1serve: reasoning, when the model has it, comes as reasoning_content.
-                dialect="reasoning_content",
+                # An r1serve child sends reasoning as reasoning_content; a command's server may be any
+                # (vLLM with a reasoning parser, llama.cpp with <think> in the text): auto-detected.
+                dialect="reasoning_content" if self.plan.command is None else "auto",
                 timeouts=Timeouts(connect=2.0),
             ),
             self.client,
@@ -266,6 +355,10 @@ class Replica:
             await target.close()
 
     async def _end_process(self) -> None:
+        if self._adopted is not None:
+            await self._end_adopted(self._adopted)
+            self._adopted = None
+            return
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -277,6 +370,16 @@ class Replica:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+    async def _end_adopted(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(wait_gone(pid), 15.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await wait_gone(pid)
 
     # ------------------------------------------------------------------ state
 

@@ -7,19 +7,20 @@ minutes), SkyServe's for replica statuses.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
+from r1serve.deployments.schedule import Cron
+from r1serve.deployments.templates import check_readiness_path, parse_command
+from r1serve.deployments.templates import resolve_template as resolve_template  # the supervisor's, re-exported
 from r1serve.errors import InvalidRequest, NotFound, R1ServeError
-from r1serve.models.catalog import ModelEntry, entry_for_path, find_entry
+from r1serve.models.catalog import ModelEntry
 
-Status = Literal["DRAFT", "STARTING", "RUNNING", "STOPPING", "STOPPED", "ARCHIVED", "ERROR"]
+Status = Literal["DRAFT", "STARTING", "RUNNING", "STOPPING", "STOPPED", "ARCHIVED", "ERROR", "INSUFFICIENT_FUNDS"]
 ReplicaStatus = Literal["PENDING", "STARTING", "READY", "NOT_READY", "DRAINING", "STOPPED", "FAILED"]
 STRATEGIES = ("SIMPLE", "SIMPLE-EXTEND", "SCHEDULED", "INFINITE")
-SUPPORTED_STRATEGIES = ("SIMPLE",)
-ENGINES = ("embedded",)
+ENGINES = ("embedded", "command")  # command: any OpenAI-compatible server's command line (templates.py)
 
 # Statuses in which a deployment's replicas should be up (what a restart of r1serve brings back).
 ACTIVE: tuple[Status, ...] = ("STARTING", "RUNNING")
@@ -39,6 +40,23 @@ class DeploymentNotFound(NotFound):
     code = "deployment_not_found"
 
 
+class StateConflict(R1ServeError):
+    """An operation the deployment's current status does not allow (``start`` while STOPPING)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "deployment_state"
+
+
+# What each operation may start from. Anything else is a 409 naming the status; ARCHIVED allows nothing.
+ALLOWED_FROM: dict[str, tuple[Status, ...]] = {
+    "start": ("DRAFT", "STOPPED", "ERROR", "INSUFFICIENT_FUNDS"),
+    "stop": ("STARTING", "RUNNING", "ERROR"),
+    "archive": ("DRAFT", "STOPPED", "ERROR", "INSUFFICIENT_FUNDS"),
+    "update": ("DRAFT", "STARTING", "RUNNING", "STOPPED", "ERROR", "INSUFFICIENT_FUNDS"),
+}
+
+
 class DeploymentCreate(BaseModel):
     """The body of ``POST /v1/deployments``; types only, the rules are in :func:`validate_create`."""
 
@@ -53,24 +71,31 @@ class DeploymentCreate(BaseModel):
     # Minutes, as Nosana's; fractions are allowed (tests use seconds-long deployments).
     timeout: float = 60.0
     threads: int | None = None  # per replica; default: the server's threads shared among the replicas
+    # The command engine: a command line with {port} and {model} placeholders, and the path that answers
+    # 200 once it is ready (default /v1/models).
+    command: str | None = None
+    readiness_path: str | None = None
+    schedule: str | None = None  # cron, SCHEDULED only
+    price_per_hour: float | None = None  # USD per replica-hour; default: the template's
+
+
+class DeploymentUpdate(BaseModel):
+    """The body of ``PATCH /v1/deployments/{id}``: any of these; the rest stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float | None = None
+    replicas: int | None = None
+    schedule: str | None = None
+
+
+class DeploymentExtend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    minutes: float  # added to the timeout (and to a running deployment's deadline)
 
 
 MAX_TIMEOUT_MINUTES = 525_600  # a year; far larger ones overflow the deadline's datetime arithmetic
-
-
-def resolve_template(spec: str) -> ModelEntry:
-    """A catalog id or alias (the template names users type), or a path to a GGUF that exists."""
-    entry = find_entry(spec)
-    if entry is not None:
-        return entry
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return entry_for_path(path)
-    raise InvalidRequest(
-        f"Unknown template `{spec}`: not a catalog id or alias (see `r1serve models`) nor a GGUF file.",
-        param="template",
-        code="template_not_found",
-    )
 
 
 def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
@@ -86,29 +111,51 @@ def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
     spec = body.template or body.model
     if not spec:
         raise _invalid("template is required (a catalog id such as `deepseek-r1:1.5b`, or a GGUF path)", "template")
-    entry = resolve_template(spec)
     if body.engine not in ENGINES:
         raise _invalid(f"unknown engine `{body.engine}`: one of {', '.join(ENGINES)}", "engine")
-    if body.replicas < 0 or body.replicas > max_replicas:
-        raise _invalid(f"replicas must be between 0 and {max_replicas} (got {body.replicas})", "replicas")
+    entry = resolve_template(spec, body.engine)
+    if body.engine == "command":
+        parse_command(body.command)
+    elif body.command is not None:
+        raise _invalid("command is only for engine `command`", "command")
+    check_readiness_path(body.readiness_path, body.engine)
+    check_replicas(body.replicas, max_replicas)
     check_strategy(body.strategy)
-    if not 0 < body.timeout <= MAX_TIMEOUT_MINUTES:
-        raise _invalid(
-            f"timeout must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES} (got {body.timeout:g})",
-            "timeout",
-        )
+    check_timeout(body.timeout)
     if body.threads is not None and body.threads < 1:
         raise _invalid("threads must be at least 1", "threads")
+    check_schedule(body.strategy, body.schedule)
+    if body.price_per_hour is not None and not 0 <= body.price_per_hour <= 1e6:
+        raise _invalid("price_per_hour must be between 0 and 1000000 USD per replica-hour", "price_per_hour")
     return entry
+
+
+def check_replicas(replicas: int, max_replicas: int) -> None:
+    if replicas < 0 or replicas > max_replicas:
+        raise _invalid(f"replicas must be between 0 and {max_replicas} (got {replicas})", "replicas")
+
+
+def check_timeout(minutes: float, param: str = "timeout") -> None:
+    if not 0 < minutes <= MAX_TIMEOUT_MINUTES:
+        raise _invalid(
+            f"{param} must be a positive number of minutes, at most {MAX_TIMEOUT_MINUTES} (got {minutes:g})", param
+        )
+
+
+def check_schedule(strategy: str, schedule: str | None) -> Cron | None:
+    """SCHEDULED needs a valid cron ``schedule``; the other strategies take none."""
+    if strategy != "SCHEDULED":
+        if schedule is not None:
+            raise _invalid(f"only SCHEDULED deployments have a schedule (this one is {strategy})", "schedule")
+        return None
+    if not schedule:
+        raise _invalid("a SCHEDULED deployment needs a cron schedule, e.g. `0 9 * * mon-fri`", "schedule")
+    return Cron.parse(schedule)
 
 
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise _invalid(f"unknown strategy `{strategy}`: one of {', '.join(STRATEGIES)}", "strategy")
-    if strategy not in SUPPORTED_STRATEGIES:
-        raise InvalidRequest(
-            f"strategy `{strategy}` is not supported yet; use SIMPLE", param="strategy", code="not_supported"
-        )
 
 
 def _invalid(message: str, param: str) -> InvalidRequest:

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, select
+from sqlalchemy import BigInteger, DateTime, Engine, Float, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from r1serve.accounts.models import Base
@@ -35,12 +35,23 @@ class DeploymentRow(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Migration 0004_deployment_lifecycle: schedules and cost.
+    schedule: Mapped[str | None] = mapped_column(String(200))
+    next_run_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    price_per_hour: Mapped[float | None] = mapped_column(Float)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    # How much of cost_nanos the ledger has rows for.
+    ledger_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    billed_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 _FIELDS = (
     "id", "name", "template", "engine", "replicas", "strategy", "timeout_minutes", "threads", "status",
     "owner_key_id", "started_at", "expires_at", "created_at", "updated_at",
+    "schedule", "next_run_at", "price_per_hour", "cost_nanos", "ledger_nanos", "billed_until",
 )  # fmt: skip
+_DEFAULTS: dict[str, Any] = {"cost_nanos": 0, "ledger_nanos": 0}  # a record from before 0004's fields
+_TIMES = ("started_at", "expires_at", "created_at", "updated_at", "next_run_at", "billed_until")
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -64,7 +75,7 @@ class DeploymentStore:
                 row = DeploymentRow(id=record["id"])
                 session.add(row)
             for field in _FIELDS[1:]:
-                setattr(row, field, record[field])
+                setattr(row, field, record.get(field, _DEFAULTS.get(field)))
             row.events = json.dumps(record["events"])
             row.replicas_detail = json.dumps(record["replicas_detail"])
 
@@ -74,7 +85,7 @@ class DeploymentStore:
             out = []
             for row in rows:
                 record: dict[str, Any] = {f: getattr(row, f) for f in _FIELDS}
-                for f in ("started_at", "expires_at", "created_at", "updated_at"):
+                for f in _TIMES:
                     record[f] = _aware(record[f])
                 record["events"] = json.loads(row.events)
                 record["replicas_detail"] = json.loads(row.replicas_detail)
