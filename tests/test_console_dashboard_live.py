@@ -38,7 +38,7 @@ def _curl_chat(url: str, key: str) -> subprocess.CompletedProcess[str]:
 def _sign_in_by_keyboard(tab: Tab, url: str, key: str) -> None:
     page = tab.page
     page.goto(f"{url}/console/signin")  # type: ignore[attr-defined]
-    page.wait_for_function("document.activeElement && document.activeElement.id === 'signin-key'")  # type: ignore[attr-defined]
+    page.locator("#signin-key:focus").wait_for()  # type: ignore[attr-defined]
     page.keyboard.type(key)  # type: ignore[attr-defined]
     page.keyboard.press("Enter")  # type: ignore[attr-defined]
     page.wait_for_url(f"{url}/")  # type: ignore[attr-defined]
@@ -75,7 +75,7 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert _nav(page) == ["Playground", "Usage", "Keys", "Models", "API docs"]
 
     # The playground works through the session: no key in the page.
-    page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+    page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses
     page.fill("#max_tokens", "8")  # type: ignore[attr-defined]
     page.fill("#prompt", "Hello there")  # type: ignore[attr-defined]
     page.press("#prompt", "Enter")  # type: ignore[attr-defined]
