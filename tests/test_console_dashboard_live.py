@@ -84,6 +84,13 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert message.locator(".error").count() == 0
     assert int(message.locator('[data-stat="prompt_tokens"] dd').inner_text()) > 0
     page.screenshot(path=str(screenshots / "console-playground-signed-in.png"))  # type: ignore[attr-defined]
+    # "Copy as curl" from a signed-in console still needs a key outside the browser: $R1SERVE_API_KEY.
+    message.locator('button[data-copy="curl"]').click()
+    snippet = message.locator('pre.snippet[data-kind="curl"]').text_content()
+    assert "$R1SERVE_API_KEY" in snippet and admin_key not in snippet
+    env = {"PATH": "/usr/bin:/bin", "R1SERVE_API_KEY": admin_key}
+    ran = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0 and "data: [DONE]" in ran.stdout, ran.stdout[-300:] + ran.stderr
 
     # Keys: create one with a scope and limits; it is shown once.
     page.click("#top nav >> text=Keys")  # type: ignore[attr-defined]
