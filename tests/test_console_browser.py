@@ -116,7 +116,7 @@ def test_hostile_model_output_renders_as_inert_text(browser: object, tmp_path: P
         tab = open_tab(browser, url)
         page = tab.page
         page.goto(url)  # type: ignore[attr-defined]
-        page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+        page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses
         page.fill("#prompt", "Say something dangerous.")  # type: ignore[attr-defined]
         page.click("#send")  # type: ignore[attr-defined]
         message = page.locator('li.msg.assistant[data-state="done"]')  # type: ignore[attr-defined]
@@ -182,7 +182,7 @@ def test_a_long_markdown_stream_renders_at_most_once_per_frame(
         tab = open_tab(browser, url)
         page = tab.page
         page.goto(url)  # type: ignore[attr-defined]
-        page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+        page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses
         page.evaluate(_WATCH_FRAMES)  # type: ignore[attr-defined]
         page.fill("#prompt", "Sum them up, step by step.")  # type: ignore[attr-defined]
         page.click("#send")  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ def _curl_chat(url: str, key: str) -> subprocess.CompletedProcess[str]:
 def _sign_in_by_keyboard(tab: Tab, url: str, key: str) -> None:
     page = tab.page
     page.goto(f"{url}/console/signin")  # type: ignore[attr-defined]
-    page.wait_for_function("document.activeElement && document.activeElement.id === 'signin-key'")  # type: ignore[attr-defined]
+    page.locator("#signin-key:focus").wait_for()  # type: ignore[attr-defined]
     page.keyboard.type(key)  # type: ignore[attr-defined]
     page.keyboard.press("Enter")  # type: ignore[attr-defined]
     page.wait_for_url(f"{url}/")  # type: ignore[attr-defined]
@@ -75,7 +75,7 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert _nav(page) == ["Playground", "Usage", "Keys", "Models", "API docs"]
 
     # The playground works through the session: no key in the page.
-    page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+    page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses
     page.fill("#max_tokens", "8")  # type: ignore[attr-defined]
     page.fill("#prompt", "Hello there")  # type: ignore[attr-defined]
     page.press("#prompt", "Enter")  # type: ignore[attr-defined]
@@ -84,6 +84,13 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert message.locator(".error").count() == 0
     assert int(message.locator('[data-stat="prompt_tokens"] dd').inner_text()) > 0
     page.screenshot(path=str(screenshots / "console-playground-signed-in.png"))  # type: ignore[attr-defined]
+    # "Copy as curl" from a signed-in console still needs a key outside the browser: $R1SERVE_API_KEY.
+    message.locator('button[data-copy="curl"]').click()
+    snippet = message.locator('pre.snippet[data-kind="curl"]').text_content()
+    assert "$R1SERVE_API_KEY" in snippet and admin_key not in snippet
+    env = {"PATH": "/usr/bin:/bin", "R1SERVE_API_KEY": admin_key}
+    ran = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0 and "data: [DONE]" in ran.stdout, ran.stdout[-300:] + ran.stderr
 
     # Keys: create one with a scope and limits; it is shown once.
     page.click("#top nav >> text=Keys")  # type: ignore[attr-defined]

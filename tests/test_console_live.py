@@ -68,7 +68,7 @@ new MutationObserver(() => {
 
 def _settle(page: object) -> None:
     # The model list has arrived and the picker holds the served model.
-    page.wait_for_function("document.querySelector('#model').options.length > 0")  # type: ignore[attr-defined]
+    page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses
 
 
 def _ask(page: object, text: str) -> object:
