@@ -11,6 +11,9 @@ LLAMA_VERSION=0.3.36
 PYTHON=${PYTHON:-python3}
 VENV=${R1SERVE_VENV:-.venv}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/r1serve
+# pyproject extras to install: scripts/test.sh adds ray (about 500 MB) for the Ray executor's tests;
+# serving needs neither.
+EXTRAS=${R1SERVE_EXTRAS:-test}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -37,11 +40,11 @@ fi
 WHEEL=$(ls "$WHEELHOUSE"/llama_cpp_python-*.whl | head -n1)
 
 STAMP="$VENV/.r1serve-setup"
-WANT=$(cat pyproject.toml "$WHEEL" | sha256sum | cut -c1-16)
+WANT=$( (cat pyproject.toml "$WHEEL"; echo "$EXTRAS") | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   say "installing dependencies"
   "$PY" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
-  "$PY" -m pip install --quiet -e ".[test]"
+  "$PY" -m pip install --quiet -e ".[$EXTRAS]"
   echo "$WANT" > "$STAMP"
 fi
 

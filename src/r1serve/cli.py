@@ -76,6 +76,15 @@ def serve(
         ),
     ] = None,
     providers_file: Annotated[str | None, typer.Option(help="A TOML or JSON file of providers and routes.")] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="Where deployments' replicas run: local (child processes) or ray (pip install 'r1serve[ray]')."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster for --executor ray, e.g. 10.0.0.5:6379 (default: auto).")
+    ] = None,
 ) -> None:
     """Serve a model over the OpenAI API (fetching it first if needed), or front upstream providers."""
     from r1serve.api import create_app
@@ -88,6 +97,7 @@ def serve(
         model=model, host=host, port=port, n_threads=threads, n_ctx=ctx, max_running=parallel, log_level=log_level,
         provider=provider, upstream=upstream, upstream_key_env=upstream_key_env, upstream_model=upstream_model,
         reasoning_dialect=reasoning_dialect, providers_file=providers_file,
+        deployment_executor=executor, ray_address=ray_address,
     )  # fmt: skip
     configure_logging(settings.log_level)
     try:

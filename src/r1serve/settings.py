@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     deployment_orphan_seconds: float = 30.0
     # Set by the supervisor for its replicas (the lease they watch); not for users.
     deployment_lease_file: str | None = None
+    # Where replicas run: "local" child processes, or "ray" actors on a Ray cluster (pip install
+    # 'r1serve[ray]'; deployments/ray_executor.py) at ray_address (None: RAY_ADDRESS or a local one, Ray's "auto").
+    deployment_executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     @field_validator("api_keys", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod

@@ -96,6 +96,7 @@ class Replica:
         self.on_change = on_change  # (replica, reason): routing and the deployment's status follow
         self.status: ReplicaStatus = "PENDING"
         self.port: int | None = None
+        self.host = "127.0.0.1"  # where the process listens: a Ray replica's node (ray_replica.py)
         self.pid: int | None = None
         self.restarts = 0
         self.target: Target | None = None
@@ -295,7 +296,8 @@ class Replica:
     async def _probe(self, timeout: float = 2.0) -> bool:
         try:
             async with self.client.session.get(
-                f"http://127.0.0.1:{self.port}{self.plan.readiness_path}", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"http://{self.host}:{self.port}{self.plan.readiness_path}",
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -332,7 +334,7 @@ class Replica:
         engine = UpstreamEngine(
             UpstreamConfig(
                 name=f"{self.plan.deployment}/{self.name}",
-                base_url=f"http://127.0.0.1:{self.port}/v1",
+                base_url=f"http://{self.host}:{self.port}/v1",
                 model=self.plan.model_id,
                 # An r1serve child sends reasoning as reasoning_content; a command's server may be any
                 # (vLLM with a reasoning parser, llama.cpp with <think> in the text): auto-detected.

@@ -77,6 +77,10 @@ class DeploymentCreate(BaseModel):
     readiness_path: str | None = None
     schedule: str | None = None  # cron, SCHEDULED only
     price_per_hour: float | None = None  # USD per replica-hour; default: the template's
+    # Per replica, on the Ray executor only (Ray reserves them; deployments/ray_executor.py).
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    accelerator_type: str | None = None  # a Ray accelerator type, e.g. A100, H100, L4
 
 
 class DeploymentUpdate(BaseModel):
@@ -128,6 +132,28 @@ def validate_create(body: DeploymentCreate, *, max_replicas: int) -> ModelEntry:
     if body.price_per_hour is not None and not 0 <= body.price_per_hour <= 1e6:
         raise _invalid("price_per_hour must be between 0 and 1000000 USD per replica-hour", "price_per_hour")
     return entry
+
+
+_ACCELERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_resources(body: DeploymentCreate, executor: str) -> dict[str, Any]:
+    """The Ray resources of each replica (only given ones), each checked and naming its field."""
+    given = {k: v for k in ("num_cpus", "num_gpus", "accelerator_type") if (v := getattr(body, k)) is not None}
+    if given and executor != "ray":
+        field = next(iter(given))
+        raise _invalid(
+            f"{field} places replicas on a Ray cluster: this server's executor is `{executor}` "
+            "(R1SERVE_DEPLOYMENT_EXECUTOR=ray)",
+            field,
+        )
+    if body.num_cpus is not None and not 0 < body.num_cpus <= 1024:
+        raise _invalid(f"num_cpus must be more than 0 and at most 1024 (got {body.num_cpus:g})", "num_cpus")
+    if body.num_gpus is not None and not 0 <= body.num_gpus <= 64:
+        raise _invalid(f"num_gpus must be between 0 and 64 (got {body.num_gpus:g})", "num_gpus")
+    if body.accelerator_type is not None and not _ACCELERATOR.fullmatch(body.accelerator_type):
+        raise _invalid("accelerator_type must be a Ray accelerator type such as A100, H100 or L4", "accelerator_type")
+    return given
 
 
 def check_replicas(replicas: int, max_replicas: int) -> None:

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from r1serve.deployments import metrics
 from r1serve.deployments.adoption import LEASE_FILE, renew
 from r1serve.deployments.logs import DeploymentLog, iso
+from r1serve.deployments.ray_executor import RayExecutor, resources_of
+from r1serve.deployments.ray_replica import RayReplica
 from r1serve.deployments.replica import Replica, ReplicaPlan
 from r1serve.deployments.schedule import Clock, Cron
 from r1serve.deployments.spec import (
@@ -35,6 +37,7 @@ from r1serve.deployments.spec import (
     StateConflict,
     Status,
     check_replicas,
+    check_resources,
     check_schedule,
     check_timeout,
     event,
@@ -200,6 +203,12 @@ class Deployment:
         if index is None:
             used = {r.index for r in self.replicas}
             index = next(i for i in range(len(used) + 1) if i not in used)
+        executor = self.supervisor.executor
+        if executor is not None:  # the Ray executor: the process runs in a named actor (ray_replica.py)
+            return RayReplica(
+                index, self._plan(), self.log, self.supervisor.client, self.replica_changed,
+                executor=executor, resources=resources_of(self.record),
+            )  # fmt: skip
         replica = Replica(index, self._plan(), self.log, self.supervisor.client, self.replica_changed)
         return replica
 
@@ -372,6 +381,8 @@ class Deployment:
             "schedule": r.get("schedule"),
             "next_run_at": nxt and iso(nxt),
             "threads": r["threads"],
+            "executor": self.supervisor.settings.deployment_executor,
+            "resources": resources_of(r).as_dict() if self.supervisor.executor is not None else None,
             "status": r["status"],
             "endpoints": [{"url": endpoint, "path": path}],
             "replicas_detail": [rep.as_dict() for rep in self.replicas] or r["replicas_detail"],
@@ -408,6 +419,8 @@ class Supervisor:
         self._pending: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.lease = self.directory / LEASE_FILE
+        # None: local child processes. Ray connects on the first replica it places (ray_executor.py).
+        self.executor = RayExecutor(settings.ray_address) if settings.deployment_executor == "ray" else None
 
     async def start(self) -> None:
         """Load every deployment; start again those that were running and whose time is not up
@@ -624,6 +637,7 @@ class Supervisor:
 
     async def create(self, body: DeploymentCreate, *, owner: str | None = None) -> Deployment:
         entry = validate_create(body, max_replicas=self.settings.deployment_max_replicas)
+        resources = check_resources(body, self.settings.deployment_executor)
         if self.by_name(body.name) is not None:
             raise Conflict(f"A deployment named `{body.name}` exists already.", param="name")
         stamp = self.clock.now()
@@ -658,7 +672,11 @@ class Supervisor:
             )
         self.deployments[dep.id] = dep
         # The command engine's launch is kept in the CREATED event (templates.launch_of reads it back).
-        launch = {"command": body.command, "readiness_path": body.readiness_path} if body.engine == "command" else {}
+        launch: dict[str, Any] = (
+            {"command": body.command, "readiness_path": body.readiness_path} if body.engine == "command" else {}
+        )
+        if resources:  # the Ray executor's, kept the same way (ray_executor.resources_of)
+            launch["resources"] = resources
         dep.add_event("CREATED", f"template {record['template']}, strategy {body.strategy}", **launch)
         async with dep.lock:
             if body.strategy == "SCHEDULED":

@@ -1,0 +1,246 @@
+"""Deployments on the Ray executor, with a real Ray head started here on loopback and the real default
+model: 2 replicas in named detached actors take traffic through the endpoint URL, their output reaches
+the logs API, a killed replica process is replaced and serves again, a stop removes the actors, and a
+killed r1serve's successor re-adopts the replicas by actor name.
+
+The head: ``ray start --head --block`` in its own session (killed with its group after the module),
+2 CPUs, every address on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from swapping
+127.0.0.1 for the machine's own address). r1serve connects to it by address (R1SERVE_RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import DEFAULT_MODEL, LiveServer
+
+pytestmark = pytest.mark.slow
+
+_WAIT = float(os.environ.get("R1SERVE_TEST_START_TIMEOUT", "900"))
+_LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    ray_cli = Path(sys.executable).parent / "ray"
+    assert ray_cli.exists(), "Ray is not installed: scripts/test.sh installs r1serve[ray]"
+    port = _free_port()
+    # A short path: Ray's unix sockets live under it (a socket path has at most 107 bytes).
+    temp = tempfile.mkdtemp(prefix="r1ray-", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+            "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--temp-dir", temp,
+            "--disable-usage-stats", "--ray-client-server-port", str(_free_port()),
+        ],
+        env={**os.environ, **_LOOPBACK_ONLY},
+        stdout=open(Path(temp) / "head.log", "wb"),  # noqa: SIM115 - the head's whole life
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the GCS answers on its port once the head is up
+            assert head.poll() is None, (Path(temp) / "head.log").read_text(errors="replace")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the group is left (workers, replicas)
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_address: str) -> Iterator[Any]:
+    """This test process as a Ray driver: it looks the actors up by name as r1serve does."""
+    os.environ.update(_LOOPBACK_ONLY)
+    import ray
+
+    ray.init(address=ray_address, namespace="r1serve", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _start_server(workdir: Path, ray_address: str) -> LiveServer:
+    env = {
+        "R1SERVE_DEPLOYMENT_EXECUTOR": "ray",
+        "R1SERVE_RAY_ADDRESS": ray_address,
+        "R1SERVE_DEPLOYMENT_CRASH_LIMIT": "3",
+        "R1SERVE_DEPLOYMENT_CRASH_WINDOW": "600",
+        "R1SERVE_N_THREADS": "1",
+        **_LOOPBACK_ONLY,
+    }
+    live = LiveServer(workdir, "ray", env, ("--parallel", "2"))  # the same workdir: the same data dir
+    live.wait_ready()
+    return live
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iterator[LiveServer]:
+    live = _start_server(tmp_path_factory.mktemp("ray"), ray_address)
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def _get(server: LiveServer, ident: str) -> dict[str, Any]:
+    resp = httpx.get(f"{server.url}/v1/deployments/{ident}", timeout=30)
+    resp.raise_for_status()
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def _until(server: LiveServer, ident: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + _WAIT  # generous: model loads on a busy machine
+    while True:
+        dep = _get(server, ident)
+        if done(dep):
+            return dep
+        if time.monotonic() > deadline:
+            raise AssertionError(f"deployment never got there: {json.dumps(dep, indent=1)}\n{server.log_tail()}")
+        time.sleep(0.5)
+
+
+def _gone(ray: Any, name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace="r1serve")
+    except ValueError:
+        return True
+    return False
+
+
+def _until_gone(ray: Any, names: list[str]) -> None:
+    deadline = time.monotonic() + 120  # ray.kill is asynchronous: the name goes once the actor is dead
+    while not all(_gone(ray, n) for n in names):
+        assert time.monotonic() < deadline, f"Ray actors still there: {names}"
+        time.sleep(0.25)
+
+
+def _create(server: LiveServer, name: str, **fields: Any) -> dict[str, Any]:
+    body = {"name": name, "template": DEFAULT_MODEL, "replicas": 2, "timeout": 60, "threads": 1, **fields}
+    resp = httpx.post(f"{server.url}/v1/deployments", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def test_bad_resources_are_400_naming_the_field(server: LiveServer) -> None:
+    for field, value in (("num_cpus", 0), ("num_gpus", -1), ("accelerator_type", "A100; rm")):
+        resp = httpx.post(
+            f"{server.url}/v1/deployments", json={"name": "bad", "template": DEFAULT_MODEL, field: value}, timeout=30
+        )
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == field and error["type"] == "invalid_request_error" and field in error["message"]
+
+
+def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_client: Any) -> None:
+    dep = _create(server, "on-ray", num_cpus=1)
+    assert dep["executor"] == "ray" and dep["resources"]["num_cpus"] == 1
+    dep = _until(server, dep["id"], lambda d: d["status"] == "RUNNING")
+    names = [r["actor"] for r in dep["replicas_detail"]]
+    assert names == ["r1serve/on-ray/replica-0", "r1serve/on-ray/replica-1"]
+    assert not any(_gone(ray_client, n) for n in names)  # named detached actors, found by name
+    for replica in dep["replicas_detail"]:
+        assert replica["executor"] == "ray" and replica["host"] == "127.0.0.1" and replica["status"] == "READY"
+
+    sdk = openai.OpenAI(base_url=dep["endpoints"][0]["url"], api_key="unused", max_retries=0, timeout=600)
+    for _ in range(4):
+        answer = sdk.chat.completions.create(model="on-ray", **BODY)
+        assert answer.choices[0].message.content and answer.model == "on-ray"
+    dep = _get(server, dep["id"])
+    assert all(r["requests"] >= 1 for r in dep["replicas_detail"]), dep["replicas_detail"]  # both took traffic
+
+    # Each replica's own output (from its actor, on its node) is in the deployment's logs.
+    logs = httpx.get(f"{server.url}/v1/deployments/{dep['id']}/logs", timeout=30).json()["data"]
+    for source in ("replica-0", "replica-1"):
+        assert any("Uvicorn running" in line["line"] for line in logs if line["source"] == source), source
+    assert any("Ray actor r1serve/on-ray/replica-0" in line["line"] for line in logs if line["source"] == "supervisor")
+
+    # A replica's process killed: the supervisor sees it through the actor and starts another in it.
+    victim = dep["replicas_detail"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    dep = _until(
+        server,
+        dep["id"],
+        lambda d: d["replicas_detail"][0]["restarts"] == 1 and d["replicas_detail"][0]["status"] == "READY",
+    )
+    first = dep["replicas_detail"][0]
+    assert first["pid"] != victim["pid"] and "SIGKILL" in first["last_error"] and dep["status"] == "RUNNING"
+    before = first["requests"]
+    for _ in range(4):
+        assert sdk.chat.completions.create(model="on-ray", **BODY).choices[0].message.content
+    assert _get(server, dep["id"])["replicas_detail"][0]["requests"] > before  # it takes traffic again
+
+    httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
+    dep = _get(server, dep["id"])
+    assert dep["status"] == "STOPPED" and {r["status"] for r in dep["replicas_detail"]} == {"STOPPED"}
+    _until_gone(ray_client, names)
+    for replica in dep["replicas_detail"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(replica["pid"], 0)  # the processes went with their actors
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="on-ray", **BODY)
+
+
+def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
+    tmp_path: Path, ray_address: str, ray_client: Any
+) -> None:
+    first = _start_server(tmp_path, ray_address)
+    second: LiveServer | None = None
+    try:
+        dep = _create(first, "adopt-ray", replicas=1)
+        dep = _until(first, dep["id"], lambda d: d["status"] == "RUNNING")
+        pid = dep["replicas_detail"][0]["pid"]
+        first.proc.kill()  # no clean shutdown: the detached actor and its process live on
+        first.proc.wait()
+        first.stop()
+        os.kill(pid, 0)  # still there
+        second = _start_server(tmp_path, ray_address)
+        dep = _until(second, "adopt-ray", lambda d: d["status"] == "RUNNING")
+        replica = dep["replicas_detail"][0]
+        assert replica["pid"] == pid and replica["status"] == "READY"  # re-adopted: the same process
+        assert any(e["reason"] == "REPLICA_READY" and "re-adopted" in e["message"] for e in dep["events"])
+        sdk = openai.OpenAI(base_url=f"{second.url}/deployments/adopt-ray/v1", api_key="unused", max_retries=0)
+        assert sdk.chat.completions.create(model="adopt-ray", **BODY).choices[0].message.content
+        httpx.post(f"{second.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
+        _until_gone(ray_client, ["r1serve/adopt-ray/replica-0"])
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
