@@ -133,6 +133,11 @@ def create(
         str | None, typer.Option(help="The command engine's server command line, with {port} and {model}.")
     ] = None,
     readiness_path: Annotated[str | None, typer.Option(help="Path that answers 200 once a replica is ready.")] = None,
+    num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per replica (executor ray).")] = None,
+    num_gpus: Annotated[float | None, typer.Option(help="GPUs Ray reserves per replica (executor ray).")] = None,
+    accelerator_type: Annotated[
+        str | None, typer.Option(help="The GPU type Ray places replicas on, e.g. A100, H100, L4 (executor ray).")
+    ] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
@@ -141,7 +146,10 @@ def create(
     body: dict[str, Any] = {
         "name": name, "template": template, "replicas": replicas, "strategy": strategy, "timeout": timeout,
     }  # fmt: skip
-    for field, value in (("threads", threads), ("schedule", schedule), ("price_per_hour", price_per_hour)):
+    for field, value in (
+        ("threads", threads), ("schedule", schedule), ("price_per_hour", price_per_hour),
+        ("num_cpus", num_cpus), ("num_gpus", num_gpus), ("accelerator_type", accelerator_type),
+    ):  # fmt: skip
         if value is not None:
             body[field] = value
     if engine != "embedded" or command is not None:

@@ -40,10 +40,12 @@ def _node_ip() -> str:
     try:
         import ray
 
-        util: Any = ray.util  # untyped
-        return str(util.get_node_ip_address())
-    except Exception:  # outside Ray (the unit tests): loopback
-        return "127.0.0.1"
+        if ray.is_initialized():  # in an actor: the address of its node, which the replica listens on
+            util: Any = ray.util  # untyped
+            return str(util.get_node_ip_address())
+    except ImportError:
+        pass
+    return "127.0.0.1"  # outside Ray (the unit tests)
 
 
 class ReplicaProcess:
