@@ -4,6 +4,7 @@ The executor with a real Ray head is in tests/test_deployments_ray_live.py."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,26 @@ def local(tmp_path: Path) -> Iterator[TestClient]:
 def on_ray(tmp_path: Path) -> Iterator[TestClient]:
     # 0 replicas: nothing is placed, so no cluster is needed (Ray connects on the first replica).
     yield from _client(tmp_path, deployment_executor="ray", ray_address="127.0.0.1:1")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens once it is closed
+
+
+def test_an_unreachable_ray_cluster_fails_the_replica_with_the_reason(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{_closed_port()}"
+    for client in _client(tmp_path, deployment_executor="ray", ray_address=address, deployment_crash_limit=1):
+        dep = client.post("/v1/deployments", json=_body(replicas=1)).json()
+        deadline = time.monotonic() + 120
+        while (dep := client.get(f"/v1/deployments/{dep['id']}").json())["status"] != "ERROR":
+            assert time.monotonic() < deadline, dep
+            time.sleep(0.1)
+        replica = dep["replicas_detail"][0]
+        assert (
+            replica["status"] == "FAILED" and f"Cannot connect to the Ray cluster at {address}" in replica["last_error"]
+        )
 
 
 def _body(**fields: Any) -> dict[str, Any]:

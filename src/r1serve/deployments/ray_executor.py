@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,7 @@ class RayExecutor:
                     "The Ray executor needs Ray: pip install 'r1serve[ray]'.", code="ray_not_installed"
                 ) from exc
             if not ray.is_initialized():
+                _check_reachable(self.address)
                 try:
                     ray.init(
                         address=self.address or "auto",
@@ -156,6 +158,23 @@ class RayExecutor:
         import ray
 
         await asyncio.to_thread(ray.kill, found, no_restart=True)
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail at once when a host:port address does not accept connections: ray.init itself retries an
+    unreachable cluster for minutes, in a thread nothing can interrupt."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5.0):
+            pass
+    except OSError as exc:
+        raise RayUnavailable(
+            f"Cannot connect to the Ray cluster at {address} (R1SERVE_RAY_ADDRESS): {exc.strerror or exc}"
+        ) from exc
 
 
 class RemoteProcess:
