@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 
 _WAIT = float(os.environ.get("R1SERVE_TEST_START_TIMEOUT", "900"))
 _LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# llama-cpp-python's own server as a command replica: {host} is the address of the node Ray placed it on.
+COMMAND = "{python} -m llama_cpp.server --model {model} --host {host} --port {port} --n_threads {threads} --n_ctx 2048"
 BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
 
 
@@ -218,13 +220,16 @@ def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_cli
         sdk.chat.completions.create(model="on-ray", **BODY)
 
 
+@pytest.mark.parametrize("engine", ["embedded", "command"])
 def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
-    tmp_path: Path, ray_address: str, ray_client: Any
+    tmp_path: Path, ray_address: str, ray_client: Any, engine: str
 ) -> None:
     first = _start_server(tmp_path, ray_address)
     second: LiveServer | None = None
+    # A command replica too: its parent is the actor, not r1serve, so it outlives r1serve as well.
+    fields = {"engine": "command", "command": COMMAND} if engine == "command" else {}
     try:
-        dep = _create(first, "adopt-ray", replicas=1)
+        dep = _create(first, "adopt-ray", replicas=1, **fields)
         dep = _until(first, dep["id"], lambda d: d["status"] == "RUNNING")
         pid = dep["replicas_detail"][0]["pid"]
         first.proc.kill()  # no clean shutdown: the detached actor and its process live on
@@ -238,6 +243,15 @@ def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
         assert any(e["reason"] == "REPLICA_READY" and "re-adopted" in e["message"] for e in dep["events"])
         sdk = openai.OpenAI(base_url=f"{second.url}/deployments/adopt-ray/v1", api_key="unused", max_retries=0)
         assert sdk.chat.completions.create(model="adopt-ray", **BODY).choices[0].message.content
+        # Its output since the re-adoption (the probes' and the request's access lines), read through the
+        # actor, is in the new r1serve's logs under the replica's name.
+        lines: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while not any("/v1/chat/completions" in ln["line"] for ln in lines):  # access lines come in batches
+            assert time.monotonic() < deadline, lines[-5:]
+            time.sleep(0.25)
+            logs = httpx.get(f"{second.url}/v1/deployments/{dep['id']}/logs", timeout=30).json()["data"]
+            lines = [ln for ln in logs if ln["source"] == "replica-0"]
         httpx.post(f"{second.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
         _until_gone(ray_client, ["r1serve/adopt-ray/replica-0"])
     finally:
