@@ -114,6 +114,20 @@ def test_record_shape_stop_and_stopped_endpoint(client: TestClient) -> None:
     assert client.get("/v1/deployments/nope").status_code == 404
 
 
+def test_templates_list_the_catalog_with_local_weights_marked(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, models_dir=tmp_path / "models", deployment_price_per_hour=0.25)
+    for client in _client(settings):
+        data = client.get("/v1/deployment-templates").json()["data"]
+        ids = [t["id"] for t in data]
+        assert TEMPLATE in ids and "deepseek-r1-distill-qwen-1.5b" in ids
+        r1 = next(t for t in data if t["id"] == "deepseek-r1-distill-qwen-1.5b")
+        assert "deepseek-r1:1.5b" in r1["aliases"] and r1["reasoning_format"] == "deepseek_r1"
+        # An empty models directory: nothing is here yet, and the server's default price applies.
+        assert {t["local"] for t in data} == {False} and {t["price_per_hour"] for t in data} == {0.25}
+        # Every template listed is one a deployment can be created from.
+        assert _create(client, template=r1["id"]).status_code == 200
+
+
 def test_logs_filters_and_bad_since(client: TestClient) -> None:
     dep = _create(client).json()
     lines = client.get(f"/v1/deployments/{dep['id']}/logs").json()["data"]

@@ -164,3 +164,26 @@ def launch_of(record: dict[str, Any]) -> tuple[str | None, str]:
 
 def _invalid(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def catalog_templates(models_dir: Path, default_price: float) -> list[dict[str, Any]]:
+    """The templates a deployment can be created from (the console's picker): every catalog entry, the
+    names that resolve to it, and whether its weights are on this machine already (a replica of one
+    that is not must fetch it first, from the internet)."""
+    out = []
+    for entry in CATALOG:
+        price = getattr(entry, "price_per_replica_hour", None)
+        out.append(
+            {
+                "id": entry.id,
+                "object": "deployment.template",
+                "aliases": list(entry.aliases),
+                "engine": "embedded",
+                "reasoning_format": entry.reasoning_format,
+                "context_length": entry.context_length,
+                "price_per_hour": float(price) if price is not None else default_price,
+                "local": local_path(entry, models_dir) is not None,
+                "description": entry.description,
+            }
+        )
+    return out
