@@ -104,6 +104,13 @@ def test_create_watch_copy_call_stop(browser: object, server: LiveServer, screen
     assert answer.json()["model"] == "console-r1" and answer.json()["choices"][0]["message"]["content"]
     page.locator('#replicas-table tr[data-replica="replica-0"] td[data-field="requests"]', has_text="1").wait_for()  # type: ignore[attr-defined]
 
+    # The logs of one source: the view follows again with replica=, and shows nothing else.
+    page.select_option("#logs-source", "replica-0")  # type: ignore[attr-defined]
+    page.locator('#logs[data-source="replica-0"] li', has_text="Uvicorn running").first.wait_for()  # type: ignore[attr-defined]
+    assert set(page.locator("#logs li").evaluate_all("ls => ls.map(l => l.dataset.source)")) == {"replica-0"}  # type: ignore[attr-defined]
+    page.select_option("#logs-source", "")  # type: ignore[attr-defined]
+    page.locator('#logs[data-source=""] li[data-source="supervisor"]').first.wait_for()  # type: ignore[attr-defined]
+
     # Extend by the buttons; a scale beyond the server's maximum shows the API's message, changes nothing.
     page.fill("#extend-minutes", "15")  # type: ignore[attr-defined]
     page.click("#op-extend")  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@
   let follow = null; // { name, controller } of the log stream being read
   let pending = []; // log lines received, not yet in the DOM (flushed once per frame)
   let flushing = false;
+  let stick = true; // keep the log view at its newest line, unless the reader scrolled up
 
   function copyButton(url, id) {
     const button = r1.el("button", "copy-url", "Copy URL");
@@ -111,10 +112,13 @@
   }
 
   async function poll() {
-    try {
-      await refresh();
-    } catch (e) {
-      $("list-error").textContent = e.message;
+    // A background tab asks nothing; it catches up when shown again.
+    if (!document.hidden) {
+      try {
+        await refresh();
+      } catch (e) {
+        $("list-error").textContent = e.message;
+      }
     }
     setTimeout(poll, POLL_MS);
   }
@@ -161,6 +165,10 @@
       reps.tBodies[0].append(tr);
     }
     $("replicas-table").replaceChildren(reps);
+    const sources = $("logs-source");
+    for (const rep of d.replicas_detail || []) {
+      if (![...sources.options].some((o) => o.value === rep.name)) sources.append(new Option(rep.name, rep.name));
+    }
 
     const events = r1.el("table", "data");
     const ehead = r1.el("tr");
@@ -181,8 +189,7 @@
     if (!name || name === selected) return;
     selected = name;
     $("detail-error").textContent = "";
-    $("logs").replaceChildren();
-    pending = [];
+    $("logs-source").replaceChildren(new Option("all", ""), new Option("supervisor", "supervisor"));
     try {
       renderDetail(await r1.apiJSON("/v1/deployments/" + enc(name)));
     } catch (e) {
@@ -191,6 +198,7 @@
       $("detail-error").textContent = e.message;
       return;
     }
+    $("detail-title").focus();
     followLogs(name);
   }
 
@@ -201,18 +209,22 @@
     if (follow) follow.controller.abort();
     const controller = new AbortController();
     follow = { name, controller };
+    $("logs").replaceChildren();
+    pending = [];
+    stick = true;
+    const source = $("logs-source").value;
+    $("logs").dataset.source = source;
     $("logs-state").textContent = "following";
-    $("logs").dataset.state = "following";
     try {
-      const response = await r1.api("/v1/deployments/" + enc(name) + "/logs?follow=true&tail=" + MAX_LOG_LINES,
-        { signal: controller.signal });
+      const query = "?follow=true&tail=" + MAX_LOG_LINES + (source ? "&replica=" + enc(source) : "");
+      const response = await r1.api("/v1/deployments/" + enc(name) + "/logs" + query, { signal: controller.signal });
       if (!response.ok) throw new Error(await r1.errorText(response));
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
-        if (done) break;
+        if (done || controller.signal.aborted) break;
         buffer += decoder.decode(value, { stream: true });
         let cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -244,7 +256,6 @@
   function flush() {
     flushing = false;
     const list = $("logs");
-    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
     const fragment = document.createDocumentFragment();
     for (const line of pending) {
       const li = r1.el("li");
@@ -256,8 +267,16 @@
     pending = [];
     list.append(fragment);
     while (list.childElementCount > MAX_LOG_LINES) list.firstElementChild.remove();
-    if (atBottom) list.scrollTop = list.scrollHeight;
+    if (stick) list.scrollTop = list.scrollHeight;
   }
+
+  $("logs").addEventListener("scroll", () => {
+    const list = $("logs");
+    stick = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
+  });
+  // A reflow (a narrower window, wrapped lines) moves the newest line out of view without a scroll event.
+  new ResizeObserver(() => { if (stick) $("logs").scrollTop = $("logs").scrollHeight; }).observe($("logs"));
+  $("logs-source").addEventListener("change", () => { if (selected) followLogs(selected); });
 
   // ------------------------------------------------------------------------- operations
 
