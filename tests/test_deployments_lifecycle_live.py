@@ -225,7 +225,14 @@ def test_extend_keeps_it_running_past_its_first_deadline(api: Api) -> None:
     assert api.get(dep["id"])["status"] == "RUNNING"
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert api.call("POST", "/deployments/extended/v1/chat/completions", chat).status_code == 200
+    refused = api.cli("archive", "extended")  # running: archive needs it stopped first
+    assert refused.returncode == 1 and "RUNNING" in refused.stderr, refused.stderr
     api.call("POST", f"/v1/deployments/{dep['id']}/stop").raise_for_status()
+    archived = api.cli("archive", "extended")
+    assert archived.returncode == 0 and "ARCHIVED" in archived.stdout, archived.stdout + archived.stderr
+    assert "extended" not in api.cli("list").stdout
+    again = api.cli("extend", "extended", "--minutes", "1")
+    assert again.returncode == 1 and "ARCHIVED" in again.stderr
 
 
 def _tick_past(api: Api, dep: dict[str, Any], when: str) -> bool:
