@@ -549,7 +549,7 @@ class Supervisor:
         own = dep.record.get("price_per_hour")
         if own is not None:
             return float(own)
-        template = getattr(dep.entry, "price_per_replica_hour", None)
+        template = dep.entry.price_per_replica_hour
         return float(template) if template is not None else self.settings.deployment_price_per_hour
 
     def accrue(self, dep: Deployment, replicas: list[Replica] | None = None) -> None:
