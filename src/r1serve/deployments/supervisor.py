@@ -94,6 +94,7 @@ class Deployment:
         self.lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None  # a timeout, extension or rotation under way
         self._rotation: asyncio.Task[Any] | None = None  # INFINITE's rotation, which a stop cancels
+        self.successor: Replica | None = None  # a rotation's new replica while it loads (it costs too)
         self._next_index = 0
 
     @property
@@ -329,6 +330,7 @@ class Deployment:
             # The successor is not in self.replicas until it is ready: the old one keeps the status.
             new.on_change = self._successor_changed
             self.add_event("REPLICA_ROTATING", f"{old.name} expires: starting its successor", replica=old.name)
+            self.successor = new
             new.start()
             try:
                 while new.status not in ("READY", "FAILED", "STOPPED"):
@@ -336,6 +338,9 @@ class Deployment:
             except asyncio.CancelledError:
                 await new.stop(0)  # stopped while its successor loaded: it must not outlive the stop
                 raise
+            finally:
+                self.supervisor.accrue(self)  # its loading time, while it is still the successor
+                self.successor = None
             if new.status != "READY":
                 await new.stop(0)
                 self.add_event("REPLICA_ROTATION_FAILED", f"{old.name}'s successor did not start: {new.last_error}")
@@ -559,6 +564,8 @@ class Supervisor:
         since = dep.record.get("billed_until") or now
         seconds = max(0.0, (now - since).total_seconds())
         counted = dep.replicas if replicas is None else replicas
+        if replicas is None and dep.successor is not None:
+            counted = [*counted, dep.successor]
         running = sum(1 for r in counted if r.status in _RUNNING_REPLICA)
         if replicas is None:
             dep.record["billed_until"] = now
