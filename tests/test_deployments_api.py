@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from r1serve.accounts import Accounts
 from r1serve.api import create_app
+from r1serve.deployments import DeploymentStore
 from r1serve.deployments.schedule import Cron, ManualClock
 from r1serve.routing import ModelRegistry
 from r1serve.settings import Settings
@@ -320,3 +321,25 @@ def test_price_per_hour_is_the_deployments_else_the_templates_else_the_servers(t
         assert client.get("/v1/deployments/plain").json()["price_per_hour"] == 2.0
         assert client.get("/v1/deployments/own").json()["price_per_hour"] == 1.25  # the override wins
         assert client.get("/v1/deployments/own").json()["cost"] == 0  # no replica ran
+
+
+def test_a_restart_after_the_deadline_stops_simple_and_renews_infinite(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    for client in _client(settings):
+        _create(client, name="simple")
+        _create(client, name="forever", strategy="INFINITE")
+    # As if r1serve had been down past their deadlines.
+    accounts = Accounts.open(settings)
+    try:
+        store = DeploymentStore(accounts.engine)
+        for record in store.load_all():
+            record["expires_at"] = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            store.save(record)
+    finally:
+        accounts.close()
+    for client in _client(settings):
+        simple = client.get("/v1/deployments/simple").json()
+        assert simple["status"] == "STOPPED" and simple["events"][-1]["reason"] == "TIMEOUT"
+        forever = client.get("/v1/deployments/forever").json()
+        assert forever["status"] == "RUNNING" and "RESTORED" in [e["reason"] for e in forever["events"]]
+        assert dt.datetime.fromisoformat(forever["expires_at"]) > dt.datetime.now(dt.UTC)  # a new period

@@ -429,11 +429,14 @@ class Supervisor:
             if record["status"] not in ACTIVE:
                 continue
             expires = record["expires_at"]
-            if expires is not None and expires <= self.clock.now() and record["strategy"] == "SIMPLE":
+            past = expires is not None and expires <= self.clock.now()
+            if past and record["strategy"] in ("SIMPLE", "SCHEDULED"):
                 dep.set_status("STOPPED", "TIMEOUT", "the timeout ran out while r1serve was down")
                 continue
-            # A restart of r1serve does not extend the timeout: the deployment keeps its deadline
-            # (SIMPLE-EXTEND and INFINITE past theirs are extended or rotated by the next tick).
+            if past and record["strategy"] == "INFINITE":
+                expires = None  # its replicas start afresh or are re-adopted: a new period, not a rotation
+            # Otherwise a restart of r1serve does not extend the timeout: the deployment keeps its
+            # deadline (SIMPLE-EXTEND past its own is extended, or stopped, by the next tick).
             dep.start("RESTORED", "r1serve restarted", expires=expires, adopt=record["replicas_detail"])
         self._ticker = asyncio.create_task(self._tick_forever(), name="deployments:tick")
 
