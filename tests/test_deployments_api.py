@@ -68,6 +68,8 @@ def _create(client: TestClient, **fields: Any) -> Any:
         ({"strategy": "SCHEDULED", "schedule": "* * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "*/0 * * * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "0 9 * * funday"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "0 " + "1," * 200 + "1 * * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "5-1 * * * *"}, "schedule", 400),
         ({"schedule": "0 9 * * *"}, "schedule", 400),  # a schedule on a SIMPLE deployment
         ({"price_per_hour": -1}, "price_per_hour", 400),
         ({"name": "Not_URL safe"}, "name", 400),
