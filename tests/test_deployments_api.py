@@ -6,6 +6,7 @@ tests/test_deployments_live.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from r1serve.accounts import Accounts
 from r1serve.api import create_app
+from r1serve.deployments import DeploymentStore
 from r1serve.deployments.schedule import Cron, ManualClock
 from r1serve.routing import ModelRegistry
 from r1serve.settings import Settings
@@ -66,6 +68,8 @@ def _create(client: TestClient, **fields: Any) -> Any:
         ({"strategy": "SCHEDULED", "schedule": "* * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "*/0 * * * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "0 9 * * funday"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "0 " + "1," * 200 + "1 * * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "5-1 * * * *"}, "schedule", 400),
         ({"schedule": "0 9 * * *"}, "schedule", 400),  # a schedule on a SIMPLE deployment
         ({"price_per_hour": -1}, "price_per_hour", 400),
         ({"name": "Not_URL safe"}, "name", 400),
@@ -320,3 +324,38 @@ def test_cron_parser() -> None:
     assert Cron.parse("0 0 10 * wed").next_after(at) == dt.datetime(2030, 1, 9, tzinfo=dt.UTC)
     assert Cron.parse("0 0 30 2 *").next_after(at) is None  # never
     assert Cron.parse("5-10/5 1,2 * * *").next_after(at) == dt.datetime(2030, 1, 8, 1, 5, tzinfo=dt.UTC)
+
+
+def test_price_per_hour_is_the_deployments_else_the_templates_else_the_servers(tmp_path: Path) -> None:
+    for client in _client(_settings(tmp_path, deployment_price_per_hour=0.5)):
+        assert _create(client, name="plain").json()["price_per_hour"] == 0.5  # the server's default
+        assert _create(client, name="own", price_per_hour=1.25).json()["price_per_hour"] == 1.25
+        supervisor = client.app.state.deployments  # type: ignore[attr-defined]
+        for name in ("plain", "own"):  # as if the template carried a price
+            dep = supervisor.get(name)
+            dep.entry = dataclasses.replace(dep.entry, price_per_replica_hour=2.0)
+        assert client.get("/v1/deployments/plain").json()["price_per_hour"] == 2.0
+        assert client.get("/v1/deployments/own").json()["price_per_hour"] == 1.25  # the override wins
+        assert client.get("/v1/deployments/own").json()["cost"] == 0  # no replica ran
+
+
+def test_a_restart_after_the_deadline_stops_simple_and_renews_infinite(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    for client in _client(settings):
+        _create(client, name="simple")
+        _create(client, name="forever", strategy="INFINITE")
+    # As if r1serve had been down past their deadlines.
+    accounts = Accounts.open(settings)
+    try:
+        store = DeploymentStore(accounts.engine)
+        for record in store.load_all():
+            record["expires_at"] = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            store.save(record)
+    finally:
+        accounts.close()
+    for client in _client(settings):
+        simple = client.get("/v1/deployments/simple").json()
+        assert simple["status"] == "STOPPED" and simple["events"][-1]["reason"] == "TIMEOUT"
+        forever = client.get("/v1/deployments/forever").json()
+        assert forever["status"] == "RUNNING" and "RESTORED" in [e["reason"] for e in forever["events"]]
+        assert dt.datetime.fromisoformat(forever["expires_at"]) > dt.datetime.now(dt.UTC)  # a new period
