@@ -19,6 +19,7 @@ from r1serve.accounts import Accounts
 from r1serve.api import create_app
 from r1serve.deployments import DeploymentStore
 from r1serve.deployments.schedule import Cron, ManualClock
+from r1serve.models.catalog import find_entry
 from r1serve.routing import ModelRegistry
 from r1serve.settings import Settings
 
@@ -127,7 +128,10 @@ def test_templates_list_the_catalog_with_local_weights_marked(tmp_path: Path) ->
         r1 = next(t for t in data if t["id"] == "deepseek-r1-distill-qwen-1.5b")
         assert "deepseek-r1:1.5b" in r1["aliases"] and r1["reasoning_format"] == "deepseek_r1"
         # An empty models directory: nothing is here yet, and the server's default price applies.
-        assert {t["local"] for t in data} == {False} and {t["price_per_hour"] for t in data} == {0.25}
+        assert {t["local"] for t in data} == {False}
+        for t in data:
+            own = find_entry(t["id"]).price_per_replica_hour  # type: ignore[union-attr]
+            assert t["price_per_hour"] == (own if own is not None else 0.25)
         # Every template listed is one a deployment can be created from.
         assert _create(client, template=r1["id"]).status_code == 200
 

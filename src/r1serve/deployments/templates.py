@@ -172,7 +172,7 @@ def catalog_templates(models_dir: Path, default_price: float) -> list[dict[str, 
     that is not must fetch it first, from the internet)."""
     out = []
     for entry in CATALOG:
-        price = getattr(entry, "price_per_replica_hour", None)
+        price = entry.price_per_replica_hour
         out.append(
             {
                 "id": entry.id,
