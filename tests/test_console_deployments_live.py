@@ -3,13 +3,15 @@ serving the real default model (one replica, to keep the machine's two cores for
 
 Signed in with the admin key: create a deployment from the template picker, watch its replica become
 READY and its logs arrive over the follow stream, copy the endpoint URL (the clipboard's text), call it
-with httpx and get an answer, extend, a refused scale shows the API's message, a chatty log stays capped
+with httpx and get an answer (and with the page's curl), extend, a refused scale shows the API's message, a chatty log stays capped
 in the DOM, stop, and the URL then answers 404. A user key sees no deployments page. Any CSP violation,
 console error, page error or dialog fails the test (tests/browser.py).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +105,15 @@ def test_create_watch_copy_call_stop(browser: object, server: LiveServer, screen
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == "console-r1" and answer.json()["choices"][0]["message"]["content"]
     page.locator('#replicas-table tr[data-replica="replica-0"] td[data-field="requests"]', has_text="1").wait_for()  # type: ignore[attr-defined]
+
+    # The ready-to-paste curl names $R1SERVE_API_KEY, not the key, and answers.
+    page.click("#curl-panel summary")  # type: ignore[attr-defined]
+    snippet = page.locator("#detail-curl").inner_text()  # type: ignore[attr-defined]
+    assert "$R1SERVE_API_KEY" in snippet and ADMIN not in snippet and f"{endpoint}/chat/completions" in snippet
+    env = {"PATH": "/usr/bin:/bin", "R1SERVE_API_KEY": ADMIN}
+    ran = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["choices"][0]["message"]["content"], ran.stdout
 
     # The logs of one source: the view follows again with replica=, and shows nothing else.
     page.select_option("#logs-source", "replica-0")  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@
   let follow = null; // { name, controller } of the log stream being read
   let pending = []; // log lines received, not yet in the DOM (flushed once per frame)
   let flushing = false;
+  let keyed = true; // whether calls need a key (not on an open server): the curl snippet then names one
   let stick = true; // keep the log view at its newest line, unless the reader scrolled up
 
   function copyButton(url, id) {
@@ -125,6 +126,16 @@
 
   // ------------------------------------------------------------------------- one deployment
 
+  // A ready-to-paste request to the endpoint URL, as `r1serve deploy create` prints: no model in the body
+  // (the URL chooses it), and $R1SERVE_API_KEY where a key goes (the console itself holds none).
+  function curl(url) {
+    const body = JSON.stringify({ messages: [{ role: "user", content: "Hello!" }], max_tokens: 64 });
+    const lines = ["curl -X POST " + url + "/chat/completions", "  -H 'Content-Type: application/json'"];
+    if (keyed) lines.push('  -H "Authorization: Bearer $R1SERVE_API_KEY"');
+    lines.push("  -d '" + body + "'");
+    return lines.join(" \\\n");
+  }
+
   function renderDetail(d) {
     current = d;
     $("detail").hidden = false;
@@ -137,6 +148,7 @@
       dollars(d.price_per_hour) + " per replica-hour"].join(" · ");
     $("detail-url").textContent = d.endpoints[0].url;
     $("detail-copy").dataset.url = d.endpoints[0].url;
+    $("detail-curl").textContent = curl(d.endpoints[0].url);
     $("op-stop").disabled = !STOPPABLE.includes(d.status);
     $("op-start").disabled = !STARTABLE.includes(d.status);
     for (const id of ["op-extend", "op-scale"]) $(id).disabled = d.status === "ARCHIVED";
@@ -354,7 +366,8 @@
 
   window.addEventListener("hashchange", () => select(decodeURIComponent(location.hash.slice(1))));
 
-  r1.session.then(() => {
+  r1.session.then((state) => {
+    keyed = !state.open;
     loadTemplates().catch((e) => { $("create-error").textContent = e.message; });
     poll();
     if (location.hash.length > 1) select(decodeURIComponent(location.hash.slice(1)));
