@@ -36,6 +36,18 @@ PACKAGES: dict[str, tuple[str, dict[str, str]]] = {
             "LICENSE": "swagger-ui-LICENSE.txt",
         },
     ),
+    # The playground's answers: markdown (marked), sanitised (DOMPurify), code highlighted (highlight.js).
+    "marked": ("18.2.1", {"lib/marked.umd.js": "marked.umd.js", "LICENSE": "marked-LICENSE.txt"}),
+    "dompurify": ("3.5.0", {"dist/purify.min.js": "purify.min.js", "LICENSE": "dompurify-LICENSE.txt"}),
+    "@highlightjs/cdn-assets": (
+        "11.12.0",
+        {
+            "highlight.min.js": "highlight.min.js",
+            "styles/github.min.css": "highlight-github.min.css",
+            "styles/github-dark.min.css": "highlight-github-dark.min.css",
+            "LICENSE": "highlight-LICENSE.txt",
+        },
+    ),
 }
 
 

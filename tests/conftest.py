@@ -204,3 +204,19 @@ def fronting_server_url(tmp_path_factory: pytest.TempPathFactory, reasoning_serv
     )  # fmt: skip
     for server in _serve(tmp_path_factory, "fronting", {"FRONTED_KEY": "sk-upstream-secret"}, args):
         yield server.url
+
+
+ADMIN_KEY = "sk-admin-console-5e4d3c2b1a09"
+
+
+@pytest.fixture(scope="session")
+def admin_key() -> str:
+    return ADMIN_KEY
+
+
+@pytest.fixture(scope="session")
+def admin_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server whose one key at the start is ``R1SERVE_ADMIN_KEY`` (an admin): keys created through the
+    admin API (the console's keys page) are managed keys of its accounts database."""
+    for server in _serve(tmp_path_factory, "admin", {"R1SERVE_ADMIN_KEY": ADMIN_KEY}):
+        yield server.url

@@ -67,7 +67,9 @@ class Reply:
     """
 
     kind: str = "stream"
-    fields: list[tuple[str, str]] = field(default_factory=lambda: [("reasoning_content", "Thinking."), ("content", "Answer.")])
+    fields: list[tuple[str, str]] = field(
+        default_factory=lambda: [("reasoning_content", "Thinking."), ("content", "Answer.")]
+    )
     chunk: int = 5
     usage: bool = True  # send usage when stream_options.include_usage asks for it (always on JSON)
     finish_reason: str = "stop"
@@ -140,7 +142,9 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "down"}}, status=self.models_status)
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
-    def _chunk(self, reply: Reply, delta: dict[str, Any] | None, finish: str | None = None, *, text: bool = False) -> bytes:
+    def _chunk(
+        self, reply: Reply, delta: dict[str, Any] | None, finish: str | None = None, *, text: bool = False
+    ) -> bytes:
         if text:
             choice: dict[str, Any] = {"index": 0, "text": (delta or {}).get("content", ""), "finish_reason": finish}
         else:
@@ -183,8 +187,13 @@ class FakeUpstream:
             if auth != f"Bearer {self.api_key}":
                 sent = auth.removeprefix("Bearer ")
                 return web.json_response(
-                    {"error": {"message": f"Incorrect API key provided: {sent}. You can find your API key at "
-                               "https://example.invalid/keys.", "type": "invalid_request_error"}},
+                    {
+                        "error": {
+                            "message": f"Incorrect API key provided: {sent}. You can find your API key at "
+                            "https://example.invalid/keys.",
+                            "type": "invalid_request_error",
+                        }
+                    },
                     status=401,
                 )
         if reply.first_byte_delay:
@@ -247,7 +256,11 @@ class FakeUpstream:
         for name, text in reply.fields:
             joined[name] = joined.get(name, "") + text
         if text_api:
-            choice: dict[str, Any] = {"index": 0, "text": joined.get("content", ""), "finish_reason": reply.finish_reason}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "text": joined.get("content", ""),
+                "finish_reason": reply.finish_reason,
+            }
         else:
             choice = {"index": 0, "message": {"role": "assistant", **joined}, "finish_reason": reply.finish_reason}
         out: dict[str, Any] = {

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pg import PostgresServer, postgres  # noqa: F401 - the fixture
@@ -19,6 +20,7 @@ from sqlalchemy import func, select, text
 from r1serve.accounts import Accounts, PriceBook, Principal, cost_nanos, estimate_prompt_tokens, is_loopback
 from r1serve.accounts import db as accounts_db
 from r1serve.accounts.keys import KeyHasher, generate_key, key_prefix
+from r1serve.accounts.ledger import LedgerUnavailable
 from r1serve.accounts.limiter import SqlLimiter
 from r1serve.accounts.models import BudgetCounter, Reservation, UsageDaily, UsageRow
 from r1serve.engines.base import EngineUsage
@@ -76,9 +78,7 @@ def db_text(acc: Accounts, request: pytest.FixtureRequest) -> str:
     """Everything the database holds, as text: the SQLite files' bytes, or a pg_dump."""
     if acc.engine.dialect.name == "sqlite":
         path = Path(acc.engine.url.database or "")
-        return "".join(
-            p.read_bytes().decode("latin-1") for p in path.parent.glob(path.name + "*") if p.is_file()
-        )
+        return "".join(p.read_bytes().decode("latin-1") for p in path.parent.glob(path.name + "*") if p.is_file())
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.dump(acc.engine.url.render_as_string(hide_password=False))
 
@@ -145,7 +145,9 @@ def test_key_format() -> None:
     assert h.matches(new.key, h.hash(new.key)) and not h.matches(new.key + "x", h.hash(new.key))
 
 
-def test_create_authenticate_revoke(accounts: Accounts, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> None:
+def test_create_authenticate_revoke(
+    accounts: Accounts, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     key, info = accounts.store.create("alice", models=["qwen2.5-coder-0.5b-instruct"], rpm=5, budget_usd=2.5)
     assert info.prefix == key_prefix(key) and info.budget_usd == 2.5 and info.active
@@ -259,7 +261,7 @@ def test_price_versions_and_cost() -> None:
 
 def test_prices_from_settings(tmp_path: Path) -> None:
     f = tmp_path / "prices.toml"
-    f.write_text('[m1]\ninput = 1.0\noutput = 2.0\n')
+    f.write_text("[m1]\ninput = 1.0\noutput = 2.0\n")
     book = PriceBook.from_settings(Settings(prices_file=f, prices='{"m2": {"output": 3}}'))
     assert book.lookup("m1").prices.output == 2.0 and book.lookup("m2").prices.output == 3.0
 
@@ -296,9 +298,13 @@ async def test_settlement_frees_what_was_not_used(accounts: Accounts) -> None:
     adm = await accounts.admit(p, prompt_tokens=3, max_tokens=2, price=DOLLAR)  # reserves $5
     price = accounts.price("m", DOLLAR)
     # Cut early: 3 prompt + 1 completion token received -> $4.
-    s = accounts.finish(adm, response_id="r-1", principal=p, model_served="m", usage=EngineUsage(3, 1), price=price, status="cancelled")
+    s = accounts.finish(
+        adm, response_id="r-1", principal=p, model_served="m", usage=EngineUsage(3, 1), price=price, status="cancelled"
+    )
     assert s.cost_nanos == 4_000_000_000
-    accounts.finish(adm, response_id="r-1", principal=p, model_served="m", usage=EngineUsage(3, 1), price=price)  # ignored
+    accounts.finish(
+        adm, response_id="r-1", principal=p, model_served="m", usage=EngineUsage(3, 1), price=price
+    )  # ignored
     accounts.ledger.flush()
     # $6 left: one more $5 request fits, then a $5 one does not ($4 + $5 + $5 > $10).
     await accounts.admit(p, prompt_tokens=3, max_tokens=2, price=DOLLAR)
@@ -316,7 +322,9 @@ async def test_budget_exhausted_is_insufficient_quota(accounts: Accounts) -> Non
     key, _ = accounts.store.create("spent", budget_usd=5, budget_period="day")
     p = accounts.authenticate(key)
     adm = await accounts.admit(p, prompt_tokens=3, max_tokens=2, price=DOLLAR)
-    accounts.finish(adm, response_id="x", principal=p, model_served="m", usage=EngineUsage(3, 2), price=accounts.price("m", DOLLAR))
+    accounts.finish(
+        adm, response_id="x", principal=p, model_served="m", usage=EngineUsage(3, 2), price=accounts.price("m", DOLLAR)
+    )
     accounts.ledger.flush()
     with pytest.raises(RateLimited) as e:
         await accounts.admit(p, prompt_tokens=1, max_tokens=0, price=DOLLAR)
@@ -357,10 +365,22 @@ async def test_ledger_rows_rollups_no_doubles(accounts: Accounts) -> None:
     price = accounts.price("m", Prices(input=1.0, output=2.0))
     for i in range(120):
         usage = EngineUsage(prompt_tokens=10, completion_tokens=5, reasoning_tokens=2, cached_tokens=4)
-        accounts.finish(None, response_id=f"req-{i}", principal=p, model_served="m", model_requested="deepseek-reasoner", usage=usage, price=price, latency_ms=12.5, ttft_ms=3.0)
+        accounts.finish(
+            None,
+            response_id=f"req-{i}",
+            principal=p,
+            model_served="m",
+            model_requested="deepseek-reasoner",
+            usage=usage,
+            price=price,
+            latency_ms=12.5,
+            ttft_ms=3.0,
+        )
     # The same request ids again (a retried flush): nothing doubles.
     for i in range(10):
-        accounts.finish(None, response_id=f"req-{i}", principal=p, model_served="m", usage=EngineUsage(10, 5), price=price)
+        accounts.finish(
+            None, response_id=f"req-{i}", principal=p, model_served="m", usage=EngineUsage(10, 5), price=price
+        )
     accounts.ledger.flush()
     with accounts.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(UsageRow)).scalar() == 120
@@ -411,13 +431,40 @@ async def test_sqlite_checkpoint_after_inline_commits(tmp_path: Path) -> None:
     try:
         p = Principal(key_id="k", name="k", kind="static")
         for i in range(20):
-            settled = acc.finish(None, response_id=f"w-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m"))
+            settled = acc.finish(
+                None, response_id=f"w-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m")
+            )
             assert settled.committed is not None
             await settled.committed
         acc.ledger.checkpoint()
         with acc.engine.connect() as conn:
-            busy, log_frames, checkpointed = conn.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+            busy, log_frames, checkpointed = conn.connection.dbapi_connection.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()  # type: ignore[union-attr]
         assert busy == 0 and checkpointed == log_frames
+    finally:
+        acc.close()
+
+
+async def test_sqlite_backlog_is_written_a_batch_per_loop_turn(tmp_path: Path) -> None:
+    """Rows queued faster than one commit (a backlog after an outage) are committed a batch a turn, so
+    the loop serves requests between batches instead of stalling for the whole backlog."""
+    acc = Accounts.open(make_settings(tmp_path, None))
+    acc.start()
+    try:
+        p = Principal(key_id="k", name="k", kind="static")
+        futures = []
+        for i in range(2500):  # the writer's batches are 1000 rows
+            settled = acc.finish(
+                None, response_id=f"b-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m")
+            )
+            futures.append(settled.committed)
+        seen: list[int] = []
+        asyncio.get_running_loop().call_soon(lambda: seen.append(acc.ledger.pending))  # after the first turn
+        await asyncio.gather(*futures)
+        assert seen == [1500] and acc.ledger.pending == 0
+        with acc.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(UsageRow)).scalar() == 2500
     finally:
         acc.close()
 
@@ -428,7 +475,9 @@ def test_ledger_flushes_on_close(backend: tuple[str, str], db_url: str | None, t
     acc.start()
     p = Principal(key_id="k", name="k", kind="static")
     for i in range(50):
-        acc.finish(None, response_id=f"c-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m"))
+        acc.finish(
+            None, response_id=f"c-{i}", principal=p, model_served="m", usage=EngineUsage(1, 1), price=acc.price("m")
+        )
     acc.close()
     acc = Accounts.open(settings, backend=backend[1])
     try:
@@ -455,13 +504,43 @@ def test_ledger_keeps_rows_when_the_database_fails(tmp_path: Path) -> None:
         acc.close()
 
 
+async def test_ledger_outage_does_not_hold_responses_while_the_writer_backs_off(tmp_path: Path) -> None:
+    acc = Accounts.open(make_settings(tmp_path, None, ledger_flush_interval=30))  # the writer's back-off
+    acc.start()
+    p = Principal(key_id="k", name="k", kind="static")
+
+    def finish(rid: str) -> Any:
+        return acc.finish(None, response_id=rid, principal=p, model_served="m", usage=EngineUsage(1, 1),
+                          price=acc.price("m")).committed  # fmt: skip
+
+    try:
+        with acc.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE usage_ledger RENAME TO usage_ledger_away"))
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(finish("first"), 10)  # the thread's immediate retry failed too
+        # The thread now sleeps 30 s before its next try: a row submitted meanwhile is not kept waiting.
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(finish("second"), 5)
+        assert acc.ledger.pending == 2  # both kept for the retry
+        with acc.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE usage_ledger_away RENAME TO usage_ledger"))
+        await asyncio.wait_for(finish("third"), 10)  # the next inline commit writes all three
+        assert acc.ledger.pending == 0
+        with acc.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(UsageRow)).scalar() == 3
+    finally:
+        acc.close()
+
+
 async def test_spend_survives_restart_in_memory_backend(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, None)
     acc = Accounts.open(settings, backend="memory")
     key, _ = acc.store.create("persist", budget_usd=10)
     p = acc.authenticate(key)
     adm = await acc.admit(p, prompt_tokens=3, max_tokens=5, price=DOLLAR)
-    acc.finish(adm, response_id="p1", principal=p, model_served="m", usage=EngineUsage(3, 5), price=acc.price("m", DOLLAR))
+    acc.finish(
+        adm, response_id="p1", principal=p, model_served="m", usage=EngineUsage(3, 5), price=acc.price("m", DOLLAR)
+    )
     acc.close()
     acc = Accounts.open(settings, backend="memory")
     try:
@@ -527,7 +606,9 @@ async def test_expired_reservations_are_swept(postgres: PostgresServer, tmp_path
             row = conn.execute(select(BudgetCounter).where(BudgetCounter.key_id == info.id)).one()
         assert (row.spent_nanos, row.reserved_nanos) == (0, 0)
         # A late settlement of the swept request still charges what it used, without releasing twice.
-        a.finish(adm, response_id="late", principal=p, model_served="m", usage=EngineUsage(3, 1), price=a.price("m", DOLLAR))
+        a.finish(
+            adm, response_id="late", principal=p, model_served="m", usage=EngineUsage(3, 1), price=a.price("m", DOLLAR)
+        )
         a.ledger.flush()
         with a.engine.connect() as conn:
             row = conn.execute(select(BudgetCounter).where(BudgetCounter.key_id == info.id)).one()

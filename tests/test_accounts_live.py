@@ -138,12 +138,15 @@ def test_stream_cut_by_client_is_billed_for_what_it_received(server: LiveServer)
     key = create_key(server.url, name="cutter")
     received = 0
     text = ""
-    with httpx.Client(timeout=300) as client, client.stream(
-        "POST",
-        f"{server.url}/v1/chat/completions",
-        json={"messages": COUNTING, "max_tokens": 400, "temperature": 0, "stream": True},
-        headers=_auth(key),
-    ) as resp:
+    with (
+        httpx.Client(timeout=300) as client,
+        client.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json={"messages": COUNTING, "max_tokens": 400, "temperature": 0, "stream": True},
+            headers=_auth(key),
+        ) as resp,
+    ):
         assert resp.status_code == 200
         response_id = None
         for line in resp.iter_lines():

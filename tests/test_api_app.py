@@ -163,7 +163,11 @@ class _Scripted:
             yield Delta(reasoning="Think.")
             if self.hang == "mid-stream":
                 await asyncio.sleep(3600)
-            yield Delta(content="Hi.", finish_reason="stop", usage=EngineUsage(prompt_tokens=3, completion_tokens=4, reasoning_tokens=2))
+            yield Delta(
+                content="Hi.",
+                finish_reason="stop",
+                usage=EngineUsage(prompt_tokens=3, completion_tokens=4, reasoning_tokens=2),
+            )
         except BaseException as exc:
             how = type(exc).__name__
             raise
@@ -187,8 +191,12 @@ async def test_hot_path_serves_chat_and_completions_with_ids_usage_and_headers()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     auth = {"Authorization": "Bearer sk-a", "x-request-id": "abc-1"}
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        resp = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "foo": 1})
-        stream = await client.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        resp = await client.post(
+            "/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "foo": 1}
+        )
+        stream = await client.post(
+            "/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
         text = await client.post("/v1/completions", headers=auth, json={"prompt": "2+2="})
         missing = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         bad = await client.post("/v1/chat/completions", headers=auth, json={"messages": []})
@@ -198,7 +206,9 @@ async def test_hot_path_serves_chat_and_completions_with_ids_usage_and_headers()
     body = resp.json()
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi.", "reasoning_content": "Think."}
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 2 and "estimated_cost" in body["usage"]
-    assert engine.requests[0].stream is False and engine.requests[1].stream is True  # the client's choice reaches the engine
+    assert (
+        engine.requests[0].stream is False and engine.requests[1].stream is True
+    )  # the client's choice reaches the engine
     assert stream.headers["content-type"].startswith("text/event-stream") and stream.text.endswith("data: [DONE]\n\n")
     assert '"reasoning_content":"Think."' in stream.text and stream.headers["x-request-id"] == "abc-1"
     assert missing.headers["x-request-id"].startswith("req_")
@@ -294,7 +304,9 @@ async def _disconnect_after(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_hot_path_client_disconnect_cancels_the_generation(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+async def test_hot_path_client_disconnect_cancels_the_generation(
+    stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = _Scripted(hang=True)
     app = _scripted_app(engine)
     with caplog.at_level(logging.INFO, logger="r1serve.access"):
@@ -367,7 +379,9 @@ async def test_null_means_the_default_for_fields_openai_documents_as_nullable() 
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     nulls = {"n": None, "stream": None, "logprobs": None, "include_reasoning": None, "temperature": None}
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        resp = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **nulls})
+        resp = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **nulls}
+        )
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("application/json")  # stream: null is not a stream
         assert resp.json()["choices"][0]["message"]["reasoning_content"] == "Think."  # include_reasoning: null shows it

@@ -4,6 +4,8 @@ usage and cost, error rendering. Real Delta sequences, no engine."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from r1serve.api.bodies import Collected, chat_completion_body, completion_body,
 from r1serve.api.chunks import ChatChunkEncoder, CompletionChunkEncoder, error_event, sse_events
 from r1serve.api.errors import param_path, validation_error
 from r1serve.api.requests import chat_generation_request, completion_generation_request
+from r1serve.api.serving import new_id
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
 from r1serve.errors import ContextLengthExceeded, InvalidRequest
 from r1serve.models.catalog import LocalSource, ModelEntry, Prices
@@ -410,7 +413,10 @@ def test_completion_echo() -> None:
 
 
 def test_completion_echo_with_prompt_logprobs_in_json_and_stream() -> None:
-    prompt = [PromptLogprob(token="Hel"), PromptLogprob(token="lo", logprob=-1.5, top_logprobs=[TopLogprob(token="p", logprob=-0.2)])]
+    prompt = [
+        PromptLogprob(token="Hel"),
+        PromptLogprob(token="lo", logprob=-1.5, top_logprobs=[TopLogprob(token="p", logprob=-0.2)]),
+    ]
     deltas = [
         Delta(prompt_logprobs=prompt),
         Delta(content=" world", logprobs=[TokenLogprob(token=" world", logprob=-0.5)]),
@@ -429,7 +435,9 @@ def test_completion_echo_with_prompt_logprobs_in_json_and_stream() -> None:
     # token's is null, as OpenAI's echo and vLLM's give it (the SDK parses responses without validation).
     assert body["choices"][0]["text"] == "Hello world!"
     assert body["choices"][0]["logprobs"] == expected
-    enc = CompletionChunkEncoder(completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True)
+    enc = CompletionChunkEncoder(
+        completion_id="c", created=1, model="m", prices=PRICES, echo="Hello", want_logprobs=True
+    )
     assert enc.start() == []  # the echo waits for the prompt's logprobs
     events = [e for e in _encode_all(enc, deltas) if e["choices"]]
     assert events[0]["choices"][0]["text"] == "Hello"
@@ -525,3 +533,18 @@ async def test_meter_records_a_finished_generation_as_ok_even_when_closed_after_
                 break
         await wrapped.aclose()
         assert statuses.pop() == expected
+
+
+def test_response_ids_grow_with_time_and_stay_unique() -> None:
+    # Ids in creation order keep the ledger's unique index appending (bench/gateway/ledger_ids.py): random
+    # ones made every ledger row touch its own index page.
+    ids = []
+    for _ in range(2000):
+        ids.append(new_id("chatcmpl-"))
+        if len(ids) % 500 == 0:
+            time.sleep(0.002)
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{32}", i) for i in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    times = [int(i[9:22], 16) for i in ids]
+    assert times == sorted(times) and times[-1] - times[0] >= 6000  # microseconds, across the sleeps
+    assert abs(times[-1] / 1e6 - time.time()) < 60

@@ -451,7 +451,7 @@ async def gateway_process(tmp_path: Path, upstream: FakeUpstream, **env: str) ->
 # ----------------------------------------------------------------------------- 3. upstream error text
 
 LEAKY_500 = (
-    "Traceback (most recent call last):\n  File \"/srv/inference/app/handlers.py\", line 88, in chat\n"
+    'Traceback (most recent call last):\n  File "/srv/inference/app/handlers.py", line 88, in chat\n'
     "sqlalchemy.exc.OperationalError: could not connect to postgresql://svc:hunter2@10.1.2.3:5432/billing"
 )
 
@@ -462,9 +462,7 @@ async def test_upstream_error_body_reaches_neither_the_client_nor_public_health(
     caplog.set_level(logging.WARNING)
     leaky = Reply(kind="status", status=500, body=LEAKY_500)
     async with FakeUpstream(default=leaky) as up, app_client(tmp_path, up, accounts=True) as client:
-        error = _error(
-            await client.post("/v1/chat/completions", json={"messages": HELLO}, headers=_auth(ADMIN)), 502
-        )
+        error = _error(await client.post("/v1/chat/completions", json={"messages": HELLO}, headers=_auth(ADMIN)), 502)
         assert "HTTP 500" in error["message"] and "fake" in error["message"]
         for secret in ("hunter2", "Traceback", "/srv/inference", "10.1.2.3"):
             assert secret not in error["message"]
@@ -496,7 +494,9 @@ async def test_json_endpoints_refuse_simple_content_types(tmp_path: Path) -> Non
             resp = await client.post("/v1/chat/completions", content=body, headers=headers)
             assert _error(resp, 415)["code"] == "unsupported_media_type", kind
         assert len(up.requests) == 0  # nothing reached the model
-        ok = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+        ok = await client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}
+        )
         assert ok.status_code == 200, ok.text
         # The R tutorial's forms still work on /deepseek_chat.
         assert (await client.post("/deepseek_chat", data={"prompt": "hi"})).status_code == 200
@@ -522,9 +522,10 @@ async def test_foreign_host_is_refused_on_loopback(tmp_path: Path) -> None:
 async def test_foreign_origin_and_cross_site_requests_are_refused(tmp_path: Path) -> None:
     async with FakeUpstream() as up, app_client(tmp_path, up) as client:
         foreign = {"origin": "http://evil.example"}
-        assert _error(await client.post("/v1/chat/completions", json={"messages": HELLO}, headers=foreign), 403)[
-            "code"
-        ] == "origin_not_allowed"
+        assert (
+            _error(await client.post("/v1/chat/completions", json={"messages": HELLO}, headers=foreign), 403)["code"]
+            == "origin_not_allowed"
+        )
         assert _error(await client.post("/deepseek_chat", data={"prompt": "hi"}, headers=foreign), 403)
         assert _error(await client.post("/deepseek_chat", data={"prompt": "hi"}, headers={"origin": "null"}), 403)
         # An <img src> or a no-cors fetch sends no Origin, but says where it comes from.
@@ -642,7 +643,9 @@ async def test_strict_wire_types_and_huge_numbers(tmp_path: Path) -> None:
         error = _error(await client.post("/v1/chat/completions", content=raw, headers=JSON), 400)
         assert "digits" in error["message"] and "sys." not in error["message"], error
         assert len(up.requests) == 0
-        assert (await client.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1})).status_code == 200
+        assert (
+            await client.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1})
+        ).status_code == 200
 
 
 async def test_upstream_redirects_are_not_followed(tmp_path: Path) -> None:
@@ -690,7 +693,10 @@ async def test_unreadable_or_huge_schemas_are_400s(tmp_path: Path) -> None:
     huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}
     async with FakeUpstream() as up, app_client(tmp_path, up) as client:
         for schema in ({"$schema": []}, {"$schema": 5}, nested, huge):
-            body = {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+            body = {
+                "messages": HELLO,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            }
             resp = await client.post("/v1/chat/completions", json=body)
             assert _error(resp, 400)["param"] == "response_format.json_schema.schema"
         assert len(up.requests) == 0

@@ -30,7 +30,9 @@ def _linked(html: str) -> list[str]:
     return re.findall(r'(?:src|href)="(/assets/[^"]+)"', html)
 
 
-@pytest.mark.parametrize("path", ["/", "/docs"])
+@pytest.mark.parametrize(
+    "path", ["/", "/docs", "/console/signin", "/console/usage", "/console/keys", "/console/models"]
+)
 async def test_pages_are_uncached_with_strict_headers_and_link_hashed_assets(client: httpx.AsyncClient, path: str):
     page = await client.get(path)
     assert page.status_code == 200
@@ -43,7 +45,7 @@ async def test_pages_are_uncached_with_strict_headers_and_link_hashed_assets(cli
     # No inline script or style, no remote resource: everything the page loads is one of ours.
     assert re.search(r"<script(?![^>]*\bsrc=)", page.text) is None
     assert "<style" not in page.text and " style=" not in page.text
-    assert "http://" not in page.text and "https://" not in page.text and "{{" not in page.text
+    assert "http://" not in page.text and "https://" not in page.text and "{" not in page.text
     assert (await client.head(path)).status_code == 200
     links = _linked(page.text)
     assert links
@@ -75,3 +77,16 @@ async def test_unknown_asset_is_an_openai_style_404(client: httpx.AsyncClient):
 def test_static_files_are_package_data() -> None:
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert '"static/*"' in text and '"static/vendor/*"' in text
+
+
+def test_vendored_files_match_their_recorded_checksums() -> None:
+    """Offline half of scripts/vendor-console.py: every shipped vendor file is the one its record pins
+    (the script itself re-fetches the pinned versions from npm and compares)."""
+    import json
+
+    record = json.loads((STATIC / "vendor" / "VENDOR.json").read_text())
+    assert {"swagger-ui-dist", "marked", "dompurify", "@highlightjs/cdn-assets"} <= set(record)
+    for package in record.values():
+        assert package["version"] and package["integrity"].startswith("sha512-")
+        for name, digest in package["files"].items():
+            assert hashlib.sha256((STATIC / "vendor" / name).read_bytes()).hexdigest() == digest, name

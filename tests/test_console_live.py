@@ -7,6 +7,7 @@ assert none was tried); any CSP violation, console error, page error or dialog f
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_chat_streams_reasoning_into_a_panel_that_closes_when_the_answer_starts(
     requests: list[dict[str, object]] = []
     page.on("request", lambda r: requests.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)  # type: ignore[attr-defined]
 
-    first = _ask(page, "Why is the sky blue?")
+    with page.expect_response(lambda r: r.url.endswith("/chat/completions")) as streamed:  # type: ignore[attr-defined]
+        first = _ask(page, "Why is the sky blue?")
     page.locator('li.msg.assistant[data-state="done"]').first.wait_for(timeout=_WAIT_MS)  # type: ignore[attr-defined]
     states = page.evaluate("window.__panel")  # type: ignore[attr-defined]
     assert any(s["open"] and s["reasoning"] > 0 and s["answer"] == 0 for s in states), "never open while thinking"
@@ -109,9 +111,12 @@ def test_chat_streams_reasoning_into_a_panel_that_closes_when_the_answer_starts(
     assert int(_stat(first, "prompt_tokens")) > 0 and int(_stat(first, "answer_tokens")) > 0
     assert _stat(first, "ttft").endswith(" ms") and float(_stat(first, "tokens_per_s")) > 0
     assert _stat(first, "request_id")
-    answer = first.locator(".answer").inner_text()  # type: ignore[attr-defined]
+    answer = first.locator(".answer").inner_text()  # type: ignore[attr-defined]  # rendered markdown
     reasoning = details.locator(".reasoning-text").text_content()
     assert answer.strip() and reasoning.strip()
+    # The answer's source, as streamed: what the next turn must send back.
+    events = [json.loads(line[5:]) for line in streamed.value.text().splitlines() if line.startswith("data: {")]
+    source = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
     page.screenshot(path=str(screenshots / "playground.png"))  # type: ignore[attr-defined]
 
     # The second turn sends the first answer back, exactly (the small model's answer may well repeat
@@ -120,7 +125,7 @@ def test_chat_streams_reasoning_into_a_panel_that_closes_when_the_answer_starts(
     page.locator('li.msg.assistant[data-state="done"]').nth(1).wait_for(timeout=_WAIT_MS)  # type: ignore[attr-defined]
     history = requests[1]["messages"]
     assert [m["role"] for m in history] == ["user", "assistant", "user"]  # type: ignore[index]
-    assert history[1]["content"].strip() == answer.strip()  # type: ignore[index]
+    assert history[1]["content"] == source and source.strip()  # type: ignore[index]
     assert all(set(m) == {"role", "content"} for m in history)  # type: ignore[union-attr]
     tab.assert_clean()
 

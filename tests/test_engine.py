@@ -279,8 +279,11 @@ async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_conti
     from prometheus_client import REGISTRY
 
     async with _own_engine(n_ctx=512, max_running=4) as eng:
-        questions = ["Count from 1 to 300, separated by commas.", "List the even numbers from 2 to 400.",
-                     "Count down from 300 to 1, separated by spaces."]
+        questions = [
+            "Count from 1 to 300, separated by commas.",
+            "List the even numbers from 2 to 400.",
+            "Count down from 300 to 1, separated by spaces.",
+        ]
         alone = {q: await _collect(eng, _request(q, max_tokens=120, logprobs=2)) for q in questions}
 
         def running() -> dict[int, str]:
@@ -300,7 +303,9 @@ async def test_a_gap_in_the_running_seq_ids_is_closed_and_the_moved_stream_conti
             if sorted(running()) == ids[:2]:
                 break
         assert running() == {ids[0]: running()[ids[0]], ids[1]: top}, "the top sequence moved into the gap"
-        assert (REGISTRY.get_sample_value("r1serve_engine_kv_stream_copies_total", {"model": eng.entry.id}) or 0) > copies
+        assert (
+            REGISTRY.get_sample_value("r1serve_engine_kv_stream_copies_total", {"model": eng.entry.id}) or 0
+        ) > copies
 
         async def rest(q: str) -> None:
             got[q] += [d async for d in streams[q]]
@@ -330,8 +335,11 @@ async def test_every_slot_can_fill_its_whole_context_at_once() -> None:
             req.sampling = SamplingParams(temperature=1.0, seed=7)  # keeps writing past any stop
             return req
 
-        qs = ["Write a long story about a lighthouse.", "Write a long story about a forest.",
-              "Write a long story about a submarine."]
+        qs = [
+            "Write a long story about a lighthouse.",
+            "Write a long story about a forest.",
+            "Write a long story about a submarine.",
+        ]
         results = await asyncio.gather(*[_collect(eng, full(q)) for q in qs])
         for deltas in results:
             final = deltas[-1]
@@ -395,6 +403,7 @@ async def test_queue_limit_refuses_with_retry_after() -> None:
     try:
         running = eng.generate(_request("Write a long poem about the sea.", max_tokens=400))
         await running.__anext__()  # admitted and decoding
+
         async def every_delta(request: GenerationRequest) -> list[Delta]:
             return [d async for d in eng.generate(request)]  # the keep-alive deltas included
 
@@ -436,7 +445,9 @@ async def test_thinking_budget_closes_reasoning_and_answer_follows() -> None:
     eng = LlamaEngine(path, r1_like, Settings(n_ctx=1024, max_running=2))
     await eng.start()
     try:
-        deltas = await _collect(eng, _request("Explain in detail why the sky is blue.", max_tokens=60, reasoning_budget=6))
+        deltas = await _collect(
+            eng, _request("Explain in detail why the sky is blue.", max_tokens=60, reasoning_budget=6)
+        )
         final = deltas[-1]
         reasoning = "".join(d.reasoning for d in deltas)
         content = "".join(d.content for d in deltas)
@@ -477,7 +488,11 @@ async def test_metrics_follow_the_work(engine: LlamaEngine) -> None:
 
 def _raw(prompt: str, **kw: object) -> GenerationRequest:
     return GenerationRequest(
-        request_id="test", prompt=prompt, max_tokens=1, sampling=SamplingParams(temperature=0.0), **kw  # type: ignore[arg-type]
+        request_id="test",
+        prompt=prompt,
+        max_tokens=1,
+        sampling=SamplingParams(temperature=0.0),
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -536,8 +551,11 @@ async def test_scoring_does_not_disturb_concurrent_streams(engine: LlamaEngine) 
 async def test_several_prompts_scored_at_once_share_one_bounded_step(engine: LlamaEngine) -> None:
     """Logits at every position of several prompts in one step would grow llama.cpp's output buffer
     (which it keeps) to the whole batch: a step scores at most 64 positions, all prompts together."""
-    prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Größe, café, naïve, 東京, Ελλάδα. " * 5,
-               "def add(a, b):\n    return a + b\n" * 6]
+    prompts = [
+        "The quick brown fox jumps over the lazy dog. " * 6,
+        "Größe, café, naïve, 東京, Ελλάδα. " * 5,
+        "def add(a, b):\n    return a + b\n" * 6,
+    ]
     scored_per_step: list[int] = []
     fill = engine._fill_batch
 

@@ -147,9 +147,10 @@ async def test_openai_sdk_non_streaming_and_streaming(tmp_path: Path) -> None:
 
 
 async def test_failover_history_and_estimated_usage(tmp_path: Path) -> None:
-    async with FakeUpstream(default=Reply(kind="status", status=503, body="{}")) as a, FakeUpstream(
-        default=Reply(fields=[("reasoning_content", "r"), ("content", "\nanswer")], usage=False)
-    ) as b:
+    async with (
+        FakeUpstream(default=Reply(kind="status", status=503, body="{}")) as a,
+        FakeUpstream(default=Reply(fields=[("reasoning_content", "r"), ("content", "\nanswer")], usage=False)) as b,
+    ):
         registry = await gateway(tmp_path, two_targets(a, b), ENV)
         async with serving(registry) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
@@ -157,7 +158,11 @@ async def test_failover_history_and_estimated_usage(tmp_path: Path) -> None:
                 model="deepseek-r1",
                 messages=[
                     {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "<think>old thoughts</think>\n\nold answer", "reasoning_content": "old thoughts"},  # type: ignore[typeddict-unknown-key]
+                    {
+                        "role": "assistant",
+                        "content": "<think>old thoughts</think>\n\nold answer",
+                        "reasoning_content": "old thoughts",
+                    },  # type: ignore[typeddict-unknown-key]
                     {"role": "user", "content": "again"},
                 ],
             )
@@ -210,7 +215,9 @@ async def test_provider_preset_with_dotenv(tmp_path: Path) -> None:
     async with FakeUpstream(default=Reply(fields=think_content("x", "y", open_tag=True)), api_key=token) as hf:
         # The preset's URL is HF's real router; only the base URL is pointed at the fake.
         path = providers_file(tmp_path, f'[providers.huggingface]\nbase_url = "{hf.base_url}"\n')
-        options = GatewayOptions(providers_file=path, provider=("huggingface",), env_file=tmp_path / ".env", health_interval=0)
+        options = GatewayOptions(
+            providers_file=path, provider=("huggingface",), env_file=tmp_path / ".env", health_interval=0
+        )
         config = load_gateway_config(options, env=None)
         assert config is not None
         assert token not in repr(config)
@@ -223,7 +230,11 @@ async def test_provider_preset_with_dotenv(tmp_path: Path) -> None:
             # The Plumber tutorial's own endpoint, as its R client calls it.
             resp = await http.post("/deepseek_chat", data={"prompt": "hello"})
             assert resp.status_code == 200, resp.text
-            assert resp.json()["choices"][0]["message"] == {"role": "assistant", "content": "y", "reasoning_content": "x\n"}
+            assert resp.json()["choices"][0]["message"] == {
+                "role": "assistant",
+                "content": "y",
+                "reasoning_content": "x\n",
+            }
         assert hf.requests[0]["headers"]["Authorization"] == f"Bearer {token}"
         assert hf.requests[0]["body"]["model"] == "deepseek-ai/DeepSeek-R1"
 
@@ -245,7 +256,9 @@ def test_missing_key_names_the_variable(tmp_path: Path) -> None:
 
 async def test_one_off_upstream_route(tmp_path: Path) -> None:
     """`r1serve serve --upstream URL --reasoning-dialect think_in_content`: every catalog alias through it."""
-    async with FakeUpstream(default=Reply(fields=think_content("deep", "shallow")), model="DeepSeek-R1-Distill-Qwen-1.5B") as up:
+    async with FakeUpstream(
+        default=Reply(fields=think_content("deep", "shallow")), model="DeepSeek-R1-Distill-Qwen-1.5B"
+    ) as up:
         options = GatewayOptions(
             upstream=up.base_url,
             reasoning_dialect="think_in_content",
@@ -257,7 +270,12 @@ async def test_one_off_upstream_route(tmp_path: Path) -> None:
         assert config is not None
         registry = await build_from_config(config)
         route = registry.resolve(None)
-        for name in (*R1_ALIASES, "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"):
+        for name in (
+            *R1_ALIASES,
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            "DeepSeek-R1-Distill-Qwen-1.5B",
+        ):
             assert registry.resolve(name) is route, name
         async with serving(registry) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
@@ -301,7 +319,10 @@ def test_settings_options_are_read_when_present() -> None:
         ("[gateway]\nfirst_byte_timeout = 0\n", "first_byte_timeout must be above 0"),
         ("[gateway]\nconect_timeout = 5\n", "unknown key 'conect_timeout'"),
         ("[gatway]\nretries = 1\n", "unknown key 'gatway'"),
-        ('[providers]\nfake = "http://127.0.0.1:9/v1"\n', 'providers.fake must be a table, like [providers.fake] base_url = "..."'),
+        (
+            '[providers]\nfake = "http://127.0.0.1:9/v1"\n',
+            'providers.fake must be a table, like [providers.fake] base_url = "..."',
+        ),
         ('[providers.p]\nbase_url = "ftp://127.0.0.1:9/v1"\n', "base_url must be an http:// or https:// URL"),
         ('[providers.p]\nbase_url = "not-a-url"\n', "base_url must be an http:// or https:// URL"),
         ('[providers.p]\nbase_url = "http://h/v1"\nprices = { input = nan }\n', "input must be a number"),
@@ -311,14 +332,23 @@ def test_settings_options_are_read_when_present() -> None:
         ("[gateway]\nretries = 1e400\n", "retries must be a number"),
         ('[providers.p]\nbase_url = "http://h/v1"\ntimeout = 5\n', "unknown key 'timeout'"),
         ('[providers.p]\nbase_url = "http://h/v1"\neos_markers = "</s>"\n', "eos_markers must be a list of strings"),
-        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", weight = "heavy" }]\n',
-         "weight must be a number"),  # fmt: skip
-        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", priority = "high" }]\n',
-         "priority must be a number"),  # fmt: skip
-        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = ["p"]\naliases = "deepseek-reasoner"\n',
-         "aliases must be a list of strings"),  # fmt: skip
-        ('[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "a"\ntargets = ["p"]\ndefault = true\n'
-         '[[routes]]\nname = "b"\ntargets = ["p"]\ndefault = true\n', "more than one route is the default: a, b"),  # fmt: skip
+        (
+            '[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", weight = "heavy" }]\n',
+            "weight must be a number",
+        ),  # fmt: skip
+        (
+            '[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = [{ provider = "p", priority = "high" }]\n',
+            "priority must be a number",
+        ),  # fmt: skip
+        (
+            '[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "r"\ntargets = ["p"]\naliases = "deepseek-reasoner"\n',
+            "aliases must be a list of strings",
+        ),  # fmt: skip
+        (
+            '[providers.p]\nbase_url = "http://h/v1"\n[[routes]]\nname = "a"\ntargets = ["p"]\ndefault = true\n'
+            '[[routes]]\nname = "b"\ntargets = ["p"]\ndefault = true\n',
+            "more than one route is the default: a, b",
+        ),  # fmt: skip
     ],
 )
 def test_providers_file_mistakes_are_named(tmp_path: Path, text: str, says: str) -> None:
@@ -344,7 +374,9 @@ def test_json_nulls_mean_defaults_and_the_flags_route_is_the_default(tmp_path: P
     }))  # fmt: skip
     config = load_gateway_config(GatewayOptions(providers_file=path, env_file=None), env={})
     assert config is not None and config.settings.retries == 1 and config.groups[0].context_length is None
-    flagged = load_gateway_config(GatewayOptions(providers_file=path, upstream="http://127.0.0.1:9/v1", env_file=None), env={})
+    flagged = load_gateway_config(
+        GatewayOptions(providers_file=path, upstream="http://127.0.0.1:9/v1", env_file=None), env={}
+    )
     assert flagged is not None and [g.name for g in flagged.groups if g.default] == [flagged.groups[0].name]
     assert flagged.groups[0].name != "r"
 
@@ -359,4 +391,3 @@ def test_the_sample_in_the_config_docstring_loads(tmp_path: Path) -> None:
     env = {"GPU_BOX_KEY": "k", "DEEPINFRA_API_KEY": "k", "DEEPINFRA_TOKEN": "k"}
     config = load_gateway_config(GatewayOptions(providers_file=providers_file(tmp_path, text), env_file=None), env=env)
     assert config is not None and config.groups[0].name == "deepseek-r1" and len(config.groups[0].targets) == 3
-

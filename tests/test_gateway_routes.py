@@ -25,18 +25,26 @@ def chat() -> GenerationRequest:
     return GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")])
 
 
-def target(name: str, base_url: str, *, threshold: int = 5, cooldown: float = 15.0, health: float = 0, key: str | None = None) -> Target:
+def target(
+    name: str, base_url: str, *, threshold: int = 5, cooldown: float = 15.0, health: float = 0, key: str | None = None
+) -> Target:
     engine = UpstreamEngine(
         UpstreamConfig(name=name, base_url=base_url, model="m", dialect="reasoning_content", timeouts=FAST, api_key=key)
     )
     return Target(name, engine, breaker=CircuitBreaker(threshold, cooldown), health_interval=health)
 
 
-def group(*targets: Target, policy: str = "priority", retries: int = 1, weights: list[float] | None = None, max_wait: float = 2.0) -> GroupEngine:
-    members = [
-        Member(t, weight=(weights[i] if weights else 1.0), priority=i) for i, t in enumerate(targets)
-    ]
-    return GroupEngine("r1", members, policy=policy, retry=RetryPolicy(retries=retries, backoff=0.01, max_retry_wait=max_wait))  # type: ignore[arg-type]
+def group(
+    *targets: Target,
+    policy: str = "priority",
+    retries: int = 1,
+    weights: list[float] | None = None,
+    max_wait: float = 2.0,
+) -> GroupEngine:
+    members = [Member(t, weight=(weights[i] if weights else 1.0), priority=i) for i, t in enumerate(targets)]
+    return GroupEngine(
+        "r1", members, policy=policy, retry=RetryPolicy(retries=retries, backoff=0.01, max_retry_wait=max_wait)
+    )  # type: ignore[arg-type]
 
 
 async def answer(engine: GroupEngine) -> tuple[str, str]:
@@ -58,7 +66,9 @@ async def test_priority_failover_after_retries() -> None:
         health = engine.health()
         assert health["status"] == "ok"
         ta, tb = health["targets"]
-        assert ta["failures"] == 5 and ta["circuit"] == "open"  # threshold 5: the 6th try never went and ta["status"] == "down"
+        assert (
+            ta["failures"] == 5 and ta["circuit"] == "open"
+        )  # threshold 5: the 6th try never went and ta["status"] == "down"
         assert ta["last_error"] == "upstream a failed (HTTP 500)"  # its body goes to the log only
         assert tb["requests"] == 2 and tb["failures"] == 0
 
@@ -82,7 +92,9 @@ async def test_connect_error_fails_over() -> None:
 
 
 async def test_429_fails_over_at_once_and_cools_down() -> None:
-    limited = Reply(kind="status", status=429, headers={"Retry-After": "30"}, body='{"error": {"message": "slow down"}}')
+    limited = Reply(
+        kind="status", status=429, headers={"Retry-After": "30"}, body='{"error": {"message": "slow down"}}'
+    )
     async with FakeUpstream(default=limited) as a, FakeUpstream(default=OK) as b:
         engine = group(target("a", a.base_url), target("b", b.base_url), retries=3)
         await engine.start()
@@ -133,7 +145,10 @@ async def test_requests_during_a_rate_limit_cooldown_are_429_with_the_time_left(
 
 
 async def test_no_failover_once_text_was_sent() -> None:
-    async with FakeUpstream(default=Reply(kind="drop", drop_after=3, chunk=2, chunk_delay=0.05)) as a, FakeUpstream(default=OK) as b:
+    async with (
+        FakeUpstream(default=Reply(kind="drop", drop_after=3, chunk=2, chunk_delay=0.05)) as a,
+        FakeUpstream(default=OK) as b,
+    ):
         engine = group(target("a", a.base_url), target("b", b.base_url), retries=2)
         await engine.start()
         got: list[Delta] = []
@@ -340,7 +355,6 @@ async def test_a_timeout_fails_over_without_a_retry_on_the_same_target() -> None
         await engine.close()
     assert len(a.requests) == 1 and len(b.requests) == 1
     assert elapsed < 2 * FAST.first_byte, elapsed  # one first-byte timeout, not three
-
 
 
 async def test_an_upstream_without_a_model_is_asked_again_once_its_health_check_passes() -> None:

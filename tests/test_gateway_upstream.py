@@ -51,7 +51,9 @@ def engine_for(up: FakeUpstream, **kw: Any) -> UpstreamEngine:
     return UpstreamEngine(UpstreamConfig(**cfg))
 
 
-async def run(engine: UpstreamEngine, request: GenerationRequest | None = None) -> tuple[str | None, str | None, Delta, list[Delta]]:
+async def run(
+    engine: UpstreamEngine, request: GenerationRequest | None = None
+) -> tuple[str | None, str | None, Delta, list[Delta]]:
     await engine.start()
     try:
         deltas = [d async for d in engine.generate(request or chat())]
@@ -107,7 +109,10 @@ async def test_dialect_none_is_untouched() -> None:
 
 
 async def test_auto_dialect_follows_the_model_name() -> None:
-    assert UpstreamConfig(name="a", base_url="x", model="DeepSeek-R1-Distill-Qwen-1.5B").effective_dialect == "think_in_content"
+    assert (
+        UpstreamConfig(name="a", base_url="x", model="DeepSeek-R1-Distill-Qwen-1.5B").effective_dialect
+        == "think_in_content"
+    )
     assert UpstreamConfig(name="a", base_url="x", model="qwen2.5-coder").effective_dialect == "think_tags"
 
 
@@ -142,9 +147,7 @@ async def test_nosana_vllm_shape() -> None:
 
 async def test_nosana_shape_through_the_vllm_preset() -> None:
     async with FakeUpstream(default=Reply(kind="json", body=NOSANA_JSON)) as up:
-        config = load_gateway_config(
-            GatewayOptions(providers_file=None, provider=("vllm",), env_file=None), env={}
-        )
+        config = load_gateway_config(GatewayOptions(providers_file=None, provider=("vllm",), env_file=None), env={})
         assert config is not None
         p = config.providers["vllm"].upstream
         assert p.dialect == "think_in_content" and p.model is None
@@ -157,10 +160,12 @@ async def test_nosana_shape_through_the_vllm_preset() -> None:
 
 async def test_aiml_shape() -> None:
     async with FakeUpstream(default=Reply(kind="json", body=AIML_JSON)) as up:
-        reasoning, content, final, _ = await run(engine_for(up, dialect="reasoning_content", model="deepseek/deepseek-r1"))
+        reasoning, content, final, _ = await run(
+            engine_for(up, dialect="reasoning_content", model="deepseek/deepseek-r1")
+        )
     # reasoning_content '' and a leading newline: the embedded path's "<think></think>\nHello!..." split.
-    assert (reasoning, content) == split_reasoning("<think></think>\nHello! How can I assist you today? \U0001F60A")
-    assert content == "Hello! How can I assist you today? \U0001F60A" and reasoning is None
+    assert (reasoning, content) == split_reasoning("<think></think>\nHello! How can I assist you today? \U0001f60a")
+    assert content == "Hello! How can I assist you today? \U0001f60a" and reasoning is None
     assert final.usage is not None
     assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.estimated) == (5, 74, False)
 
@@ -178,7 +183,9 @@ async def test_deepinfra_stream_shape() -> None:
     """Role in every delta, a leaked ``</s>``, no usage, then [DONE]."""
     lines = (*DEEPINFRA_STREAM_LINES, "data: [DONE]")
     async with FakeUpstream(default=Reply(kind="sse", lines=lines)) as up:
-        config = load_gateway_config(GatewayOptions(provider=("deepinfra",), env_file=None), env={"DEEPINFRA_TOKEN": "di-secret-token-123"})
+        config = load_gateway_config(
+            GatewayOptions(provider=("deepinfra",), env_file=None), env={"DEEPINFRA_TOKEN": "di-secret-token-123"}
+        )
         assert config is not None
         from dataclasses import replace
 
@@ -236,7 +243,7 @@ _CHUNK = '{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model":
         '{"choices": [{"message": {"content": "hi", "reasoning_content": 3}}]}',
         '{"choices": "x"}',
         '{"choices": {"0": {}}}',
-        '[1, 2]',
+        "[1, 2]",
     ],
 )
 async def test_a_json_answer_of_the_wrong_shape_is_invalid(body: str) -> None:
@@ -260,7 +267,9 @@ async def test_a_stream_event_of_the_wrong_shape_is_invalid(event: str) -> None:
     assert isinstance(exc, AttemptFailed) and exc.kind == "invalid_response", exc
     # After output has gone to the client the same event is an error in the stream, not a retry.
     first = f'data: {_CHUNK}[{{"delta": {{"content": "Hi"}}}}]}}'
-    async with FakeUpstream(default=Reply(kind="sse", lines=(first, f"data: {event}", "data: [DONE]"), chunk_delay=0.2)) as up:
+    async with FakeUpstream(
+        default=Reply(kind="sse", lines=(first, f"data: {event}", "data: [DONE]"), chunk_delay=0.2)
+    ) as up:
         engine = engine_for(up)
         await engine.start()
         got: list[Delta] = []
@@ -287,7 +296,9 @@ async def test_no_usage_is_counted_with_the_r1_tokenizer() -> None:
     fields = think_content(REASONING, ANSWER)
     async with FakeUpstream(default=Reply(fields=fields, usage=False, chunk=4)) as up:
         engine = UpstreamEngine(
-            UpstreamConfig(name="fake", base_url=up.base_url, model="fake-r1", dialect="think_in_content", timeouts=FAST),
+            UpstreamConfig(
+                name="fake", base_url=up.base_url, model="fake-r1", dialect="think_in_content", timeouts=FAST
+            ),
             tokens=counter,
         )
         reasoning, content, final, _ = await run(engine, chat(("user", "What is 2+2?")))
@@ -355,7 +366,9 @@ async def test_request_body_history_and_options() -> None:
         (None, None, {}),
     ],
 )
-async def test_thinking_budget_is_passed_on(effort: str | None, budget: int | None, expected: dict[str, object]) -> None:
+async def test_thinking_budget_is_passed_on(
+    effort: str | None, budget: int | None, expected: dict[str, object]
+) -> None:
     async with FakeUpstream() as up:
         request = GenerationRequest(
             request_id="r", messages=[ChatMessage(role="user", content="hi")],
@@ -641,4 +654,3 @@ def test_whole_answer_split_equals_the_incremental_one(
         "".join(slow.reasoning_parts),
         "".join(slow.content_parts),
     )
-

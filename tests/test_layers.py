@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "logs": 0,  # logging set-up and the request id every layer's lines carry
     "protocol": 0,
     "reasoning": 1,
+    "toolcalls": 1,  # the tool-call parser, the reasoning parser's sibling
     "models": 1,  # the catalog and fetching weights: data the engines read
     "engines": 2,
     "routing": 3,

@@ -174,7 +174,9 @@ def test_configure_logging_stamps_the_request_id(
             request_id_var.reset(token)
         handler.flush()
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert re.fullmatch(r"\d\d:\d\d:\d\d INFO    r1serve.access \[req_abc\] POST /v1/chat/completions 200 3ms", line)
+        assert re.fullmatch(
+            r"\d\d:\d\d:\d\d INFO    r1serve.access \[req_abc\] POST /v1/chat/completions 200 3ms", line
+        )
     finally:
         for h in root.handlers:
             if h not in saved_handlers:
@@ -304,7 +306,9 @@ def test_a_broken_stream_does_not_fail_the_request(configured: BatchedStreamHand
 
 
 def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
-    scope: dict[str, object] = {"headers": [(b"x-request-id", b"one"), (b"authorization", b"Bearer k"), (b"x-request-id", b"two")]}
+    scope: dict[str, object] = {
+        "headers": [(b"x-request-id", b"one"), (b"authorization", b"Bearer k"), (b"x-request-id", b"two")]
+    }
     assert scope_header(scope, b"x-request-id") == b"one"
     assert scope_header(scope, b"authorization") == b"Bearer k"
     assert scope_header(scope, b"content-length") is None
@@ -312,3 +316,25 @@ def test_scope_header_reads_the_first_value_and_caches_per_scope() -> None:
     scope["headers"] = [(b"x-request-id", b"three")]  # a middleware replaced them
     assert scope_header(scope, b"x-request-id") == b"three"
     assert scope_header({"headers": []}, b"x-request-id") is None
+
+
+def test_client_text_cannot_forge_lines_through_mappings_messages_or_exceptions() -> None:
+    formatter = _Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    forged = "x\n06:47:00 INFO forged\x1b[31m"
+
+    def render(msg: str, args: object = None, exc: bool = False) -> str:
+        exc_info = None
+        if exc:
+            try:
+                raise ValueError(forged)
+            except ValueError:
+                exc_info = sys.exc_info()
+        record = logging.LogRecord("r1serve.test", logging.ERROR, "", 0, msg, args, exc_info)  # type: ignore[arg-type]
+        return formatter.format(record)
+
+    for text in (render("user %(name)s", ({"name": forged},)), render(f"user {forged}"), render("%s", (forged,)),
+                 render("failed", exc=True)):  # fmt: skip
+        lines = text.splitlines()
+        assert not [line for line in lines if line.startswith("06:47:00")], lines
+        assert "\x1b" not in text and "\\x1b[31m" in text
+    assert render("failed", exc=True).splitlines()[1].startswith("  Traceback")

@@ -40,5 +40,9 @@ def test_loopback_is_fine():
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=2)
-    result.stdout.fnmatch_lines(["*starts a live server with the real model: mark it @pytest.mark.slow*",
-                                 "*connects to 192.0.2.1, beyond loopback: mark it @pytest.mark.network*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*starts a live server with the real model: mark it @pytest.mark.slow*",
+            "*connects to 192.0.2.1, beyond loopback: mark it @pytest.mark.network*",
+        ]
+    )

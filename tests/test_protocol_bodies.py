@@ -65,7 +65,7 @@ def _exact(model: type[BaseModel], body: Any) -> None:
 def _chunks(text: str) -> list[Any]:
     events = [e for e in text.split("\n\n") if e.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
-    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
 
 
 async def test_chat_and_completion_bodies_and_chunks_match_the_protocol_models() -> None:

@@ -47,7 +47,9 @@ def test_renders_system_user_assistant_turns(template: ChatTemplate) -> None:
         ChatMessage(role="user", content="2+2?"),
     ]
     prompt = template.render(messages)
-    assert prompt == f"{BOS}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>"
+    assert (
+        prompt == f"{BOS}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>"
+    )
     # This release's template does not open <think>; the model writes the tag itself.
     assert not prompt_opens_reasoning(prompt)
     assert detect_reasoning_format(r1_chat_template(), None) == "deepseek_r1"

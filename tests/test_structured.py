@@ -34,7 +34,9 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def fmt(schema: dict[str, Any] | None = None, *, strict: bool | None = True, kind: str = "json_schema") -> ResponseFormat:
+def fmt(
+    schema: dict[str, Any] | None = None, *, strict: bool | None = True, kind: str = "json_schema"
+) -> ResponseFormat:
     body: dict[str, Any] = {"type": kind}
     if kind == "json_schema":
         body["json_schema"] = {"name": "thing", "strict": strict, "schema": schema if schema is not None else SCHEMA}
@@ -135,8 +137,15 @@ def test_begin_keeps_what_the_grammar_allows_and_drops_the_rest(vocab: Vocab) ->
 
 def test_refs_and_defs_as_pydantic_writes_them_compile(vocab: Vocab) -> None:
     schema = {
-        "$defs": {"Moon": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
-                           "additionalProperties": False, "title": "Moon"}},
+        "$defs": {
+            "Moon": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+                "additionalProperties": False,
+                "title": "Moon",
+            }
+        },
         "type": "object",
         "properties": {"moons": {"type": "array", "items": {"$ref": "#/$defs/Moon"}, "title": "Moons"}},
         "required": ["moons"],
@@ -156,7 +165,13 @@ def test_refs_and_defs_as_pydantic_writes_them_compile(vocab: Vocab) -> None:
     ("schema", "keyword"),
     [
         ({"type": "integer", "minimum": 0}, "minimum"),
-        ({"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}, "uniqueItems"),
+        (
+            {
+                "type": "object",
+                "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+            },
+            "uniqueItems",
+        ),
         ({"type": "string", "format": "email"}, "format: email"),
         ({"type": "string", "pattern": "[a-z]+"}, "pattern"),
         ({"$defs": {"n": {"not": {"type": "null"}}}, "$ref": "#/$defs/n"}, "not"),
@@ -199,18 +214,28 @@ targets = [{{ provider = "up" }}]
 
 
 BAD_FORMATS = [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}}, "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}}},
-     "response_format.json_schema.schema"),
+    (
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": "name"}}},
+        "response_format.json_schema.schema",
+    ),
     ({"type": "json_schema"}, "response_format.json_schema"),
     ({"type": "xml"}, "response_format.type"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "not an object"}}, "response_format.json_schema.schema"),
+    (
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": "not an object"}},
+        "response_format.json_schema.schema",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("response_format", "param"), BAD_FORMATS)
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-async def test_bad_response_format_is_a_400_naming_it(tmp_path: Path, response_format: dict[str, Any], param: str, path: str) -> None:
+async def test_bad_response_format_is_a_400_naming_it(
+    tmp_path: Path, response_format: dict[str, Any], param: str, path: str
+) -> None:
     async with FakeUpstream() as up:
         async with serving(await gateway(tmp_path, single(up))) as url:
             body: dict[str, Any] = {"model": "m", "response_format": response_format, "max_tokens": 5}
@@ -227,10 +252,13 @@ async def test_response_format_goes_upstream_as_sent(tmp_path: Path) -> None:
     sent = {"type": "json_schema", "json_schema": {"name": "thing", "strict": True, "schema": SCHEMA, "x-extra": 1}}
     async with FakeUpstream() as up:
         async with serving(await gateway(tmp_path, single(up))) as url, httpx.AsyncClient() as client:
-            chat = await client.post(url + "/v1/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": sent})
-            completion = await client.post(url + "/v1/completions", json={
-                "model": "m", "prompt": "hi", "response_format": {"type": "json_object"}})
+            chat = await client.post(
+                url + "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": sent},
+            )
+            completion = await client.post(
+                url + "/v1/completions", json={"model": "m", "prompt": "hi", "response_format": {"type": "json_object"}}
+            )
         assert chat.status_code == 200 and completion.status_code == 200, (chat.text, completion.text)
         assert up.requests[0]["body"]["response_format"] == sent
         assert up.requests[1]["body"]["response_format"] == {"type": "json_object"}

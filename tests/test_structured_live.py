@@ -30,7 +30,11 @@ SCHEMA: dict[str, Any] = {
                 "properties": {
                     "fact": {"type": "string", "maxLength": 60},
                     "confidence": {"type": "number"},
-                    "sources": {"type": "array", "items": {"type": "string", "enum": ["book", "web", "memory"]}, "maxItems": 2},
+                    "sources": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": ["book", "web", "memory"]},
+                        "maxItems": 2,
+                    },
                 },
                 "required": ["fact", "confidence", "sources"],
                 "additionalProperties": False,
@@ -55,8 +59,11 @@ def _sdk(url: str) -> openai.OpenAI:
 
 def _ask(url: str, prompt: str, **kw: Any) -> Any:
     return _sdk(url).chat.completions.create(
-        model="deepseek-reasoner", messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
-        response_format=FORMAT, **kw,  # type: ignore[arg-type]
+        model="deepseek-reasoner",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=MAX_TOKENS,
+        response_format=FORMAT,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -79,8 +86,13 @@ def test_every_answer_of_a_batch_validates(server_url: str, temperature: float) 
 
 def test_a_streamed_answer_validates(server_url: str) -> None:
     stream = _sdk(server_url).chat.completions.create(
-        model="deepseek-reasoner", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=MAX_TOKENS,
-        response_format=FORMAT, stream=True, temperature=0.8, seed=5,  # type: ignore[arg-type]
+        model="deepseek-reasoner",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=MAX_TOKENS,
+        response_format=FORMAT,
+        stream=True,
+        temperature=0.8,
+        seed=5,  # type: ignore[arg-type]
     )
     pieces, finish = [], None
     for chunk in stream:
@@ -143,8 +155,11 @@ def test_json_object_on_completions_and_chat(server_url: str) -> None:
     else:  # cut by max_tokens: still the start of an object
         assert choice["finish_reason"] == "length" and choice["text"].startswith("{")
     chat = _sdk(server_url).chat.completions.create(
-        model="deepseek-reasoner", messages=[{"role": "user", "content": "Give me a JSON object with your name."}],
-        max_tokens=120, temperature=0, response_format={"type": "json_object"},
+        model="deepseek-reasoner",
+        messages=[{"role": "user", "content": "Give me a JSON object with your name."}],
+        max_tokens=120,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     if chat.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(chat.choices[0].message.content or ""), dict)

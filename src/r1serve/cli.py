@@ -56,8 +56,10 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     provider: Annotated[
         str | None,
-        typer.Option(help="Serve through a provider preset (deepinfra, together, huggingface, aimlapi, deepseek, "
-                     "openrouter, vllm, sglang, llama-server, ollama); comma-separated for a fallback chain."),
+        typer.Option(
+            help="Serve through a provider preset (deepinfra, together, huggingface, aimlapi, deepseek, "
+            "openrouter, vllm, sglang, llama-server, ollama); comma-separated for a fallback chain."
+        ),
     ] = None,
     upstream: Annotated[
         str | None, typer.Option(help="Front any OpenAI-compatible server, e.g. http://HOST:PORT/v1.")
@@ -68,12 +70,12 @@ def serve(
     upstream_model: Annotated[str | None, typer.Option(help="Model name to ask the upstream for.")] = None,
     reasoning_dialect: Annotated[
         str | None,
-        typer.Option(help="How the upstream returns reasoning: auto, think_in_content, think_tags, "
-                     "reasoning_content, reasoning or none."),
+        typer.Option(
+            help="How the upstream returns reasoning: auto, think_in_content, think_tags, "
+            "reasoning_content, reasoning or none."
+        ),
     ] = None,
-    providers_file: Annotated[
-        str | None, typer.Option(help="A TOML or JSON file of providers and routes.")
-    ] = None,
+    providers_file: Annotated[str | None, typer.Option(help="A TOML or JSON file of providers and routes.")] = None,
 ) -> None:
     """Serve a model over the OpenAI API (fetching it first if needed), or front upstream providers."""
     from r1serve.api import create_app

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from contextvars import ContextVar
-from typing import TextIO
+from typing import Any, TextIO
 
 request_id_var: ContextVar[str] = ContextVar("r1serve_request_id", default="-")
 
@@ -25,20 +25,6 @@ def escape_controls(text: str) -> str:
     if text.isprintable():  # the usual case, checked in C
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def _escaped_args(args: tuple[object, ...]) -> tuple[object, ...] | None:
-    """The arguments with their text escaped, or None when none needs it."""
-    out: list[object] | None = None
-    for i, arg in enumerate(args):
-        if isinstance(arg, (int, float)) or arg is None:
-            continue
-        text = arg if isinstance(arg, str) else str(arg)
-        if not text.isprintable():
-            if out is None:
-                out = list(args)
-            out[i] = escape_controls(text)
-    return tuple(out) if out is not None else None
 
 
 class RequestIdFilter(logging.Filter):
@@ -184,11 +170,21 @@ class _Formatter(logging.Formatter):
         self._stamp: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.args, tuple) and record.args:
-            escaped = _escaped_args(record.args)
-            if escaped is not None:
-                record = logging.makeLogRecord({**record.__dict__, "args": escaped, "msg": record.msg})
+        # The whole message, after its arguments are in (a tuple, a mapping, or text put in by the
+        # caller): whatever a client managed to get into it stays on one line.
+        message = record.getMessage()
+        if not message.isprintable():
+            record = logging.makeLogRecord({**record.__dict__, "msg": escape_controls(message), "args": None})
         return super().format(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        # A traceback is many lines by nature, and its last names the exception with its message,
+        # which may carry a client's text: every line indented (no line of it can pass for a log line,
+        # which starts with the time) and its control characters escaped.
+        return "\n".join("  " + escape_controls(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return "\n".join("  " + escape_controls(line) for line in stack_info.splitlines())
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return self._time(record.created)

@@ -19,7 +19,8 @@ retried batch never doubles a row), the daily roll-ups for the rows actually ins
 limiter's settlements for those same rows. A failed write keeps its rows queued
 and retries with back-off (from ``retry_interval``); the requests waiting on it are released at
 once (their futures fail) so a database outage does not hold answers hostage, and their rows are
-written when the database is back. :meth:`sync` waits until everything submitted so far is
+written when the database is back; while the thread backs off, rows submitted meanwhile fail their
+futures at once too. :meth:`sync` waits until everything submitted so far is
 committed (``/v1/usage`` reads after it); :meth:`close` writes everything left.
 """
 
@@ -33,17 +34,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, func, select
 
 from r1serve.engines.base import EngineUsage
 
 from .limiter import Admission, Limiter
-from .models import UsageDaily, UsageRow, nanos_to_usd, table
+from .models import ApiKey, UsageDaily, UsageRow, nanos_to_usd, table
 
 log = logging.getLogger("r1serve.accounts")
 
+
+_OUTAGE = "the usage ledger is unavailable; the row is queued for retry"
 
 # How long the writer thread (PostgreSQL) waits for more rows while other requests are generating (s).
 COMMIT_DELAY = 0.003
@@ -144,6 +147,9 @@ class LedgerWriter:
         self._inline_conn: Connection | None = None
         self._scheduled = False  # an inline commit is scheduled on the loop
         self._thread: threading.Thread | None = None
+        # The writer thread's last attempt failed and it is backing off: rows still queue, but their
+        # requests are not kept waiting for a retry that may be half a minute away.
+        self._outage = False
         # Metered requests still generating (the API counts them): their rows are about to come.
         self.in_flight = 0
         self.written = 0
@@ -167,6 +173,8 @@ class LedgerWriter:
                 self._release([dropped], LedgerUnavailable("the usage ledger backlog is full"))
             self._seq += 1
             self._queue.append(_Pending(self._seq, record, future, loop))
+        if self._outage and future is not None and not self._inline:
+            _wake_waiters([future], LedgerUnavailable(_OUTAGE))  # (SQLite tries inline first, below)
         if self._inline and loop is not None and self._thread is not None:
             if not self._scheduled:
                 # On the loop's next turn, with every row queued meanwhile: under load that is many
@@ -208,8 +216,10 @@ class LedgerWriter:
                 time.sleep(COMMIT_DELAY)  # as in submit: gather the rows of requests about to finish
             try:
                 self.flush()
+                self._outage = False
                 backoff = self._retry
             except Exception:
+                self._outage = True
                 self.failures += 1
                 log.exception("writing the usage ledger failed; %d rows kept for retry", self.pending)
                 time.sleep(backoff)
@@ -234,6 +244,7 @@ class LedgerWriter:
                 time.sleep(0.5)
         self._close_connection()
         self._close_inline()
+        log.info("usage ledger: %d rows written in %d commits", self.written, self.commits)
 
     def _commit_inline(self) -> None:
         """SQLite: commit what is queued right here on the event loop. A commit in WAL mode without
@@ -245,10 +256,20 @@ class LedgerWriter:
             self._wake.set()  # the thread is writing (a retry): it takes these rows too
             return
         try:
-            self._flush_locked(self._inline_connection, release_failures=False)
+            # One batch a turn: a backlog (rows queued while the database was unavailable) is written
+            # over as many turns as it takes, with requests served between them, not in one long stall.
+            self._flush_locked(self._inline_connection, release_failures=False, max_batches=1)
+            self._outage = False
+            if self._queue and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._commit_inline)
         except Exception as exc:
             log.warning("usage ledger: commit on the event loop failed (%s); the writer thread retries", exc)
             self._close_inline()
+            if self._outage:  # the thread is backing off: do not keep these requests for its retry
+                with self._lock:
+                    waiting = list(self._queue)
+                self._release(waiting, LedgerUnavailable(_OUTAGE))
             self._wake.set()
         finally:
             self._flush_lock.release()
@@ -286,9 +307,13 @@ class LedgerWriter:
         with self._flush_lock:
             return self._flush_locked(self._connection, release_failures=True)
 
-    def _flush_locked(self, connection: Callable[[], Connection], *, release_failures: bool) -> int:
+    def _flush_locked(
+        self, connection: Callable[[], Connection], *, release_failures: bool, max_batches: int | None = None
+    ) -> int:
         total = 0
-        while True:
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            batches += 1
             with self._lock:
                 batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
             if not batch:
@@ -309,6 +334,7 @@ class LedgerWriter:
                 self._durable_seq = last
                 self._durable.notify_all()
             self._release(batch, None)
+        return total
 
     @staticmethod
     def _release(batch: Sequence[_Pending], error: BaseException | None) -> None:
@@ -494,15 +520,19 @@ def usage_by_day(
     """Totals per day and model (and key, for admins) from the daily roll-ups."""
     d = table(UsageDaily)
     group = [d.c.day, d.c.model] + ([d.c.key_id] if by_key else [])
-    stmt = select(
-        *group,
-        func.sum(d.c.requests).label("requests"),
-        func.sum(d.c.prompt_tokens).label("prompt_tokens"),
-        func.sum(d.c.cached_tokens).label("cached_tokens"),
-        func.sum(d.c.completion_tokens).label("completion_tokens"),
-        func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
-        func.sum(d.c.cost_nanos).label("cost_nanos"),
-    ).group_by(*group).order_by(*group)
+    stmt = (
+        select(
+            *group,
+            func.sum(d.c.requests).label("requests"),
+            func.sum(d.c.prompt_tokens).label("prompt_tokens"),
+            func.sum(d.c.cached_tokens).label("cached_tokens"),
+            func.sum(d.c.completion_tokens).label("completion_tokens"),
+            func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
+            func.sum(d.c.cost_nanos).label("cost_nanos"),
+        )
+        .group_by(*group)
+        .order_by(*group)
+    )
     if key_ids is not None:
         stmt = stmt.where(d.c.key_id.in_(list(key_ids)))
     since_day = _since_date(since)
@@ -524,6 +554,62 @@ def usage_by_day(
         }
         if by_key:
             item["key_id"] = r.key_id
+        out.append(item)
+    return out
+
+
+SeriesBy = Literal["key", "model"]
+
+
+def usage_series(
+    engine: Engine,
+    *,
+    by: SeriesBy,
+    key_ids: Sequence[str] | None = None,
+    since: dt.datetime | dt.date | None = None,
+) -> list[dict[str, Any]]:
+    """Totals per day and key (with the key's name and prefix) or per day and model: ONE grouped query
+    over the daily roll-ups, so a chart's totals cover every row, never a page of them."""
+    d = table(UsageDaily)
+    k = table(ApiKey)
+    series = d.c.key_id if by == "key" else d.c.model
+    columns = [d.c.day, series.label("series")]
+    group = [d.c.day, series]
+    if by == "key":
+        columns += [func.max(k.c.name).label("name"), func.max(k.c.prefix).label("prefix")]
+    stmt = select(
+        *columns,
+        func.sum(d.c.requests).label("requests"),
+        func.sum(d.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(d.c.completion_tokens).label("completion_tokens"),
+        func.sum(d.c.reasoning_tokens).label("reasoning_tokens"),
+        func.sum(d.c.cost_nanos).label("cost_nanos"),
+    )
+    if by == "key":
+        stmt = stmt.select_from(d.outerjoin(k, k.c.id == d.c.key_id))
+    stmt = stmt.group_by(*group).order_by(*group)
+    if key_ids is not None:
+        stmt = stmt.where(d.c.key_id.in_(list(key_ids)))
+    since_day = _since_date(since)
+    if since_day is not None:
+        stmt = stmt.where(d.c.day >= since_day)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    out = []
+    for r in rows:
+        completion, reasoning = int(r.completion_tokens), int(r.reasoning_tokens)
+        item: dict[str, Any] = {
+            "date": r.day.isoformat() if hasattr(r.day, "isoformat") else str(r.day),
+            by: r.series,
+            "requests": int(r.requests),
+            "prompt_tokens": int(r.prompt_tokens),
+            "reasoning_tokens": reasoning,
+            "answer_tokens": completion - reasoning,
+            "cost_usd": nanos_to_usd(int(r.cost_nanos)),
+        }
+        if by == "key":
+            item["key_name"] = r.name or r.series  # static-N, admin-env and open have no row
+            item["key_prefix"] = f"r1-{r.prefix}…" if r.prefix else None
         out.append(item)
     return out
 

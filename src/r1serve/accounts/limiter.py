@@ -303,7 +303,9 @@ class SqlLimiter(Limiter):
                 adm.amount_nanos = amount_nanos
                 adm.reservation_id = uuid.uuid4().hex
                 conn.execute(
-                    table(Reservation).insert().values(
+                    table(Reservation)
+                    .insert()
+                    .values(
                         id=adm.reservation_id,
                         key_id=p.key_id,
                         period_start=ps,

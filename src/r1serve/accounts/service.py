@@ -33,7 +33,7 @@ from r1serve.settings import Settings
 
 from . import db
 from .keys import KeyHasher, load_secret
-from .ledger import LedgerWriter, UsageRecord, spent_since, usage_by_day
+from .ledger import LedgerWriter, SeriesBy, UsageRecord, spent_since, usage_by_day, usage_series
 from .limiter import Admission, Limiter, LocalLimiter, SqlLimiter, period_bounds
 from .prices import PriceBook, PriceVersion, cost_nanos
 from .store import OPEN, KeyStore, Principal
@@ -260,3 +260,10 @@ class Accounts:
         # cut by its client included) is in the totals, even one whose row was still in the queue.
         self.ledger.sync()
         return usage_by_day(self.engine, key_ids=key_ids, since=since, by_key=by_key)
+
+    def usage_series(
+        self, *, by: SeriesBy, key_ids: Sequence[str] | None = None, since: dt.date | dt.datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Per day and key or model, for charts (one grouped query; rows queued so far included)."""
+        self.ledger.sync()
+        return usage_series(self.engine, by=by, key_ids=key_ids, since=since)

@@ -397,6 +397,17 @@ class KeyStore:
         self.refresh(force=True)
         return self.get(row.id)
 
+    def current(self, key_id: str, *, now: dt.datetime | None = None) -> Principal | None:
+        """A managed key's principal as it is now (limits and scope as last changed), or None once it is
+        revoked, expired or gone: a console session made with the key re-checks it on every call."""
+        for cached in self._cache.values():
+            if cached.principal.key_id == key_id:
+                expires = cached.principal.expires_at
+                if cached.revoked or (expires is not None and expires <= (now or dt.datetime.now(dt.UTC))):
+                    return None
+                return cached.principal
+        return None
+
     def principal(self, key_id: str) -> Principal | None:
         for cached in self._cache.values():
             if cached.principal.key_id == key_id:

@@ -100,6 +100,23 @@ async def own_usage(request: Request, since: str | None = None) -> dict[str, Any
     return {**_usage_body(rows), "key": principal.prefix and f"r1-{principal.prefix}…", "key_name": principal.name}
 
 
+@accounts_api.get("/v1/usage/series", summary="Usage per day by key or by model, for charts")
+async def usage_series(request: Request, by: str = "model", since: str | None = None) -> dict[str, Any]:
+    """One grouped query over every row (never a page of them). A key sees its own usage; an admin key
+    every key's. On an open server every request is the open caller's, so that is everything."""
+    accounts, principal = _accounts(request)
+    if by not in ("key", "model"):
+        raise InvalidRequest("by must be key or model", param="by", code="invalid_value")
+    key_ids = None if principal.admin else [principal.key_id]
+    rows = await asyncio.to_thread(
+        accounts.usage_series,
+        by="key" if by == "key" else "model",
+        key_ids=key_ids,
+        since=_since(since),
+    )
+    return {"object": "list", "by": by, "data": rows}
+
+
 _RPM = Field(default=None, ge=0, le=LIMIT_BOUNDS["rpm"])
 _TPM = Field(default=None, ge=0, le=LIMIT_BOUNDS["tpm"])
 _BUDGET = Field(default=None, ge=0, le=LIMIT_BOUNDS["budget_usd"], allow_inf_nan=False)

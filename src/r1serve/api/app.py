@@ -35,6 +35,8 @@ from r1serve.api.metrics import metrics_endpoint
 from r1serve.api.middleware import RequestContextMiddleware
 from r1serve.api.plumber import plumber
 from r1serve.api.routes import api, ops
+from r1serve.api.sessions import SessionStore
+from r1serve.api.signin import signin_api
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest
 from r1serve.routing import ModelRegistry
 from r1serve.routing.build import build_registry, close_registry
@@ -124,6 +126,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.state.authenticator = StaticKeys(settings.api_keys)
     app.state.accounts = None  # set, so that per-request lookups find it without raising AttributeError
     app.state.deployments = None  # the Supervisor, while the app runs with an accounts database
+    app.state.sessions = SessionStore(settings.console_session_ttl, settings.console_max_sessions)
     if accounts is not None:
         use_accounts(app, accounts)
 
@@ -133,6 +136,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.include_router(accounts_api)
     app.include_router(deployments_api)
     app.include_router(ops)
+    app.include_router(signin_api)
     app.include_router(console_router())
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 

@@ -1,5 +1,9 @@
 """Who is calling. The API depends on :func:`authenticate`; what it checks is the ``Authenticator`` on
 ``app.state.authenticator``, so the accounts layer can swap in managed keys without touching routes.
+
+A key comes as ``Authorization: Bearer``, or, for the console's own calls only, as a sign-in session
+(api/sessions.py: the cookie counts only with the console's header, from the console's origin); the
+session's caller is checked again on each use (``Authenticator.resume``), so a revoked key's sessions end.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Protocol
 from fastapi import Request
 
 from r1serve.api.context import scope_header
+from r1serve.api.sessions import Session, SessionStore, console_call, page_session, session_of
 from r1serve.errors import AuthenticationError, R1ServeError
 
 
@@ -24,6 +29,10 @@ class Caller:
 
 class Authenticator(Protocol):
     async def __call__(self, request: Request) -> Caller: ...
+
+    async def resume(self, request: Request, caller: Caller) -> Caller:
+        """``caller`` (from a sign-in session) as it stands now; AuthenticationError once its key is gone."""
+        ...
 
 
 def bearer_token(request: Request) -> str | None:
@@ -68,21 +77,69 @@ class StaticKeys:
             )
         return self._callers[matched]
 
+    async def resume(self, request: Request, caller: Caller) -> Caller:
+        if caller not in self._callers:  # static keys live as long as the process; a guard all the same
+            raise AuthenticationError("Your console session has ended: sign in again.", code="session_expired")
+        return caller
+
 
 async def optional_caller(request: Request) -> Caller | None:
-    """The caller when the request carries a valid key, else None; never an error (for public pages)."""
-    if bearer_token(request) is None:
+    """The caller when the request carries a valid key (or is a signed-in console's), else None; never an
+    error (for public pages)."""
+    if bearer_token(request) is None and not console_call(request):
+        return None
+    try:
+        return await authenticate(request)
+    except R1ServeError:
+        return None
+
+
+async def api_is_open(request: Request) -> bool:
+    """No key sent and none asked for: the API is open (loopback, no keys), and so is the console."""
+    if bearer_token(request) is not None:
+        return False
+    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        await authenticator(request)
+    except AuthenticationError:
+        return False
+    return True
+
+
+async def live_session(request: Request) -> Session | None:
+    """For a page's GET: the session the cookie names, if it is alive and its key still valid (a dead one
+    is ended). Pages only decide which static HTML to send; their data calls are checked on their own."""
+    session = page_session(request)
+    if session is None:
         return None
     authenticator: Authenticator = request.app.state.authenticator
     try:
-        return await authenticator(request)
-    except R1ServeError:
+        session.caller = await authenticator.resume(request, session.caller)
+    except AuthenticationError:
+        store: SessionStore = request.app.state.sessions
+        store.end(request.cookies.get("r1serve_session", ""))
         return None
+    return session
+
+
+async def _session_caller(request: Request, authenticator: Authenticator) -> Caller | None:
+    session = session_of(request)
+    if session is None:
+        return None
+    try:
+        session.caller = await authenticator.resume(request, session.caller)
+    except AuthenticationError:
+        store: SessionStore = request.app.state.sessions
+        store.end(request.cookies.get("r1serve_session", ""))
+        raise
+    return session.caller
 
 
 async def authenticate(request: Request) -> Caller:
     """FastAPI dependency for every protected route."""
     authenticator: Authenticator = request.app.state.authenticator
-    caller = await authenticator(request)
+    caller = await _session_caller(request, authenticator) if console_call(request) else None
+    if caller is None:
+        caller = await authenticator(request)
     request.state.caller = caller
     return caller

@@ -31,6 +31,7 @@ from r1serve.accounts.limiter import Admission
 from r1serve.accounts.prices import PriceVersion
 from r1serve.api.auth import Caller, bearer_token
 from r1serve.engines.base import Delta, Engine, EngineUsage, GenerationRequest
+from r1serve.errors import AuthenticationError
 from r1serve.models.catalog import Prices
 from r1serve.routing.registry import ServedModel
 
@@ -49,7 +50,22 @@ class AccountsAuth:
         self.accounts = accounts
 
     async def __call__(self, request: Request) -> Caller:
-        principal = self.accounts.authenticate(bearer_token(request))
+        return self._caller(request, self.accounts.authenticate(bearer_token(request)))
+
+    async def resume(self, request: Request, caller: Caller) -> Caller:
+        """A console session's caller, with its key's current scope and limits; revoked or expired: 401."""
+        principal = getattr(caller, "principal", None)
+        if principal is not None and principal.kind == "managed":
+            principal = self.accounts.store.current(principal.key_id)
+        if principal is None or (principal.kind == "open" and self.accounts.auth_required()):
+            raise AuthenticationError(
+                "The API key of this console session was revoked or has expired: sign in again.",
+                code="session_expired",
+            )
+        return self._caller(request, principal)
+
+    @staticmethod
+    def _caller(request: Request, principal: Principal) -> Caller:
         request.state.principal = principal
         return AccountCaller(
             key_id=None if principal.kind == "open" else principal.key_id, admin=principal.admin, principal=principal

@@ -59,7 +59,6 @@ def legacy_logprobs(items: list[TokenLogprob] | list[PromptLogprob], offset: int
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-
 def hidden_reasoning_only(d: Delta, include_reasoning: bool) -> bool:
     """A delta whose only text is reasoning the client asked not to see (its logprobs would show it)."""
     return not include_reasoning and bool(d.reasoning) and not d.content
@@ -74,6 +73,7 @@ class Collected:
         self.content: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[PromptLogprob] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}  # by index, in the wire shape
         self.final = Delta()
 
     def add(self, d: Delta) -> None:
@@ -85,6 +85,13 @@ class Collected:
             self.logprobs.extend(d.logprobs)
         if d.prompt_logprobs:
             self.prompt_logprobs = d.prompt_logprobs
+        for piece in d.tool_calls:
+            call = self.tool_calls.get(piece.index)
+            if call is None:
+                call = self.tool_calls[piece.index] = {
+                    "id": piece.id or "", "type": "function", "function": {"name": piece.name or "", "arguments": ""},
+                }  # fmt: skip
+            call["function"]["arguments"] += piece.arguments
         if d.finish_reason is not None:
             self.final = d
 
@@ -118,6 +125,8 @@ def chat_completion_body(
         "logprobs": {"content": logprobs_json(c.logprobs)} if c.logprobs else None,
         "finish_reason": c.final.finish_reason,
     }
+    if c.tool_calls:
+        choice["message"]["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
     if c.final.reasoning_truncated:
         choice["reasoning_truncated"] = True
     return {
@@ -158,4 +167,3 @@ def _completion_logprobs(c: Collected, offset: int) -> dict[str, Any]:
         return generated
     scored = legacy_logprobs(c.prompt_logprobs, 0)
     return {key: scored[key] + generated[key] for key in generated}
-

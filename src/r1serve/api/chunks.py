@@ -8,6 +8,9 @@ Conventions, chosen once:
 * A reasoning chunk is ``{"reasoning_content": "...", "content": null}``, an answer chunk
   ``{"content": "..."}``. A Delta holding both becomes two chunks, reasoning first: clients that
   concatenate ``content`` must never see reasoning text in it, nor the reverse.
+* A delta's tool calls are one chunk ``{"tool_calls": [...]}`` after its text: a call's first piece
+  with ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``), later ones ``index`` and
+  ``function.arguments`` only, as OpenAI streams them.
 * The finish chunk has an empty delta and the finish_reason (plus ``reasoning_truncated: true`` when
   the engine closed the reasoning early). With ``stream_options.include_usage`` every chunk carries
   ``"usage": null`` and one more chunk with ``"choices": []`` carries the usage, as OpenAI does.
@@ -26,6 +29,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from json.encoder import encode_basestring_ascii as json_str  # what json.dumps(a_str) returns, without its dispatch
+from typing import Any
 
 from r1serve.api.bodies import hidden_reasoning_only, legacy_logprobs, logprobs_json, usage_json
 from r1serve.api.errors import INTERNAL_ERROR
@@ -33,6 +37,7 @@ from r1serve.engines.base import Delta
 from r1serve.errors import R1ServeError
 from r1serve.models.catalog import Prices
 from r1serve.protocol import PromptLogprob, TokenLogprob
+from r1serve.toolcalls import ToolCallPiece
 
 log = logging.getLogger("r1serve.api")
 
@@ -50,6 +55,14 @@ def error_event(exc: BaseException) -> str:
     else:
         body = {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}
     return _event(json.dumps({"error": body}))
+
+
+def _tool_call_delta(piece: ToolCallPiece) -> dict[str, Any]:
+    """OpenAI's shape: the call's first piece has its id, type and name; later ones only arguments."""
+    if piece.id is not None:
+        function = {"name": piece.name or "", "arguments": piece.arguments}
+        return {"index": piece.index, "id": piece.id, "type": "function", "function": function}
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
 
 class ChatChunkEncoder:
@@ -99,6 +112,8 @@ class ChatChunkEncoder:
             texts.append(f'{{"reasoning_content":{json_str(reasoning)},"content":null}}')
         if d.content:
             texts.append(f'{{"content":{json_str(d.content)}}}')
+        if d.tool_calls:
+            texts.append(json.dumps({"tool_calls": [_tool_call_delta(p) for p in d.tool_calls]}, ensure_ascii=False))
         out = []
         for i, text in enumerate(texts):
             # Logprobs ride on the last chunk of the delta they belong to.

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from fastapi import APIRouter
-from starlette.responses import Response
+from fastapi import APIRouter, Request
+from starlette.responses import RedirectResponse, Response
 
+from r1serve.api.auth import api_is_open, live_session
 from r1serve.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -49,7 +50,18 @@ _MEDIA_TYPES = {
 }
 # In a page template, {{asset:console.js}} becomes that asset's hashed URL.
 _ASSET_REF = re.compile(r"\{\{asset:([\w./-]+)\}\}")
-_PAGES = {"/": "index.html", "/docs": "docs.html"}
+_PAGES = {
+    "/": "index.html",
+    "/docs": "docs.html",
+    "/console/signin": "signin.html",
+    "/console/usage": "usage.html",
+    "/console/keys": "keys.html",
+    "/console/models": "models.html",
+    "denied": "denied.html",
+}
+# Dashboard pages: signed in, or an open server. The keys page also needs an admin key.
+_SIGNED_IN = frozenset({"/console/usage", "/console/keys", "/console/models"})
+_ADMIN = frozenset({"/console/keys"})
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,10 @@ class Console:
             for route, name in _PAGES.items()
         }
 
-    def page(self, route: str) -> Response:
+    def page(self, route: str, status: int = 200) -> Response:
         return Response(
             self.pages[route],
+            status_code=status,
             media_type="text/html; charset=utf-8",
             headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"},
         )
@@ -104,16 +117,22 @@ def console_router(console: Console | None = None) -> APIRouter:
     files = console or shipped()
     router = APIRouter(include_in_schema=False)
 
-    async def playground() -> Response:
-        return files.page("/")
-
-    async def docs() -> Response:
-        return files.page("/docs")
+    async def page(request: Request) -> Response:
+        route = request.url.path
+        if route in _SIGNED_IN:
+            # Only which static page to send is decided here; every call for data is checked on its own.
+            session = await live_session(request)
+            if session is None and not await api_is_open(request):
+                return RedirectResponse("/console/signin", status_code=303, headers=SECURITY_HEADERS)
+            if route in _ADMIN and session is not None and not session.caller.admin:
+                return files.page("denied", status=403)
+        return files.page(route)
 
     async def asset(name: str) -> Response:
         return files.asset(name)
 
-    router.add_api_route("/", playground, methods=["GET", "HEAD"])
-    router.add_api_route("/docs", docs, methods=["GET", "HEAD"])
+    for route in _PAGES:
+        if route.startswith("/"):
+            router.add_api_route(route, page, methods=["GET", "HEAD"])
     router.add_api_route("/assets/{name}", asset, methods=["GET", "HEAD"])
     return router

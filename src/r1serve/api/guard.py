@@ -95,7 +95,7 @@ class BrowserGuard:
         if origin is not None:
             host = raw_host.decode("latin-1") if raw_host is not None else ""
             text = origin.decode("latin-1").strip().rstrip("/").lower()
-            if not (self.any_origin or text in self.origins or _same_origin(text, host)):
+            if not (self.any_origin or text in self.origins or same_origin(text, host)):
                 return PermissionDenied(
                     f"Requests from the web origin {text!r} are refused; R1SERVE_ALLOWED_ORIGINS can allow it.",
                     code="origin_not_allowed",
@@ -142,7 +142,7 @@ def _is_json(kind: str) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
-def _same_origin(origin: str, host: str) -> bool:
+def same_origin(origin: str, host: str) -> bool:
     _, sep, rest = origin.partition("://")
     return bool(sep) and rest == host.strip().lower()
 

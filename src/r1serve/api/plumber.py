@@ -121,9 +121,5 @@ async def deepseek_chat(request: Request) -> Response:
     except ModelNotFound:
         served = registry.resolve(None)
         name = served.entry.id
-    body = ChatCompletionRequest(
-        model=name, messages=[ChatMessage(role="user", content=prompt)], max_tokens=max_tokens
-    )
+    body = ChatCompletionRequest(model=name, messages=[ChatMessage(role="user", content=prompt)], max_tokens=max_tokens)
     return await serve_chat(request, body, served, settings_of(request), model_name=name)
-
-

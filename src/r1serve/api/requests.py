@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from r1serve.api.errors import validation_error
+from r1serve.api.tools import check_tools
 from r1serve.engines.base import GenerationRequest, SamplingParams
 from r1serve.errors import InvalidRequest
 from r1serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
@@ -72,7 +73,6 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-
 def parse_raw(raw: bytes, model: type[M]) -> M:
     """A request body (bytes) as ``model``; any failure is an InvalidRequest (400) naming the field."""
     try:
@@ -86,7 +86,6 @@ def parse_raw(raw: bytes, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-
 
 
 # ----------------------------------------------------------------------------- generation requests
@@ -176,7 +175,7 @@ def response_format(fmt: ResponseFormat | None) -> ResponseFormat | None:
         return fmt
     if fmt.json_schema is None:
         raise InvalidRequest(
-            "response_format of type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}.",
+            'response_format of type json_schema needs a json_schema object: {"name": ..., "schema": {...}}.',
             param="response_format.json_schema",
             code="missing_required_parameter",
         )
@@ -223,6 +222,7 @@ def chat_generation_request(
     _check_n(req.n)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs: true.", param="top_logprobs", code="invalid_value")
+    check_tools(req)
     return GenerationRequest(
         request_id=request_id,
         messages=_history(req.messages),
@@ -236,6 +236,9 @@ def chat_generation_request(
         model=served.engine_model,
         extra=dict(req.model_extra or {}),
         response_format=response_format(req.response_format),
+        tools=req.tools or None,
+        tool_choice=req.tool_choice,
+        parallel_tool_calls=req.parallel_tool_calls if "parallel_tool_calls" in req.model_fields_set else None,
         stream=req.stream,
         cache_salt=req.cache_salt,
     )
@@ -290,4 +293,3 @@ def completion_generation_request(
         stream=req.stream,
         cache_salt=req.cache_salt,
     )
-

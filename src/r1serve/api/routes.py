@@ -103,9 +103,7 @@ async def completions(request: Request) -> Response:
     """Served by the hot paths (api/hotpaths.py), which authenticate first."""
     body = parse_raw(await request.body(), CompletionRequest)
     served = resolve_served(request, body.model)
-    return await serve_completion(
-        request, body, served, settings_of(request), model_name=body.model or served.entry.id
-    )
+    return await serve_completion(request, body, served, settings_of(request), model_name=body.model or served.entry.id)
 
 
 @api.get(

@@ -30,14 +30,19 @@ _FULL_RESPONSE = (
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header-read deadline and a cap on open connections."""
+    """uvicorn's httptools protocol with a header-read deadline and a cap on open connections.
+
+    The deadline is checked by one sweep a second over the open connections rather than a timer per
+    request: arming and cancelling a timer for every request cost more than the rest of this class
+    (bench/gateway/run.py --profile). A late connection is closed between ``header_timeout`` and
+    ``header_timeout`` + 1 s after it began."""
 
     header_timeout: float = 10.0
     max_connections: int = 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_since: float | None = None  # loop time the request line began, until its headers end
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -45,33 +50,66 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.write(_FULL_RESPONSE)
             transport.close()
             return
-        self._arm()
+        self._headers_since = self.loop.time()
+        _Sweeper.watch(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._header_timer is None:  # the next request on a kept-alive connection
-            self._arm()
+        if self._headers_since is None:  # the next request on a kept-alive connection
+            self._headers_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._headers_since = None
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._headers_since = None
+        _Sweeper.forget(self)
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+    def headers_late(self, now: float) -> bool:
+        return self._headers_since is not None and now - self._headers_since > self.header_timeout
 
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_late(self) -> None:
-        self._header_timer = None
+    def close_late(self) -> None:
+        self._headers_since = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class _Sweeper:
+    """One per event loop: closes connections whose headers are late, once a second while any is open."""
+
+    _by_loop: dict[asyncio.AbstractEventLoop, _Sweeper] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.open: set[GuardedHttpToolsProtocol] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def watch(cls, protocol: GuardedHttpToolsProtocol) -> None:
+        sweeper = cls._by_loop.get(protocol.loop)
+        if sweeper is None:
+            sweeper = cls._by_loop[protocol.loop] = cls(protocol.loop)
+        sweeper.open.add(protocol)
+        if sweeper.timer is None:
+            sweeper.timer = sweeper.loop.call_later(1.0, sweeper.sweep)
+
+    @classmethod
+    def forget(cls, protocol: GuardedHttpToolsProtocol) -> None:
+        sweeper = cls._by_loop.get(protocol.loop)
+        if sweeper is not None:
+            sweeper.open.discard(protocol)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for protocol in [p for p in self.open if p.headers_late(now)]:
+            protocol.close_late()
+        if self.open:
+            self.timer = self.loop.call_later(1.0, self.sweep)
+        else:
+            self.timer = None
+            del self._by_loop[self.loop]  # a closed loop leaves nothing behind
 
 
 def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:

@@ -22,7 +22,9 @@ from r1serve.api.bodies import Collected, chat_completion_body, collect, complet
 from r1serve.api.chunks import ChatChunkEncoder, CompletionChunkEncoder, Encoder, sse_events
 from r1serve.api.requests import chat_generation_request, check_json_schema, completion_generation_request
 from r1serve.api.responses import JSONBody, SSEResponse, generation_headers
+from r1serve.api.tools import check_tool_schemas
 from r1serve.engines.base import Delta, GenerationRequest
+from r1serve.engines.tools import with_tool_calls
 from r1serve.models.catalog import Prices
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, jsonfast
 from r1serve.routing import ServedModel
@@ -30,7 +32,11 @@ from r1serve.settings import Settings
 
 
 def new_id(prefix: str) -> str:
-    return prefix + os.urandom(16).hex()  # uuid4().hex's 32 hex digits, without building a UUID
+    """``prefix`` and 32 hex digits: the time in microseconds (13 digits), then 76 random bits. Ids that
+    grow with time land at the end of the ledger's unique index, so a commit touches one index page
+    instead of one per row: random ids made each ledger row cost 4x as much once the ledger held
+    100,000 rows (bench/gateway/ledger_ids.py)."""
+    return f"{prefix}{time.time_ns() // 1000:013x}{os.urandom(10).hex()[:19]}"
 
 
 def cache_scope(request: Request) -> str | None:
@@ -46,6 +52,8 @@ async def serve_chat(
     gen = chat_generation_request(req, served, settings, request.state.request_id)
     if gen.response_format is not None and gen.response_format.json_schema is not None:
         await asyncio.to_thread(check_json_schema, gen.response_format)
+    if gen.tools:
+        await asyncio.to_thread(check_tool_schemas, gen.tools)
     gen.cache_scope = cache_scope(request)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
 
@@ -140,6 +148,8 @@ async def _start(
     becomes an HTTP error status rather than an error inside a 200 stream. The meter (accounts) sees
     every delta and settles the request however the stream ends."""
     stream = served.engine.generate(gen)
+    if gen.tools and gen.tool_choice != "none":
+        stream = with_tool_calls(stream, frozenset(t.function.name for t in gen.tools))
     if meter is not None:
         stream = meter.wrap(stream)
     try:

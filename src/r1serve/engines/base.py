@@ -13,9 +13,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from r1serve.protocol import ChatMessage, PromptLogprob, ResponseFormat, TokenLogprob
+from r1serve.protocol import ChatMessage, PromptLogprob, ResponseFormat, TokenLogprob, Tool, ToolChoice
+from r1serve.toolcalls import ToolCallPiece
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass
@@ -60,6 +61,12 @@ class GenerationRequest:
     # against the JSON Schema meta-schema. The embedded engine decodes the answer (after any reasoning)
     # under a grammar; an upstream engine forwards it as sent.
     response_format: ResponseFormat | None = None
+    # Function calling, as the client sent it (checked: a named choice is among the tools). The embedded
+    # engine renders the tools with the model's template (none for tool_choice "none") and constrains the
+    # answer to a call for "required" or a named function; an upstream engine forwards them.
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: not sent (the default, parallel calls allowed)
     # Whether the client reads a stream; False (a whole JSON answer) lets an upstream engine ask for one too.
     # The engine interface streams deltas either way.
     stream: bool = True
@@ -92,6 +99,10 @@ class Delta:
     content: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    # Tool calls, streamed as OpenAI does (a call's first piece has its id and name, later ones more of
+    # its arguments): from an upstream's tool_calls fields, or parsed out of the answer text by
+    # r1serve.engines.tools (which also turns the finish reason into "tool_calls").
+    tool_calls: list[ToolCallPiece] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     reasoning_truncated: bool = False
     usage: EngineUsage | None = None  # on the final delta only

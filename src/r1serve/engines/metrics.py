@@ -20,15 +20,21 @@ PREFIX_HITS = Counter(
 GENERATED_TOKENS = Counter("r1serve_engine_generated_tokens_total", "Tokens generated", ["model"])
 REASONING_TOKENS = Counter("r1serve_engine_reasoning_tokens_total", "Generated tokens inside the reasoning", ["model"])
 TTFT = Histogram(
-    "r1serve_engine_time_to_first_token_seconds", "Submission to first generated token", ["model"],
+    "r1serve_engine_time_to_first_token_seconds",
+    "Submission to first generated token",
+    ["model"],
     buckets=_LATENCY_BUCKETS,
 )
 TTFAT = Histogram(
     "r1serve_engine_time_to_first_answer_token_seconds",
-    "Submission to the first answer token (after the reasoning)", ["model"], buckets=_LATENCY_BUCKETS,
+    "Submission to the first answer token (after the reasoning)",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
 )
 ITL = Histogram(
-    "r1serve_engine_inter_token_latency_seconds", "Time between two tokens of one sequence", ["model"],
+    "r1serve_engine_inter_token_latency_seconds",
+    "Time between two tokens of one sequence",
+    ["model"],
     buckets=_ITL_BUCKETS,
 )
 STREAM_COPIES = Counter(

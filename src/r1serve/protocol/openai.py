@@ -15,7 +15,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "TextPart",
+    "FunctionCall",
+    "ToolCall",
     "ChatMessage",
+    "FunctionDefinition",
+    "Tool",
+    "NamedFunction",
+    "NamedToolChoice",
+    "ToolChoice",
+    "ToolCallFunctionDelta",
+    "ToolCallDelta",
     "StreamOptions",
     "ReasoningEffort",
     "JsonSchemaFormat",
@@ -57,8 +66,24 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    # A JSON object as a string, as OpenAI sends it (the API layer checks that it parses).
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call the model made: in an assistant message of the history, and in a response's message."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # Fields like name / tool_call_id are tolerated; reasoning sent back by clients is accepted and dropped.
+    # Unknown fields are tolerated; reasoning sent back by clients is accepted and dropped.
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -66,6 +91,8 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
     reasoning: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
 
     def text(self) -> str:
         if self.content is None:
@@ -81,6 +108,34 @@ class StreamOptions(BaseModel):
 
 
 ReasoningEffort = Literal["low", "medium", "high"]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema (the API layer checks it)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class JsonSchemaFormat(BaseModel):
@@ -149,6 +204,9 @@ class ChatCompletionRequest(_SamplingFields):
     include_reasoning: Annotated[bool, _null_means(True)] = True
     max_reasoning_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: Annotated[bool, _null_means(True)] = True
 
 
 class CompletionRequest(_SamplingFields):
@@ -187,13 +245,14 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     # True when the engine closed the reasoning early (thinking budget or length inside the reasoning).
     reasoning_truncated: bool | None = None
 
@@ -227,17 +286,33 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: the first for a call has its id, type and name, the later ones
+    more of its arguments; ``index`` says which call."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     reasoning_truncated: bool | None = None
 
 

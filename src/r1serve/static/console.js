@@ -1,9 +1,11 @@
 // The playground: chat with a model served here, streaming over fetch.
 //
-// Model output is untrusted. It only ever reaches the page through textContent (never innerHTML), so
-// markup in it stays text; the page's Content-Security-Policy is the second line behind that.
+// Model output is untrusted. The reasoning reaches the page through textContent only; the answer as
+// markdown through markdown.js (raw HTML shown as text, images never loaded, DOMPurify over the result),
+// as DOM nodes, never an HTML string. The page's Content-Security-Policy is the second line behind that.
 // The reasoning and the answer are re-rendered at most once per animation frame, however fast tokens
-// arrive, so that long streams keep the page responsive.
+// arrive, so that long streams keep the page responsive (each message counts its renders in
+// data-renders, which the tests compare with the frames that passed).
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -24,9 +26,20 @@
     return node;
   }
 
+  let signedIn = false;
+  r1.session.then((s) => {
+    signedIn = !!s.signed_in;
+    if (s.open) ui.apiKey.closest("label").nextElementSibling.textContent = "This server's API is open: no key is needed.";
+    if (signedIn) {
+      ui.apiKey.placeholder = "signed in as " + s.name;
+      ui.apiKey.closest("label").nextElementSibling.textContent = "Signed in: the console's session is used unless you enter a key.";
+    }
+  });
+
   function headers() {
-    const h = { "Content-Type": "application/json" };
-    // The key lives in this variable's input only: no cookie, no storage.
+    // The console's header: with it, a signed-in session's cookie counts (api/sessions.py).
+    const h = { "Content-Type": "application/json", "X-R1serve-Console": "1" };
+    // A key typed here lives in this input only: no cookie, no storage.
     const key = ui.apiKey.value.trim();
     if (key) h.Authorization = "Bearer " + key;
     return h;
@@ -46,7 +59,7 @@
       const response = await fetch("/v1/models", { headers: headers() });
       if (!response.ok) {
         ui.status.textContent = response.status === 401
-          ? "This server needs an API key: enter it on the left."
+          ? "This server needs an API key: sign in, or enter it on the left."
           : await errorText(response);
         return;
       }
@@ -109,7 +122,7 @@
     const summary = el("summary", "", "Thinking…");
     const reasoningText = el("div", "text reasoning-text");
     details.append(summary, reasoningText);
-    const answer = el("div", "text answer");
+    const answer = el("div", "answer markdown");
     const stats = el("dl", "stats");
     item.append(el("div", "who", "Assistant"), details, answer, stats);
     ui.messages.append(item);
@@ -118,11 +131,59 @@
       item, details, summary, answer, stats,
       reasoning: "", content: "", reasoningChunks: 0, truncated: false, usage: null, requestId: "",
       sent: performance.now(), firstToken: 0, firstReasoning: 0, firstAnswer: 0, ended: 0, pending: false,
+      renders: 0, chunks: 0, shownReasoning: "", shownContent: "",
     };
-    view.render = function () {
+    // While streaming, the blocks that are complete (up to the last blank line outside a code fence) are
+    // rendered once and kept; each frame re-renders only the growing tail, so a frame's work stays small
+    // however long the answer gets. When the stream ends the whole answer is rendered as one document
+    // (a list or a link reference spanning blocks comes out right).
+    const done = el("div", "md-done");
+    const tail = el("div", "md-tail");
+    let doneUpTo = 0; // content[0:doneUpTo] is rendered into `done`
+    let scanFrom = 0; // where the next scan for a block end starts (never inside a code fence)
+    let inFence = false;
+    function blockEnd() {
+      const text = view.content;
+      let end = doneUpTo;
+      let i = scanFrom;
+      for (;;) {
+        const nl = text.indexOf("\n", i);
+        if (nl < 0) break;
+        const line = text.slice(i, nl).trim();
+        if (line.startsWith("```") || line.startsWith("~~~")) inFence = !inFence;
+        else if (!line && !inFence) end = nl + 1;
+        i = nl + 1;
+      }
+      // Resume at the last complete line next time, and only from outside a fence with known state.
+      scanFrom = i;
+      return end;
+    }
+    function renderAnswer(final) {
+      if (final) {
+        answer.replaceChildren(r1markdown.render(view.content));
+        return;
+      }
+      if (!done.isConnected) answer.replaceChildren(done, tail);
+      const end = blockEnd();
+      if (end > doneUpTo) {
+        done.append(r1markdown.render(view.content.slice(doneUpTo, end)));
+        doneUpTo = end;
+      }
+      tail.replaceChildren(r1markdown.render(view.content.slice(doneUpTo)));
+    }
+    view.render = function (_frameTime, final) {
       view.pending = false;
-      reasoningText.textContent = view.reasoning;
-      answer.textContent = view.content;
+      view.renders += 1;
+      item.dataset.renders = String(view.renders);
+      item.dataset.chunks = String(view.chunks);
+      if (view.shownReasoning !== view.reasoning) {
+        reasoningText.textContent = view.reasoning;
+        view.shownReasoning = view.reasoning;
+      }
+      if (view.shownContent !== view.content || final) {
+        renderAnswer(!!final);
+        view.shownContent = view.content;
+      }
       if (view.reasoning) details.classList.remove("empty");
     };
     view.schedule = function () {
@@ -219,6 +280,7 @@
   }
 
   function onChunk(view, chunk) {
+    view.chunks += 1;
     if (chunk.usage) view.usage = chunk.usage;
     for (const choice of chunk.choices || []) {
       const delta = choice.delta || {};
@@ -281,7 +343,7 @@
     addUserMessage(text);
     const view = assistantView();
     view.body = requestBody(messages);
-    view.keyed = !!ui.apiKey.value.trim();
+    view.keyed = !!ui.apiKey.value.trim() || signedIn;
     const controller = new AbortController();
     setRunning(controller);
     let note = "";
@@ -301,7 +363,7 @@
       }
     } finally {
       view.ended = performance.now();
-      view.render();
+      view.render(0, true);
       if (view.firstReasoning) {
         // Also when no answer came (a budget of max_tokens spent thinking, an unclosed tag): never "thinking forever".
         view.details.open = false;

@@ -36,6 +36,7 @@ from r1serve.engines.llama.placement import Placement, Slot
 from r1serve.engines.llama.sampling import prompt_token_texts
 from r1serve.engines.llama.scheduler import CLOSE_REASONING, Scheduler
 from r1serve.engines.llama.sequence import Sequence
+from r1serve.engines.llama.toolgrammar import compile_tool_choice, constrains
 from r1serve.engines.prompt import CHATML_TEMPLATE, ChatTemplate
 from r1serve.engines.stops import StopMatcher
 from r1serve.engines.vocab import Vocab
@@ -195,7 +196,11 @@ class LlamaEngine(Scheduler, Engine):
         self.entry = replace(self.entry, reasoning_format=fmt, context_length=self.context_length)
         log.info(
             "loaded %s: %d-token context per sequence, %d sequences, %d threads, reasoning format %s",
-            self.model_path.name, self.context_length, n_seq, self.settings.n_threads, fmt,
+            self.model_path.name,
+            self.context_length,
+            n_seq,
+            self.settings.n_threads,
+            fmt,
         )
 
     def _wait_for_preparations(self) -> None:
@@ -225,7 +230,9 @@ class LlamaEngine(Scheduler, Engine):
         """The prompt text, and whether it already opened the reasoning (``<think>`` at its end)."""
         assert self._template is not None
         if request.messages is not None:
-            text = self._template.render(request.messages)
+            # tool_choice "none": the model is not told of the tools at all.
+            tools = request.tools if request.tool_choice != "none" else None
+            text = self._template.render(request.messages, tools=tools)
             opened = self.entry.reasoning_format == "deepseek_r1" and prompt_opens_reasoning(text)
             return text, opened
         return request.prompt or "", False
@@ -264,6 +271,15 @@ class LlamaEngine(Scheduler, Engine):
             self._check_size(text, request)
             tokens = self.vocab.prompt_tokens(text)
             gbnf = compile_response_format(request.response_format)
+            if request.tools and constrains(request.tool_choice):
+                # A required or named call: the answer is calls (response_format does not apply to them).
+                assert self._template is not None
+                gbnf = compile_tool_choice(
+                    request.tools,
+                    request.tool_choice,
+                    parallel=request.parallel_tool_calls is not False,
+                    fmt=self._template.tool_format,
+                )
             prepared = _Prepared(self, source, text, opened, tokens, gbnf=gbnf)
             if request.prompt_logprobs and tokens:
                 prepared.texts, prepared.head = prompt_token_texts(self.vocab, text, tokens)

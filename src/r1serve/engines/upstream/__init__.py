@@ -42,7 +42,6 @@ Wire choices
   scrubbed from any upstream error text before that text goes anywhere (:meth:`UpstreamEngine.scrub`).
 """
 
-
 from r1serve.engines.upstream.config import Dialect, Timeouts, UpstreamConfig
 from r1serve.engines.upstream.engine import UpstreamEngine
 from r1serve.engines.upstream.errors import AttemptFailed

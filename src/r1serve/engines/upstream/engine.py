@@ -35,8 +35,10 @@ from r1serve.engines.upstream.errors import (
 from r1serve.engines.upstream.normalise import (
     Malformed,
     Normaliser,
+    ToolCallNormaliser,
     choice_logprobs,
     choice_texts,
+    choice_tool_calls,
     finish_reason,
 )
 from r1serve.engines.upstream.pool import HttpClient
@@ -49,6 +51,7 @@ from r1serve.engines.upstream.usage import (
 )
 from r1serve.engines.upstream.wire import request_body
 from r1serve.protocol import TokenLogprob, jsonfast
+from r1serve.toolcalls import ToolCallPiece
 
 
 class UpstreamEngine(Engine):
@@ -183,10 +186,11 @@ class UpstreamEngine(Engine):
                 resp.close()
             raise
         norm = Normaliser(self._dialect, chat=chat, eos_markers=cfg.eos_markers)
+        calls = ToolCallNormaliser()
         if raw is not None:
             resp.release()  # all of it was read: the connection goes back to the pool
             # The whole answer in one delta: nothing can fail after it.
-            yield self._whole(raw, request, norm)
+            yield self._whole(raw, request, norm, calls)
             return
         yielded = False
         complete = False
@@ -202,6 +206,7 @@ class UpstreamEngine(Engine):
             # The text of the read that ended the stream: it goes out with the final delta.
             last_r = last_c = ""
             last_lps: list[TokenLogprob] = []
+            last_calls: list[ToolCallPiece] = []
             while not done:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -212,7 +217,9 @@ class UpstreamEngine(Engine):
                     phase = "idle" if yielded or buf else "first-byte"
                     secs = t.idle if phase == "idle" else first_wait
                     raise failure(
-                        f"upstream {cfg.name} sent nothing for {secs:g}s ({phase} timeout)", "timeout", yielded,
+                        f"upstream {cfg.name} sent nothing for {secs:g}s ({phase} timeout)",
+                        "timeout",
+                        yielded,
                         retryable=False,  # as above: fail over, do not wait the same timeout again
                     ) from None
                 if not data:  # end of body
@@ -228,6 +235,7 @@ class UpstreamEngine(Engine):
                     raise failure(f"upstream {cfg.name} sent invalid JSON in its stream", "invalid_response", yielded)
                 texts: list[tuple[str | None, str | None]] = []  # (content, reasoning) of this read's events
                 lps: list[TokenLogprob] = []
+                pieces: list[ToolCallPiece] = []
                 try:
                     for event in events:
                         if type(event) is not dict:
@@ -250,6 +258,8 @@ class UpstreamEngine(Engine):
                         text, reasoning = choice_texts(choice, chat, "delta")
                         if text or reasoning:
                             texts.append((text, reasoning))
+                        if chat and (raw_calls := choice_tool_calls(choice, "delta")):
+                            pieces += calls.add(raw_calls)
                         if want_logprobs:
                             lps.extend(choice_logprobs(choice, chat))
                         fr = choice.get("finish_reason")
@@ -263,22 +273,21 @@ class UpstreamEngine(Engine):
                 if done and finish is not None:
                     # Finish and [DONE] came with this text: one delta, not a text delta then the final one
                     # (each is a pass through the API's layers and a write to the client).
-                    last_r, last_c, last_lps = r_out, c_out, lps
-                elif r_out or c_out or lps:
+                    last_r, last_c, last_lps, last_calls = r_out, c_out, lps, pieces
+                elif r_out or c_out or lps or pieces:
                     yielded = True
-                    yield Delta(reasoning=r_out, content=c_out, logprobs=lps)
+                    yield Delta(reasoning=r_out, content=c_out, logprobs=lps, tool_calls=pieces)
             if finish is None:
                 if buf.strip():
                     raise failure(f"upstream {cfg.name} cut its stream mid-event", "truncated", yielded)
-                raise failure(
-                    f"upstream {cfg.name} ended its stream without a finish reason", "truncated", yielded
-                )
+                raise failure(f"upstream {cfg.name} ended its stream without a finish reason", "truncated", yielded)
             r, c = norm.finish()
             yielded = complete = True
             yield Delta(
                 reasoning=last_r + r,
                 content=last_c + c,
                 logprobs=last_lps,
+                tool_calls=last_calls,
                 finish_reason=finish,
                 usage=final_usage(usage, request, norm, self.tokens),
             )
@@ -289,7 +298,7 @@ class UpstreamEngine(Engine):
         finally:
             finish_response(resp, complete=complete)
 
-    def _whole(self, raw: bytes, request: GenerationRequest, norm: Normaliser) -> Delta:
+    def _whole(self, raw: bytes, request: GenerationRequest, norm: Normaliser, calls: ToolCallNormaliser) -> Delta:
         """A plain JSON answer (an upstream that ignores ``stream``)."""
         chat = request.messages is not None
         try:
@@ -310,6 +319,7 @@ class UpstreamEngine(Engine):
             reasoning=reasoning,
             content=content,
             logprobs=choice_logprobs(choice, chat) if request.logprobs is not None else [],
+            tool_calls=calls.add(choice_tool_calls(choice, "message")) if chat else [],
             finish_reason=finish_reason(choice.get("finish_reason")),
             usage=final_usage(parse_usage(data.get("usage")), request, norm, self.tokens),
         )

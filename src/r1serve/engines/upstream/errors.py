@@ -28,6 +28,7 @@ from r1serve.errors import InvalidRequest, UpstreamError
 
 log = logging.getLogger("r1serve.upstream")
 
+
 class AttemptFailed(UpstreamError):
     """One attempt failed before anything was yielded: the gateway may retry or fail over.
 
@@ -140,11 +141,15 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
     except (aiohttp.ClientError, TimeoutError):
         raw = b""
     text = raw.decode("utf-8", "replace")
+    param: str | None = None  # the request field the upstream named (a 400 passes it on)
     try:
         data = json.loads(text)
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict):
             text = str(err.get("message") or err)
+            named = err.get("param")
+            if isinstance(named, str) and len(named) <= 100 and named.isprintable():
+                param = named
         elif isinstance(err, str):
             text = err
         elif isinstance(data, dict) and "message" in data:
@@ -191,12 +196,14 @@ async def raise_for_status(resp: aiohttp.ClientResponse, config: UpstreamConfig)
     if status in (400, 413, 422):
         # The request itself was refused: the client's to fix; no retry, no failover.
         raise InvalidRequest(
-            f"upstream {name} rejected the request (HTTP {status}): {detail}", code="upstream_rejected"
+            f"upstream {name} rejected the request (HTTP {status}): {detail}", param=param, code="upstream_rejected"
         )
     # Any other 4xx (402 billing, 405, 409, 451...) is about the upstream's account or set-up, not the
     # request: its words go to the log, and another target may do better.
     log_detail(config, f"answered HTTP {status}", detail)
     raise AttemptFailed(
-        f"upstream {name} refused the request (HTTP {status})", kind="upstream_refused", retryable=False,
+        f"upstream {name} refused the request (HTTP {status})",
+        kind="upstream_refused",
+        retryable=False,
         upstream_status=status,
     )

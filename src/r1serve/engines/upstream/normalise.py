@@ -8,6 +8,7 @@ that came in one piece), whichever fields the upstream used.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from r1serve.engines.base import FinishReason
@@ -19,12 +20,15 @@ from r1serve.reasoning import (
     ReasoningParser,
     split_reasoning,
 )
+from r1serve.toolcalls import ToolCallPiece, new_call_id
 
-_FINISH: dict[str, FinishReason] = {"length": "length", "stop": "stop"}
+_FINISH: dict[str, FinishReason] = {
+    "length": "length", "stop": "stop", "tool_calls": "tool_calls", "function_call": "tool_calls",
+}  # fmt: skip
 
 
 def finish_reason(value: Any) -> FinishReason:
-    """Upstream finish reasons mapped onto the two r1serve has (``eos``, ``tool_calls``... are stops)."""
+    """Upstream finish reasons mapped onto the three r1serve has (``eos`` and the like are stops)."""
     return _FINISH.get(value, "stop") if isinstance(value, str) else "stop"
 
 
@@ -151,7 +155,6 @@ class Normaliser:
         return self._record(*self._parser.finish())
 
 
-
 class Malformed(ValueError):
     """Valid JSON that is not the shape of a completion or of a chunk of one (reported as invalid_response)."""
 
@@ -190,3 +193,63 @@ def choice_logprobs(choice: dict[str, Any], chat: bool) -> list[TokenLogprob]:
             continue
     return out
 
+
+class ToolCallNormaliser:
+    """An upstream's ``tool_calls`` fields in, :class:`~r1serve.toolcalls.ToolCallPiece` out, numbered
+    r1serve's way whatever the provider sent.
+
+    Providers differ: some give every call index 0 and tell calls apart by id, some leave the index out,
+    some repeat the id or the name on every piece, some send ``arguments`` as an object (Ollama), and
+    a whole answer's calls come without indexes. Here a piece with an id not seen before starts a new
+    call; a piece without one (or with its call's id again) continues the call its index names, else the
+    latest call. A call without an id is given one."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, int] = {}
+        self._by_index: dict[Any, int] = {}
+        self._count = 0
+
+    def add(self, raw: Any) -> list[ToolCallPiece]:
+        """The pieces in one delta's (or one message's) ``tool_calls``; entries of another shape are skipped."""
+        if not isinstance(raw, list):
+            return []
+        out: list[ToolCallPiece] = []
+        for item in raw:
+            if not isinstance(item, dict):
+                continue
+            function = item.get("function")
+            function = function if isinstance(function, dict) else {}
+            name = function.get("name")
+            arguments = function.get("arguments")
+            if arguments is None:
+                arguments = ""
+            elif not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            call_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else None
+            upstream_index = item.get("index")
+            ours = self._by_id.get(call_id) if call_id else None
+            if ours is None and call_id is None:
+                ours = self._by_index.get(upstream_index) if upstream_index is not None else None
+                if ours is None and self._count and not isinstance(name, str):
+                    ours = self._count - 1
+            if ours is None:  # a new call
+                ours = self._count
+                self._count += 1
+                if call_id:
+                    self._by_id[call_id] = ours
+                out.append(
+                    ToolCallPiece(index=ours, id=call_id or new_call_id(), name=name if isinstance(name, str) else "")
+                )
+            if upstream_index is not None:
+                self._by_index[upstream_index] = ours
+            if arguments:
+                out.append(ToolCallPiece(index=ours, arguments=arguments))
+        return out
+
+
+def choice_tool_calls(choice: dict[str, Any], field: str) -> Any:
+    """The raw ``tool_calls`` of a chat choice (its ``delta`` or ``message``), or None."""
+    message = choice.get(field) or choice.get("message" if field == "delta" else "delta")
+    if type(message) is not dict:
+        return None
+    return message.get("tool_calls")

@@ -81,4 +81,3 @@ def final_usage(
         reasoning_tokens=r_tokens,
         estimated=True,
     )
-

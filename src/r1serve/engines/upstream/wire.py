@@ -42,6 +42,15 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> bytes:
     if request.response_format is not None:
         # As the client sent it: the upstream enforces (or refuses) it.
         body["response_format"] = request.response_format.model_dump(by_alias=True, exclude_unset=True)
+    # Function calling as the client sent it: the upstream renders the tools and enforces the choice (or
+    # refuses them with a 400, which reaches the client).
+    if request.tools:
+        body["tools"] = [tool.model_dump(exclude_unset=True) for tool in request.tools]
+    if request.tool_choice is not None:
+        choice = request.tool_choice
+        body["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(exclude_unset=True)
+    if request.parallel_tool_calls is not None:
+        body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.logprobs is not None:
         if request.messages is not None:
             body["logprobs"] = True
@@ -61,11 +70,15 @@ def message_dict(message: ChatMessage) -> dict[str, Any]:
     if content is not None and not isinstance(content, str):
         content = [part.model_dump() for part in content]
     extra = message.model_extra
-    if content is None and not (extra and "tool_calls" in extra):
+    if content is None and not message.tool_calls:
         content = ""
     out["content"] = content
     if message.name is not None:
         out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump(exclude_unset=False) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
     if extra:
         for key, value in extra.items():
             if key not in ("reasoning_content", "reasoning"):
