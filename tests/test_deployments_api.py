@@ -6,6 +6,7 @@ tests/test_deployments_live.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +307,16 @@ def test_cron_parser() -> None:
     assert Cron.parse("0 0 10 * wed").next_after(at) == dt.datetime(2030, 1, 9, tzinfo=dt.UTC)
     assert Cron.parse("0 0 30 2 *").next_after(at) is None  # never
     assert Cron.parse("5-10/5 1,2 * * *").next_after(at) == dt.datetime(2030, 1, 8, 1, 5, tzinfo=dt.UTC)
+
+
+def test_price_per_hour_is_the_deployments_else_the_templates_else_the_servers(tmp_path: Path) -> None:
+    for client in _client(_settings(tmp_path, deployment_price_per_hour=0.5)):
+        assert _create(client, name="plain").json()["price_per_hour"] == 0.5  # the server's default
+        assert _create(client, name="own", price_per_hour=1.25).json()["price_per_hour"] == 1.25
+        supervisor = client.app.state.deployments  # type: ignore[attr-defined]
+        for name in ("plain", "own"):  # as if the template carried a price
+            dep = supervisor.get(name)
+            dep.entry = dataclasses.replace(dep.entry, price_per_replica_hour=2.0)
+        assert client.get("/v1/deployments/plain").json()["price_per_hour"] == 2.0
+        assert client.get("/v1/deployments/own").json()["price_per_hour"] == 1.25  # the override wins
+        assert client.get("/v1/deployments/own").json()["cost"] == 0  # no replica ran

@@ -4,8 +4,14 @@ database.
 A deployment's routing is a gateway model group (:class:`~r1serve.gateway.group.GroupEngine`,
 least outstanding first) over its READY replicas, rebuilt whenever a replica's status changes, so
 requests get the gateway's retries and failover before the first byte. Its status follows its
-replicas: RUNNING once every replica has been READY, ERROR when one is FAILED; STOPPING and STOPPED
-are set by a stop (the API's, or the timeout's).
+replicas: RUNNING once every replica has been READY, ERROR when one is FAILED (INFINITE replaces it
+instead); STOPPING and STOPPED are set by a stop (the API's, the timeout's), INSUFFICIENT_FUNDS by a
+spent budget.
+
+Every operation on a deployment holds its lock and checks its status first (a 409 naming it when the
+operation cannot happen now). Time-driven work (timeouts, SIMPLE-EXTEND's extensions, INFINITE's
+rotations, SCHEDULED's runs, cost) is done by :meth:`Supervisor.tick` against an injectable clock,
+each slow piece as the deployment's one background task.
 """
 
 from __future__ import annotations
@@ -555,7 +561,7 @@ class Supervisor:
             return float(own)
         template = template_price(dep.entry, self.settings.deployment_template_prices)
         if template is None:
-            template = getattr(dep.entry, "price_per_replica_hour", None)
+            template = dep.entry.price_per_replica_hour
         return float(template) if template is not None else self.settings.deployment_price_per_hour
 
     def accrue(self, dep: Deployment, replicas: list[Replica] | None = None) -> None:
