@@ -48,7 +48,7 @@ from r1serve.deployments.spec import (
     validate_create,
 )
 from r1serve.deployments.store import DeploymentStore
-from r1serve.deployments.templates import launch_of, model_argument, parse_command
+from r1serve.deployments.templates import launch_of, model_argument, parse_command, template_price
 from r1serve.engines.upstream import HttpClient
 from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.gateway.group import GroupEngine, Member
@@ -567,7 +567,9 @@ class Supervisor:
         own = dep.record.get("price_per_hour")
         if own is not None:
             return float(own)
-        template = dep.entry.price_per_replica_hour
+        template = template_price(dep.entry, self.settings.deployment_template_prices)
+        if template is None:
+            template = dep.entry.price_per_replica_hour
         return float(template) if template is not None else self.settings.deployment_price_per_hour
 
     def accrue(self, dep: Deployment, replicas: list[Replica] | None = None) -> None:

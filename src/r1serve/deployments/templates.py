@@ -113,6 +113,15 @@ def model_argument(spec: str, entry: ModelEntry, engine: str, models_dir: Path) 
     return entry.id if catalog else spec
 
 
+def template_price(entry: ModelEntry, prices: dict[str, float]) -> float | None:
+    """The operator's price per replica-hour for this template (``R1SERVE_DEPLOYMENT_TEMPLATE_PRICES``),
+    whichever of its names the setting uses; None when it names none of them."""
+    for name, price in prices.items():
+        if name == entry.id or (found := find_template(name)) is not None and found.id == entry.id:
+            return float(price)
+    return None
+
+
 def parse_command(command: str | None) -> list[str]:
     """The ``command`` engine's command line as argv (placeholders unexpanded); 400s name ``command``."""
     if not command or not command.strip():
