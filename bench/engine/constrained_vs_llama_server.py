@@ -4,8 +4,8 @@
 The servers run one at a time (2 cores: side by side they would share them), in the order given, each
 taking every request kind in turn, round after round; r1serve from this tree (``python -m r1serve serve``),
 llama-server from ``bench/engine/setup.sh``'s build with ``--jinja`` (its tool calling needs the template).
-Decode tokens/s per answer is measured from the first streamed content (or tool-call) chunk to the last,
-with the answer's own token count (``usage``); medians are reported.
+Decode tokens/s per answer is measured from the first streamed chunk (sent with the first token by both
+servers) to the last, with the answer's own token count (``usage``); medians are reported.
 
 Usage: PYTHONPATH=src .venv/bin/python bench/engine/constrained_vs_llama_server.py [ROUNDS]
 """
@@ -101,9 +101,10 @@ def one(url: str, body: dict[str, Any]) -> tuple[float, int, str]:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("content") or delta.get("tool_calls"):
-                    stamps.append(time.perf_counter())
+                # Every chunk counts, the first (role) one included: a tool call's first chunk comes only
+                # once its name is known, so timing from it would leave the call's head out of the time
+                # but not out of the token count.
+                stamps.append(time.perf_counter())
                 finish = choice.get("finish_reason") or finish
     rate = (tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and tokens > 1 else float("nan")
     return rate, tokens, finish
