@@ -369,3 +369,23 @@ async def test_tool_call_bodies_and_chunks_have_openais_shapes() -> None:
     ]
     assert all(p.id is None and p.type is None and p.function and p.function.name is None for p in pieces if not p.id)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_with_tool_calls_sends_the_first_delta_at_once_and_always_the_finish() -> None:
+    from collections.abc import AsyncGenerator
+
+    from r1serve.engines.base import Delta
+    from r1serve.engines.tools import with_tool_calls
+
+    async def engine() -> AsyncGenerator[Delta, None]:
+        for text in ["<tool_", 'call>\n{"name": "get_time", ', '"arguments": {}}\n</tool_call>', "  "]:
+            yield Delta(content=text)
+        yield Delta(content=" ", finish_reason="stop")
+
+    out = [d async for d in with_tool_calls(engine(), frozenset({"get_time"}))]
+    assert out[0].content == "" and not out[0].tool_calls  # held, but it starts the response
+    assert out[-1].finish_reason == "tool_calls" and out[-1].content == ""
+    assert all(d.content == "" for d in out)
+    pieces = [p for d in out for p in d.tool_calls]
+    assert [(p.name, p.arguments) for p in pieces] == [("get_time", ""), (None, "{}")]
+    assert len(out) == 3  # the first; the call (its head completes with its arguments); the finish
