@@ -104,3 +104,14 @@ def open_tab(browser: object, origin: str, *, width: int = 1280, height: int = 9
     page.on("pageerror", lambda e: tab.errors.append(f"pageerror: {e}"))
     page.on("console", lambda m: tab.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
     return tab
+
+
+def sign_in(tab: Tab, url: str, key: str) -> None:
+    """Sign in by keyboard, as a user would: the key field has the focus, type, Enter."""
+    page = tab.page
+    page.goto(f"{url}/console/signin")  # type: ignore[attr-defined]
+    page.locator("#signin-key:focus").wait_for()  # type: ignore[attr-defined]
+    page.keyboard.type(key)  # type: ignore[attr-defined]
+    page.keyboard.press("Enter")  # type: ignore[attr-defined]
+    page.wait_for_url(f"{url}/")  # type: ignore[attr-defined]
+    page.locator("#sign-out").wait_for()  # type: ignore[attr-defined]

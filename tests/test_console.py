@@ -31,7 +31,8 @@ def _linked(html: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/docs", "/console/signin", "/console/usage", "/console/keys", "/console/models"]
+    "path",
+    ["/", "/docs", "/console/signin", "/console/usage", "/console/keys", "/console/models", "/console/deployments"],
 )
 async def test_pages_are_uncached_with_strict_headers_and_link_hashed_assets(client: httpx.AsyncClient, path: str):
     page = await client.get(path)

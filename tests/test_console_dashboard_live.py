@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser import Tab, browser, open_tab, screenshots  # noqa: F401 - fixtures
+from browser import browser, open_tab, screenshots  # noqa: F401 - fixtures
+from browser import sign_in as _sign_in_by_keyboard
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +34,6 @@ def _curl_chat(url: str, key: str) -> subprocess.CompletedProcess[str]:
          "-H", f"Authorization: Bearer {key}", "-d", body],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-
-
-def _sign_in_by_keyboard(tab: Tab, url: str, key: str) -> None:
-    page = tab.page
-    page.goto(f"{url}/console/signin")  # type: ignore[attr-defined]
-    page.locator("#signin-key:focus").wait_for()  # type: ignore[attr-defined]
-    page.keyboard.type(key)  # type: ignore[attr-defined]
-    page.keyboard.press("Enter")  # type: ignore[attr-defined]
-    page.wait_for_url(f"{url}/")  # type: ignore[attr-defined]
-    page.locator("#sign-out").wait_for()  # type: ignore[attr-defined]
 
 
 def _nav(page: object) -> list[str]:
@@ -72,7 +63,7 @@ def test_sign_in_dashboard_keys_usage_and_sign_out(
     assert admin_key not in cookie["value"] and admin_key[-8:] not in cookie["value"]
     assert page.evaluate("document.cookie") == ""  # type: ignore[attr-defined]  # no script can read it
     assert page.evaluate("localStorage.length + sessionStorage.length") == 0  # type: ignore[attr-defined]
-    assert _nav(page) == ["Playground", "Usage", "Keys", "Models", "API docs"]
+    assert _nav(page) == ["Playground", "Usage", "Keys", "Models", "Deployments", "API docs"]
 
     # The playground works through the session: no key in the page.
     page.locator("#model option").first.wait_for(state="attached")  # type: ignore[attr-defined]  # no wait_for_function: its polling evals, which the CSP refuses

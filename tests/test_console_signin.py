@@ -152,13 +152,15 @@ async def test_admin_pages_for_admin_keys_only(client: httpx.AsyncClient, accoun
     user, _ = accounts.store.create("user")
     admin, _ = accounts.store.create("root", admin=True)
     await _sign_in(client, user)
-    page = await client.get("/console/keys")
-    assert page.status_code == 403 and "needs an admin API key" in page.text
-    assert page.headers["content-security-policy"]
+    for path in ("/console/keys", "/console/deployments"):
+        page = await client.get(path)
+        assert page.status_code == 403 and "needs an admin API key" in page.text
+        assert page.headers["content-security-policy"]
     api = await client.get("/v1/admin/keys", headers={"X-R1serve-Console": "1"})
     assert api.status_code == 403 and api.json()["error"]["code"] == "admin_required"
     await _sign_in(client, admin)  # replaces the user's session
     assert (await client.get("/console/keys")).status_code == 200
+    assert (await client.get("/console/deployments")).status_code == 200
     created = await client.post("/v1/admin/keys", headers=CONSOLE, json={"name": "from-the-ui", "rpm": 5})
     assert created.status_code == 200 and created.json()["key"].startswith("r1-")
 

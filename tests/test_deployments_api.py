@@ -6,6 +6,7 @@ tests/test_deployments_live.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,9 @@ from fastapi.testclient import TestClient
 
 from r1serve.accounts import Accounts
 from r1serve.api import create_app
+from r1serve.deployments import DeploymentStore
 from r1serve.deployments.schedule import Cron, ManualClock
+from r1serve.models.catalog import find_entry
 from r1serve.routing import ModelRegistry
 from r1serve.settings import Settings
 
@@ -66,6 +69,8 @@ def _create(client: TestClient, **fields: Any) -> Any:
         ({"strategy": "SCHEDULED", "schedule": "* * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "*/0 * * * *"}, "schedule", 400),
         ({"strategy": "SCHEDULED", "schedule": "0 9 * * funday"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "0 " + "1," * 200 + "1 * * *"}, "schedule", 400),
+        ({"strategy": "SCHEDULED", "schedule": "5-1 * * * *"}, "schedule", 400),
         ({"schedule": "0 9 * * *"}, "schedule", 400),  # a schedule on a SIMPLE deployment
         ({"price_per_hour": -1}, "price_per_hour", 400),
         ({"name": "Not_URL safe"}, "name", 400),
@@ -112,6 +117,23 @@ def test_record_shape_stop_and_stopped_endpoint(client: TestClient) -> None:
     unknown = client.post("/deployments/nope/v1/chat/completions", json=chat)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "deployment_not_found"
     assert client.get("/v1/deployments/nope").status_code == 404
+
+
+def test_templates_list_the_catalog_with_local_weights_marked(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, models_dir=tmp_path / "models", deployment_price_per_hour=0.25)
+    for client in _client(settings):
+        data = client.get("/v1/deployment-templates").json()["data"]
+        ids = [t["id"] for t in data]
+        assert TEMPLATE in ids and "deepseek-r1-distill-qwen-1.5b" in ids
+        r1 = next(t for t in data if t["id"] == "deepseek-r1-distill-qwen-1.5b")
+        assert "deepseek-r1:1.5b" in r1["aliases"] and r1["reasoning_format"] == "deepseek_r1"
+        # An empty models directory: nothing is here yet, and the server's default price applies.
+        assert {t["local"] for t in data} == {False}
+        for t in data:
+            own = find_entry(t["id"]).price_per_replica_hour  # type: ignore[union-attr]
+            assert t["price_per_hour"] == (own if own is not None else 0.25)
+        # Every template listed is one a deployment can be created from.
+        assert _create(client, template=r1["id"]).status_code == 200
 
 
 def test_logs_filters_and_bad_since(client: TestClient) -> None:
@@ -306,3 +328,38 @@ def test_cron_parser() -> None:
     assert Cron.parse("0 0 10 * wed").next_after(at) == dt.datetime(2030, 1, 9, tzinfo=dt.UTC)
     assert Cron.parse("0 0 30 2 *").next_after(at) is None  # never
     assert Cron.parse("5-10/5 1,2 * * *").next_after(at) == dt.datetime(2030, 1, 8, 1, 5, tzinfo=dt.UTC)
+
+
+def test_price_per_hour_is_the_deployments_else_the_templates_else_the_servers(tmp_path: Path) -> None:
+    for client in _client(_settings(tmp_path, deployment_price_per_hour=0.5)):
+        assert _create(client, name="plain").json()["price_per_hour"] == 0.5  # the server's default
+        assert _create(client, name="own", price_per_hour=1.25).json()["price_per_hour"] == 1.25
+        supervisor = client.app.state.deployments  # type: ignore[attr-defined]
+        for name in ("plain", "own"):  # as if the template carried a price
+            dep = supervisor.get(name)
+            dep.entry = dataclasses.replace(dep.entry, price_per_replica_hour=2.0)
+        assert client.get("/v1/deployments/plain").json()["price_per_hour"] == 2.0
+        assert client.get("/v1/deployments/own").json()["price_per_hour"] == 1.25  # the override wins
+        assert client.get("/v1/deployments/own").json()["cost"] == 0  # no replica ran
+
+
+def test_a_restart_after_the_deadline_stops_simple_and_renews_infinite(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    for client in _client(settings):
+        _create(client, name="simple")
+        _create(client, name="forever", strategy="INFINITE")
+    # As if r1serve had been down past their deadlines.
+    accounts = Accounts.open(settings)
+    try:
+        store = DeploymentStore(accounts.engine)
+        for record in store.load_all():
+            record["expires_at"] = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            store.save(record)
+    finally:
+        accounts.close()
+    for client in _client(settings):
+        simple = client.get("/v1/deployments/simple").json()
+        assert simple["status"] == "STOPPED" and simple["events"][-1]["reason"] == "TIMEOUT"
+        forever = client.get("/v1/deployments/forever").json()
+        assert forever["status"] == "RUNNING" and "RESTORED" in [e["reason"] for e in forever["events"]]
+        assert dt.datetime.fromisoformat(forever["expires_at"]) > dt.datetime.now(dt.UTC)  # a new period

@@ -225,7 +225,14 @@ def test_extend_keeps_it_running_past_its_first_deadline(api: Api) -> None:
     assert api.get(dep["id"])["status"] == "RUNNING"
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert api.call("POST", "/deployments/extended/v1/chat/completions", chat).status_code == 200
+    refused = api.cli("archive", "extended")  # running: archive needs it stopped first
+    assert refused.returncode == 1 and "RUNNING" in refused.stderr, refused.stderr
     api.call("POST", f"/v1/deployments/{dep['id']}/stop").raise_for_status()
+    archived = api.cli("archive", "extended")
+    assert archived.returncode == 0 and "ARCHIVED" in archived.stdout, archived.stdout + archived.stderr
+    assert "extended" not in api.cli("list").stdout
+    again = api.cli("extend", "extended", "--minutes", "1")
+    assert again.returncode == 1 and "ARCHIVED" in again.stderr
 
 
 def _tick_past(api: Api, dep: dict[str, Any], when: str) -> bool:
@@ -449,3 +456,22 @@ def test_a_killed_r1serve_comes_back_and_re_adopts_its_live_replicas(tmp_path: P
     finally:
         for live in servers:
             live.stop()
+
+
+def test_scheduled_starts_real_replicas_on_its_schedule(api: Api) -> None:
+    # Every minute: the next run is at most a minute away (the fast tests move a clock instead).
+    dep = api.create("cron", strategy="SCHEDULED", schedule="* * * * *", timeout=0.25)
+    assert dep["status"] == "STOPPED" and dep["next_run_at"] and dep["replicas_detail"] == []
+    due = dep["next_run_at"]
+    dep = api.until(dep["id"], lambda d: d["status"] == "RUNNING")
+    start = next(e for e in dep["events"] if e["reason"] == "SCHEDULED_START")
+    assert start["time"] >= due and due in start["message"]
+    assert dep["next_run_at"] > due and dep["replicas_detail"][0]["status"] == "READY"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert api.call("POST", "/deployments/cron/v1/chat/completions", chat).status_code == 200
+    pid = dep["replicas_detail"][0]["pid"]
+    dep = api.until(dep["id"], lambda d: d["status"] == "STOPPED")  # fifteen seconds of run
+    assert "TIMEOUT" in _reasons(dep) and _gone(pid) and dep["next_run_at"]  # waiting for the next minute
+    paused = api.call("POST", f"/v1/deployments/{dep['id']}/stop").json()
+    assert paused["next_run_at"] is None and paused["events"][-1]["reason"] == "SCHEDULE_PAUSED"
+    assert api.call("POST", f"/v1/deployments/{dep['id']}/archive").json()["status"] == "ARCHIVED"

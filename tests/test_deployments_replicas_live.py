@@ -3,7 +3,8 @@ model: llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.se
 replica (readiness on /v1/models, a 200 KiB line in its output, SIGKILL and restart, stop, and its
 series on /metrics: state, requests, outstanding during a stream, restarts); the
 ``deepseek-r1`` template served from a Hugging Face cache laid out on disk (no download: offline); a
-template whose weights are not here fails with the reason in its events.
+template whose weights are not here fails with the reason in its events; a killed r1serve takes its
+command replicas with it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from conftest import DEFAULT_MODEL, LiveServer
 from test_deployments_metrics import samples
 
+from r1serve.deployments.adoption import alive
 from r1serve.models.catalog import HubSource, find_entry
 from r1serve.models.fetch import local_path
 from r1serve.settings import Settings
@@ -208,3 +210,36 @@ def test_a_template_whose_weights_are_missing_fails_saying_why(server: LiveServe
     assert dep["replicas_detail"][0]["status"] == "FAILED"
     failed = [e for e in dep["events"] if e["reason"] == "REPLICA_FAILED"][-1]["message"]
     assert "HF_HUB_OFFLINE" in failed, failed  # the child's own last words, not just "exited with code 1"
+
+
+def test_a_killed_r1serve_takes_its_command_replicas_with_it(tmp_path: Path) -> None:
+    """A command's server is not ``r1serve serve``: it knows no lease and cannot be re-adopted, so it
+    must die with a killed r1serve (not hold its port as an orphan); the next r1serve starts it afresh."""
+    servers: list[LiveServer] = []
+
+    def boot(name: str) -> LiveServer:
+        live = LiveServer(tmp_path, name, {"R1SERVE_N_THREADS": "1"}, ("--parallel", "2"))
+        servers.append(live)
+        live.wait_ready()
+        return live
+
+    plain = "{python} -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port} --n_threads 1 --n_ctx 1024"
+    try:
+        first = boot("first")
+        dep = _create(first, name="orphan-free", engine="command", command=plain)
+        dep = _until(first, dep["id"], lambda d: d["status"] == "RUNNING")
+        pid = dep["replicas_detail"][0]["pid"]
+        first.proc.kill()
+        first.proc.wait()
+        deadline = time.monotonic() + 60
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(pid), "the command's server outlived its killed r1serve"
+
+        second = boot("second")
+        dep = _until(second, "orphan-free", lambda d: d["status"] == "RUNNING")
+        assert dep["replicas_detail"][0]["pid"] != pid
+        assert _ask(dep)
+    finally:
+        for live in servers:
+            live.stop()

@@ -86,5 +86,13 @@ def test_a_key_limited_to_one_deployment(client: TestClient) -> None:
         assert _code(client.post("/v1/deployments", json=body, headers=headers)) == (403, "admin_required")
         assert _code(client.post("/v1/deployments/dep-a/stop", headers=headers)) == (403, "admin_required")
         assert _code(client.post("/v1/deployments/dep-a/start", headers=headers)) == (403, "admin_required")
-    assert client.get("/v1/deployments/dep-a", headers=_auth(ADMIN)).json()["status"] == "RUNNING"
+        assert _code(client.post("/v1/deployments/dep-a/archive", headers=headers)) == (403, "admin_required")
+        extend = client.post("/v1/deployments/dep-a/extend", json={"minutes": 5}, headers=headers)
+        assert _code(extend) == (403, "admin_required")
+        scale = client.post("/v1/deployments/dep-a/scale", json={"replicas": 2}, headers=headers)
+        assert _code(scale) == (403, "admin_required")
+        patch = client.patch("/v1/deployments/dep-a", json={"timeout": 5}, headers=headers)
+        assert _code(patch) == (403, "admin_required")
+    unchanged = client.get("/v1/deployments/dep-a", headers=_auth(ADMIN)).json()
+    assert (unchanged["status"], unchanged["replicas"], unchanged["timeout"]) == ("RUNNING", 0, 60)
     assert len(client.get("/v1/deployments", headers=_auth(ADMIN)).json()["data"]) == 2

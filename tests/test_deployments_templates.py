@@ -129,3 +129,16 @@ def test_a_command_deployment_keeps_its_command_across_a_restart(tmp_path: Path)
         record = client.app.state.deployments.by_name("t1").record  # type: ignore[attr-defined]
         assert launch_of(record) == (LLAMA_CPP, "/health")
         assert client.get("/v1/deployments/t1").json()["engine"] == "command"
+
+
+def test_template_prices_by_any_of_their_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("R1SERVE_DEPLOYMENT_TEMPLATE_PRICES", '{"deepseek-r1:7b": 0.4}')
+    settings = Settings(data_dir=tmp_path / "data", key_secret="s" * 32, deployment_price_per_hour=0.05)
+    assert settings.deployment_template_prices == {"deepseek-r1:7b": 0.4}
+    for client in _client(settings):
+        priced = _create(client, name="priced", template="ollama/deepseek-r1:7b").json()
+        assert priced["price_per_hour"] == 0.4  # the template's, named by another of its names
+        default = _create(client, name="default", template="deepseek-r1").json()
+        assert default["price_per_hour"] == 0.05  # no template price: the server's default
+        own = _create(client, name="own", template="deepseek-r1-distill-qwen-7b", price_per_hour=1.5).json()
+        assert own["price_per_hour"] == 1.5  # the deployment's own wins

@@ -328,3 +328,64 @@ async def test_an_upstream_refusing_tools_gives_the_client_its_400(tmp_path: Pat
     assert resp.status_code == 400, resp.text
     got = resp.json()["error"]
     assert "tools are not supported" in got["message"] and got["param"] == "tools"
+
+
+# ----------------------------------------------------------------------------- the wire shapes
+
+
+async def test_tool_call_bodies_and_chunks_have_openais_shapes() -> None:
+    from r1serve.api.bodies import Collected, chat_completion_body
+    from r1serve.api.chunks import ChatChunkEncoder
+    from r1serve.engines.base import Delta, EngineUsage
+    from r1serve.models.catalog import Prices
+    from r1serve.protocol import ChatCompletion, ChatCompletionChunk
+    from r1serve.toolcalls import ToolCallPiece
+
+    deltas = [
+        Delta(content="Checking."),
+        Delta(tool_calls=[ToolCallPiece(index=0, id="call_x", name="get_weather"), ToolCallPiece(0, '{"city": ')]),
+        Delta(tool_calls=[ToolCallPiece(0, '"Paris"}'), ToolCallPiece(index=1, id="call_y", name="get_time")]),
+        Delta(tool_calls=[ToolCallPiece(1, "{}")], finish_reason="tool_calls", usage=EngineUsage(5, 9)),
+    ]
+    collected = Collected()
+    for d in deltas:
+        collected.add(d)
+    body = ChatCompletion.model_validate(
+        chat_completion_body(collected, completion_id="c", created=1, model="m", prices=Prices())
+    )
+    message = body.choices[0].message
+    assert body.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []] == [
+        ("call_x", "get_weather", '{"city": "Paris"}'),
+        ("call_y", "get_time", "{}"),
+    ]
+    encoder = ChatChunkEncoder(completion_id="c", created=1, model="m", prices=Prices())
+    events = encoder.start() + [e for d in deltas for e in encoder.delta(d)] + encoder.finish(deltas[-1])
+    chunks = [ChatCompletionChunk.model_validate_json(e.removeprefix("data: ").strip()) for e in events]
+    pieces = [p for c in chunks for p in c.choices[0].delta.tool_calls or []]
+    assert [(p.index, p.id, p.type, p.function and p.function.name) for p in pieces if p.id] == [
+        (0, "call_x", "function", "get_weather"),
+        (1, "call_y", "function", "get_time"),
+    ]
+    assert all(p.id is None and p.type is None and p.function and p.function.name is None for p in pieces if not p.id)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_with_tool_calls_sends_the_first_delta_at_once_and_always_the_finish() -> None:
+    from collections.abc import AsyncGenerator
+
+    from r1serve.engines.base import Delta
+    from r1serve.engines.tools import with_tool_calls
+
+    async def engine() -> AsyncGenerator[Delta, None]:
+        for text in ["<tool_", 'call>\n{"name": "get_time", ', '"arguments": {}}\n</tool_call>', "  "]:
+            yield Delta(content=text)
+        yield Delta(content=" ", finish_reason="stop")
+
+    out = [d async for d in with_tool_calls(engine(), frozenset({"get_time"}))]
+    assert out[0].content == "" and not out[0].tool_calls  # held, but it starts the response
+    assert out[-1].finish_reason == "tool_calls" and out[-1].content == ""
+    assert all(d.content == "" for d in out)
+    pieces = [p for d in out for p in d.tool_calls]
+    assert [(p.name, p.arguments) for p in pieces] == [("get_time", ""), (None, "{}")]
+    assert len(out) == 3  # the first; the call (its head completes with its arguments); the finish

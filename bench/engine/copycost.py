@@ -48,10 +48,14 @@ def main(model_path: str) -> None:
         prompt.append(decode(3, [100 + i for i in range(64)], 0))
     copy = statistics.median(with_copy) - statistics.median(plain)
     per_token = statistics.median(prompt) / 64
-    print(f"one-token decode {statistics.median(plain) * 1e3:.1f} ms, with a pending stream copy "
-          f"{statistics.median(with_copy) * 1e3:.1f} ms: the copy costs {copy * 1e3:.1f} ms for {PER_SEQ} cells")
-    print(f"prompt: {per_token * 1e3:.2f} ms a token (64-token chunk); a copy = {copy / per_token:.1f} prompt tokens, "
-          f"{PER_SEQ / (copy / per_token):.0f} cells per token")
+    print(
+        f"one-token decode {statistics.median(plain) * 1e3:.1f} ms, with a pending stream copy "
+        f"{statistics.median(with_copy) * 1e3:.1f} ms: the copy costs {copy * 1e3:.1f} ms for {PER_SEQ} cells"
+    )
+    print(
+        f"prompt: {per_token * 1e3:.2f} ms a token (64-token chunk); a copy = {copy / per_token:.1f} prompt tokens, "
+        f"{PER_SEQ / (copy / per_token):.0f} cells per token"
+    )
 
 
 if __name__ == "__main__":

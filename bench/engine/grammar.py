@@ -51,7 +51,9 @@ SCHEMA = {
     "required": ["name", "kind", "facts"],
     "additionalProperties": False,
 }
-FORMAT = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "body", "schema": SCHEMA, "strict": True}})
+FORMAT = ResponseFormat.model_validate(
+    {"type": "json_schema", "json_schema": {"name": "body", "schema": SCHEMA, "strict": True}}
+)
 PROMPTS = ["Tell me about Mars.", "Describe the Sun.", "What is Europa?", "Tell me about Halley's comet."]
 SAMPLE = '{"name": "Mars", "kind": "planet", "facts": [{"fact": "Mars is the fourth planet from the Sun.", "confidence": 0.9}]}'
 MAX_TOKENS = 96
@@ -93,14 +95,19 @@ def grammar_costs(engine: LlamaEngine) -> None:
         llama_cpp.llama_sampler_accept(g._sampler, token)
         accept.append(time.perf_counter() - t)
     g.free()
-    print(f"per token: check one candidate {ms(check)}, accept {ms(accept)}, "
-          f"mask all {vocab.n_tokens} tokens {ms(full)} (over the {len(check)} tokens of a sample answer)")
+    print(
+        f"per token: check one candidate {ms(check)}, accept {ms(accept)}, "
+        f"mask all {vocab.n_tokens} tokens {ms(full)} (over the {len(check)} tokens of a sample answer)"
+    )
 
 
 async def decode_rate(engine: LlamaEngine, prompt: str, fmt: ResponseFormat | None) -> tuple[float, int, str]:
     request = GenerationRequest(
-        request_id="bench", messages=[ChatMessage(role="user", content=prompt)], max_tokens=MAX_TOKENS,
-        sampling=SamplingParams(temperature=0.0), response_format=fmt,
+        request_id="bench",
+        messages=[ChatMessage(role="user", content=prompt)],
+        max_tokens=MAX_TOKENS,
+        sampling=SamplingParams(temperature=0.0),
+        response_format=fmt,
     )
     stamps: list[float] = []
     text = ""
@@ -142,9 +149,11 @@ async def main(rounds: int) -> None:
                 json_rates.append(rate)
                 constrained_tokens += n
         free, constrained = statistics.median(free_rates), statistics.median(json_rates)
-        print(f"decode, temperature 0, {len(free_rates)} answers each: unconstrained {free:.1f} tok/s, "
-              f"json_schema {constrained:.1f} tok/s, ratio {constrained / free:.3f}; whole-vocabulary masks: "
-              f"{seen_masks} in {constrained_tokens} constrained tokens")
+        print(
+            f"decode, temperature 0, {len(free_rates)} answers each: unconstrained {free:.1f} tok/s, "
+            f"json_schema {constrained:.1f} tok/s, ratio {constrained / free:.3f}; whole-vocabulary masks: "
+            f"{seen_masks} in {constrained_tokens} constrained tokens"
+        )
         print("last constrained answer:", json.dumps(text)[:200])
     finally:
         await engine.close()

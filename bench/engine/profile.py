@@ -72,10 +72,27 @@ async def drive(args: argparse.Namespace) -> None:
     port = bench.free_port()
     spec = bench.ServerSpec(
         f"r1serve --parallel {args.parallel}",
-        [str(bench.ROOT / ".venv/bin/r1serve"), "serve", "--model", str(args.model), "--host", "127.0.0.1",
-         "--port", str(port), "--threads", str(args.threads), "--ctx", str(args.ctx),
-         "--parallel", str(args.parallel), "--log-level", "warning"],
-        port, True, [args.clients],
+        [
+            str(bench.ROOT / ".venv/bin/r1serve"),
+            "serve",
+            "--model",
+            str(args.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            str(args.threads),
+            "--ctx",
+            str(args.ctx),
+            "--parallel",
+            str(args.parallel),
+            "--log-level",
+            "warning",
+        ],
+        port,
+        True,
+        [args.clients],
     )
     args.out.mkdir(parents=True, exist_ok=True)
     server = bench.Server(spec, args.out / "profile-r1serve.log")
@@ -93,9 +110,25 @@ async def drive(args: argparse.Namespace) -> None:
             raw = args.out / f"pyspy-c{args.clients}.txt"
             spy = None
             if not args.no_pyspy:
-                spy = subprocess.Popen([str(args.pyspy), "record", "-p", str(server.proc.pid), "-f", "raw",
-                                        "-o", str(raw), "-r", str(args.rate), "--threads", "--idle",
-                                        "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                spy = subprocess.Popen(
+                    [
+                        str(args.pyspy),
+                        "record",
+                        "-p",
+                        str(server.proc.pid),
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(raw),
+                        "-r",
+                        str(args.rate),
+                        "--threads",
+                        "--idle",
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
                 await asyncio.sleep(1.0)
             rounds = max(args.rounds, math.ceil(args.min_requests / args.clients))
             foreign = bench.ForeignCpu([server.proc.pid] + ([spy.pid] if spy else []))
@@ -106,7 +139,9 @@ async def drive(args: argparse.Namespace) -> None:
                 out = []
                 for r in range(rounds):
                     i = k + r * args.clients
-                    out.append((i, await bench.stream_chat(session, server, bench.request_messages(i), args.max_tokens)))
+                    out.append(
+                        (i, await bench.stream_chat(session, server, bench.request_messages(i), args.max_tokens))
+                    )
                 return out
 
             results = [x for xs in await asyncio.gather(*(client(k) for k in range(args.clients))) for x in xs]
@@ -116,8 +151,10 @@ async def drive(args: argparse.Namespace) -> None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             tokens = sum(r.tokens for _, r in results if r.ok)
-            print(f"\nc={args.clients}: {len(results)} requests, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tok/s; "
-                  f"errors {sum(not r.ok for _, r in results)}; other processes {others:.2f} cores")
+            print(
+                f"\nc={args.clients}: {len(results)} requests, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tok/s; "
+                f"errors {sum(not r.ok for _, r in results)}; other processes {others:.2f} cores"
+            )
             print("request  prompt  cached  ttft_ms  tokens")
             for i, r in sorted(results, key=lambda x: x[1].start):
                 print(f"{i:7d} {r.prompt_tokens!s:>7} {r.cached_tokens!s:>7} {(r.ttft or 0) * 1000:8.0f} {r.tokens:7d}")

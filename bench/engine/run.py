@@ -336,8 +336,13 @@ async def wait_quiet(pids: list[int], max_wait: float, threshold: float) -> floa
 
 
 async def measure(
-    session: aiohttp.ClientSession, server: Server, clients: int, rounds: int, max_tokens: int,
-    quiet_wait: float = 0.0, quiet_threshold: float = 0.25,
+    session: aiohttp.ClientSession,
+    server: Server,
+    clients: int,
+    rounds: int,
+    max_tokens: int,
+    quiet_wait: float = 0.0,
+    quiet_threshold: float = 0.25,
 ) -> dict[str, Any]:
     # Warm-up (not measured): loads weights into the page cache, primes the shared system prompt.
     warm = await stream_chat(session, server, WARMUP_MESSAGES, max_tokens)
@@ -379,8 +384,11 @@ async def measure(
         "tokens_counted_by": counted,
         "text_chunks": sum(r.chunks for r in ok),
         "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
-        "cached_prompt_tokens": (sum(r.cached_tokens for r in ok if r.cached_tokens is not None)
-                                 if any(r.cached_tokens is not None for r in ok) else None),
+        "cached_prompt_tokens": (
+            sum(r.cached_tokens for r in ok if r.cached_tokens is not None)
+            if any(r.cached_tokens is not None for r in ok)
+            else None
+        ),
         "tokens_per_request_min": min((r.tokens for r in ok), default=0),
         "tokens_per_request_max": max((r.tokens for r in ok), default=0),
         "agg_tps": tokens / wall if wall > 0 else 0.0,
@@ -436,8 +444,21 @@ def tg_row(bin_dir: Path, model: Path, threads: int) -> dict[str, Any]:
 
 def ceilings(bin_dir: Path, model: Path, threads: int, max_tokens: int) -> dict[str, Any]:
     out: dict[str, Any] = {"loadavg_start": loadavg()}
-    bench_argv = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads),
-                  "-p", "512", "-n", "128", "-r", "3", "-o", "json"]
+    bench_argv = [
+        str(bin_dir / "llama-bench"),
+        "-m",
+        str(model),
+        "-t",
+        str(threads),
+        "-p",
+        "512",
+        "-n",
+        "128",
+        "-r",
+        "3",
+        "-o",
+        "json",
+    ]
     text, out["llama_bench_foreign_cpu"] = run_tool(bench_argv)
     rows = json.loads(text)
     out["llama_bench_cmd"] = shlex.join(bench_argv)
@@ -447,9 +468,29 @@ def ceilings(bin_dir: Path, model: Path, threads: int, max_tokens: int) -> dict[
         out[f"llama_bench_{kind}_stddev"] = row.get("stddev_ts")
     npl = [1, 2, 4, 8, 16]
     npp, ntg = 128, max_tokens
-    bb_argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-               "-c", str(max(npl) * (npp + ntg) + 256), "-b", "2048", "-ub", "512",
-               "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)), "--output-format", "jsonl"]
+    bb_argv = [
+        str(bin_dir / "llama-batched-bench"),
+        "-m",
+        str(model),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(max(npl) * (npp + ntg) + 256),
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        str(npp),
+        "-ntg",
+        str(ntg),
+        "-npl",
+        ",".join(map(str, npl)),
+        "--output-format",
+        "jsonl",
+    ]
     text, out["batched_bench_foreign_cpu"] = run_tool(bb_argv)
     out["batched_bench_cmd"] = shlex.join(bb_argv)
     bb = {}
@@ -477,10 +518,14 @@ def machine() -> dict[str, Any]:
         if line.startswith("MemTotal"):
             mem_kb = int(line.split()[1])
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
-                                    capture_output=True, text=True).stdout.strip())
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         rev, dirty = "", False
     return {
@@ -526,15 +571,22 @@ def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
 
     out = []
 
-    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, note: str = "",
-            noise: list[float | None] = ()) -> None:
+    def add(
+        name: str,
+        value: float | None,
+        threshold: float,
+        higher_is_better: bool = True,
+        note: str = "",
+        noise: list[float | None] = (),
+    ) -> None:
         ok = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
         worst = max((x for x in noise if x is not None), default=0.0)
         noisy = worst > NOISY_CORES
         if noisy:
             note += f" (other processes used up to {worst:.2f} cores: inconclusive)"
-        out.append({"target": name, "value": value, "threshold": threshold, "pass": ok, "noisy": noisy,
-                    "note": note.strip()})
+        out.append(
+            {"target": name, "value": value, "threshold": threshold, "pass": ok, "noisy": noisy, "note": note.strip()}
+        )
 
     r1 = of("r1serve", 1)
     # llama-bench tg128: the rows taken between servers, else the ceiling measured before them.
@@ -544,24 +596,45 @@ def targets(model_result: dict[str, Any]) -> list[dict[str, Any]]:
                     "foreign_cpu_during": ceil.get("llama_bench_foreign_cpu")}]  # fmt: skip
     r1_decode, tg = median(r1, "stream_decode_tps_mean"), median(tg_rows, "stream_decode_tps_mean")
     if r1_decode and tg:
-        add("1 stream: r1serve stream decode / llama-bench tg", r1_decode / tg, 0.95,
-            note=f"{fmt(r1_decode)} / {fmt(tg)} tok/s{runs_note(r1, tg_rows)}", noise=noise(r1, tg_rows))
+        add(
+            "1 stream: r1serve stream decode / llama-bench tg",
+            r1_decode / tg,
+            0.95,
+            note=f"{fmt(r1_decode)} / {fmt(tg)} tok/s{runs_note(r1, tg_rows)}",
+            noise=noise(r1, tg_rows),
+        )
     for c in (4, 8):
         r, ls, lp = of("r1serve", c), of("llama-server -np 8", c), of("llama-cpp-python", c)
         r_tps, ls_tps, lp_tps = median(r, "agg_tps"), median(ls, "agg_tps"), median(lp, "agg_tps")
         if r_tps and ls_tps:
-            add(f"{c} streams: r1serve / llama-server -np 8", r_tps / ls_tps, 1.0,
-                note=f"{fmt(r_tps)} / {fmt(ls_tps)} tok/s{runs_note(r, ls)}", noise=noise(r, ls))
+            add(
+                f"{c} streams: r1serve / llama-server -np 8",
+                r_tps / ls_tps,
+                1.0,
+                note=f"{fmt(r_tps)} / {fmt(ls_tps)} tok/s{runs_note(r, ls)}",
+                noise=noise(r, ls),
+            )
         if r_tps and lp_tps:
-            add(f"{c} streams: r1serve / llama-cpp-python server", r_tps / lp_tps, 2.5,
-                note=f"{fmt(r_tps)} / {fmt(lp_tps)} tok/s{runs_note(r, lp)}", noise=noise(r, lp))
+            add(
+                f"{c} streams: r1serve / llama-cpp-python server",
+                r_tps / lp_tps,
+                2.5,
+                note=f"{fmt(r_tps)} / {fmt(lp_tps)} tok/s{runs_note(r, lp)}",
+                noise=noise(r, lp),
+            )
     r1_errors = sum(r["errors"] for r in runs if r["server"].startswith("r1serve"))
     add("r1serve errors (all runs)", float(r1_errors), 0.0, higher_is_better=False)
     r, ls = of("r1serve", 8), of("llama-server -np 8", 8)
     r_ttft, ls_ttft = median(r, "ttft_p95"), median(ls, "ttft_p95")
     if r_ttft is not None and ls_ttft:
-        add("8 streams: TTFT p95 r1serve / llama-server -np 8", r_ttft / ls_ttft, 1.0, higher_is_better=False,
-            note=f"{fmt(r_ttft, 1000, 0)} / {fmt(ls_ttft, 1000, 0)} ms{runs_note(r, ls)}", noise=noise(r, ls))
+        add(
+            "8 streams: TTFT p95 r1serve / llama-server -np 8",
+            r_ttft / ls_ttft,
+            1.0,
+            higher_is_better=False,
+            note=f"{fmt(r_ttft, 1000, 0)} / {fmt(ls_ttft, 1000, 0)} ms{runs_note(r, ls)}",
+            noise=noise(r, ls),
+        )
     return out
 
 
@@ -588,8 +661,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"`llama-bench` pp512 {fmt(ceil.get('llama_bench_pp_tps'))} tok/s, "
                 f"tg128 {fmt(ceil.get('llama_bench_tg_tps'))} tok/s; `llama-batched-bench` "
                 f"(npp 128, ntg {report['max_tokens']}) decode tok/s, all sequences together: "
-                + ", ".join(f"{k} seq {v['s_tg']:.1f}" for k, v in sorted(ceil["batched_bench"].items(),
-                                                                          key=lambda kv: int(kv[0])))
+                + ", ".join(
+                    f"{k} seq {v['s_tg']:.1f}"
+                    for k, v in sorted(ceil["batched_bench"].items(), key=lambda kv: int(kv[0]))
+                )
                 + f". Other processes' CPU meanwhile: {ceil['llama_bench_foreign_cpu']:.2f} / "
                 f"{ceil['batched_bench_foreign_cpu']:.2f} cores."
             )
@@ -634,34 +709,92 @@ def server_specs(args: argparse.Namespace, model: Path) -> list[ServerSpec]:
             # more sequences than are running keeps more idle cached prompts in attention's way.
             for par in args.r1_parallel:
                 conc = args.concurrency if par == min(args.r1_parallel) else [c for c in args.concurrency if c >= par]
-                specs.append(ServerSpec(
-                    f"r1serve --parallel {par}",
-                    [str(ROOT / ".venv/bin/r1serve"), "serve", "--model", str(model), "--host", "127.0.0.1",
-                     "--port", str(port), "--threads", t, "--ctx", str(ctx), "--parallel", str(par),
-                     "--log-level", "warning"],
-                    port, True, conc,
-                ))
+                specs.append(
+                    ServerSpec(
+                        f"r1serve --parallel {par}",
+                        [
+                            str(ROOT / ".venv/bin/r1serve"),
+                            "serve",
+                            "--model",
+                            str(model),
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                            "--threads",
+                            t,
+                            "--ctx",
+                            str(ctx),
+                            "--parallel",
+                            str(par),
+                            "--log-level",
+                            "warning",
+                        ],
+                        port,
+                        True,
+                        conc,
+                    )
+                )
                 port = free_port()
         elif name == "llama-server":
             for np_ in args.llama_server_np:
                 conc = args.concurrency if np_ == 8 else [c for c in args.concurrency if c >= np_]
-                specs.append(ServerSpec(
-                    f"llama-server -np {np_}",
-                    [str(args.llama_bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
-                     "--port", str(port), "-t", t, "-tb", t, "-np", str(np_), "-c", str(np_ * ctx)],
-                    port, True, conc,
-                ))
+                specs.append(
+                    ServerSpec(
+                        f"llama-server -np {np_}",
+                        [
+                            str(args.llama_bin_dir / "llama-server"),
+                            "-m",
+                            str(model),
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                            "-t",
+                            t,
+                            "-tb",
+                            t,
+                            "-np",
+                            str(np_),
+                            "-c",
+                            str(np_ * ctx),
+                        ],
+                        port,
+                        True,
+                        conc,
+                    )
+                )
                 port = free_port()
         elif name == "llama-cpp-python":
-            specs.append(ServerSpec(
-                "llama-cpp-python server",
-                [str(args.lcpp_python), "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                 "--port", str(port), "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(ctx),
-                 # queue concurrent requests (its default cuts a running stream short when another arrives)
-                 "--interrupt_requests", "False"],
-                # its streaming chunks carry no usage: tokens are counted as text chunks
-                port, False, args.concurrency,
-            ))
+            specs.append(
+                ServerSpec(
+                    "llama-cpp-python server",
+                    [
+                        str(args.lcpp_python),
+                        "-m",
+                        "llama_cpp.server",
+                        "--model",
+                        str(model),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--n_threads",
+                        t,
+                        "--n_threads_batch",
+                        t,
+                        "--n_ctx",
+                        str(ctx),
+                        # queue concurrent requests (its default cuts a running stream short when another arrives)
+                        "--interrupt_requests",
+                        "False",
+                    ],
+                    # its streaming chunks carry no usage: tokens are counted as text chunks
+                    port,
+                    False,
+                    args.concurrency,
+                )
+            )
         elif name == "llama-bench":
             specs.append(ServerSpec("llama-bench tg128", [], 0, False, [1]))
         else:
@@ -697,14 +830,16 @@ async def bench_model(args: argparse.Namespace, model: Path, log_dir: Path) -> d
                 await server.wait_ready(session)
                 for c in spec.concurrency:
                     rounds = max(args.rounds, math.ceil(args.min_requests / c))
-                    run = await measure(session, server, c, rounds, args.max_tokens,
-                                        args.quiet_wait, args.quiet_threshold)
+                    run = await measure(
+                        session, server, c, rounds, args.max_tokens, args.quiet_wait, args.quiet_threshold
+                    )
                     result["runs"].append(run)
                     print(
                         f"  {spec.name:28s} c={c:2d}: {run['agg_tps']:6.1f} tok/s  errors {run['errors']}  "
                         f"ttft p95 {fmt(run['ttft_p95'], 1000, 0)} ms  load {run['loadavg_start']}  "
                         f"others' cpu {run['foreign_cpu_during']:.2f}",
-                        file=sys.stderr, flush=True,
+                        file=sys.stderr,
+                        flush=True,
                     )
             finally:
                 server.stop()
@@ -727,16 +862,32 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run")
-    p.add_argument("--servers", type=lambda s: s.split(","), default=["r1serve", "llama-server", "llama-cpp-python"],
-                   help="in the order run; repeat names to alternate them (targets use the medians); "
-                        "'llama-bench' runs llama-bench tg128 at that point")
-    p.add_argument("--r1-parallel", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
-                   help="r1serve --parallel values: the smallest serves every c, the others c >= value")
-    p.add_argument("--llama-server-np", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16],
-                   help="llama-server -np values; -np 8 runs every concurrency, others only c >= np")
+    p.add_argument(
+        "--servers",
+        type=lambda s: s.split(","),
+        default=["r1serve", "llama-server", "llama-cpp-python"],
+        help="in the order run; repeat names to alternate them (targets use the medians); "
+        "'llama-bench' runs llama-bench tg128 at that point",
+    )
+    p.add_argument(
+        "--r1-parallel",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[8, 16],
+        help="r1serve --parallel values: the smallest serves every c, the others c >= value",
+    )
+    p.add_argument(
+        "--llama-server-np",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[8, 16],
+        help="llama-server -np values; -np 8 runs every concurrency, others only c >= np",
+    )
     p.add_argument("--skip-ceilings", action="store_true")
-    p.add_argument("--quiet-wait", type=float, default=90.0,
-                   help="before each run, wait up to this many seconds for other processes to go quiet (0: don't)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=90.0,
+        help="before each run, wait up to this many seconds for other processes to go quiet (0: don't)",
+    )
     p.add_argument("--quiet-threshold", type=float, default=0.25, help="'quiet': others use fewer cores than this")
     p.add_argument("--llama-bin-dir", type=Path)
     p.add_argument("--lcpp-python", type=Path)

@@ -91,7 +91,9 @@ def instructions(valgrind: str, path: str, mock_port: int, requests: int, stream
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--paths", default="floor,r1serve", help="servers.py roles (floor, r1serve) or serve (`r1serve serve`)")
+    ap.add_argument(
+        "--paths", default="floor,r1serve", help="servers.py roles (floor, r1serve) or serve (`r1serve serve`)"
+    )
     ap.add_argument("--modes", default="json,stream")
     ap.add_argument("--requests", default="160,960", help="A,B: requests in the two runs of each path")
     ap.add_argument("--write", type=Path, help="append the results as a section of this markdown file")
@@ -99,7 +101,9 @@ def main() -> None:
     small, large = (int(n) for n in args.requests.split(","))
     valgrind = bench.ensure_debian_tool("valgrind")
     work = Path(tempfile.mkdtemp(prefix="r1serve-count-"))
-    mock = bench.Proc("mock", [bench.PY, str(bench.HERE / "servers.py"), "mock", "--port", str(mock_port := bench.free_port())], work)
+    mock = bench.Proc(
+        "mock", [bench.PY, str(bench.HERE / "servers.py"), "mock", "--port", str(mock_port := bench.free_port())], work
+    )
     rows: dict[tuple[str, str], float] = {}
     try:
         bench.wait_http(mock_port, "/v1/models", 30)

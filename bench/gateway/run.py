@@ -210,7 +210,9 @@ def cpu_seconds(proc: Proc) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(wrk: str, port: int, script: Path, conc: int, duration: int, timeout: int = 10) -> tuple[float, float, float, int, int]:
+def run_wrk(
+    wrk: str, port: int, script: Path, conc: int, duration: int, timeout: int = 10
+) -> tuple[float, float, float, int, int]:
     cmd = [wrk, "-t1", f"-c{conc}", f"-d{duration}s", "--latency", f"--timeout={timeout}s", "-s", str(script),
            f"http://127.0.0.1:{port}/v1/chat/completions"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
@@ -468,7 +470,9 @@ def main() -> None:
     if args.write:
         section = [
             f"Command: `{command_line()}` (wrk -t1 -d{args.duration}s --latency, Lua POST chat body, after a 2 s warm-up).",
-            f"Machine: {machine()}. {versions()}" + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "") + ".",
+            f"Machine: {machine()}. {versions()}"
+            + (f", LiteLLM {litellm_version()}" if "litellm" in paths else "")
+            + ".",
             "Mock upstream: raw ASGI under uvicorn + uvloop + httptools; streaming answers are 11 SSE events (role, 5 reasoning_content, 3 content, finish, usage) + [DONE].",
             "`r1serve` is the stripped app (the real app with static key auth, routing, reasoning normalisation, "
             "usage, cost, request ids, access log to a file, and no accounts database); `serve` is "

@@ -114,7 +114,9 @@ def floor_app(upstream: str, client: str) -> Any:
                 else:
                     import httpx
 
-                    state["client"] = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=None)
+                    state["client"] = httpx.AsyncClient(
+                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=None
+                    )
                 await send({"type": "lifespan.startup.complete"})
             else:
                 if "session" in state:
@@ -173,8 +175,17 @@ async def serve_r1serve(port: int, upstream: str, log_file: str | None) -> None:
     registry = await build_from_config(config)
     app = create_app(settings, registry=registry)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools", log_config=None,
-                       access_log=False, proxy_headers=False, backlog=4096)  # fmt: skip  (as `r1serve serve`)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            loop="none",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            backlog=4096,
+        )  # fmt: skip  (as `r1serve serve`)
     )
     try:
         await server.serve()

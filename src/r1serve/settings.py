@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     deployment_extend_lead_seconds: float = 60.0
     # USD per replica-hour when neither the deployment nor its template names a price.
     deployment_price_per_hour: float = 0.0
+    # USD per replica-hour by template, keyed by any name the template resolves from (catalog id, Ollama
+    # tag, ...): '{"deepseek-r1:7b": 0.4, "qwen2.5-coder-0.5b-instruct": 0.02}' (deployments/templates.py).
+    deployment_template_prices: dict[str, float] = {}
     # Replica-time goes to the ledger at most this often (seconds) while a deployment runs, and at its stop.
     deployment_bill_seconds: float = 10.0
     # A replica whose r1serve was killed ends itself after this long without its lease renewed; an

@@ -57,11 +57,12 @@ _PAGES = {
     "/console/usage": "usage.html",
     "/console/keys": "keys.html",
     "/console/models": "models.html",
+    "/console/deployments": "deployments.html",
     "denied": "denied.html",
 }
-# Dashboard pages: signed in, or an open server. The keys page also needs an admin key.
-_SIGNED_IN = frozenset({"/console/usage", "/console/keys", "/console/models"})
-_ADMIN = frozenset({"/console/keys"})
+# Dashboard pages: signed in, or an open server. The keys and deployments pages also need an admin key.
+_SIGNED_IN = frozenset({"/console/usage", "/console/keys", "/console/models", "/console/deployments"})
+_ADMIN = frozenset({"/console/keys", "/console/deployments"})
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from r1serve.deployments import Deployment, DeploymentCreate, DeploymentStore, S
 from r1serve.deployments.adoption import watch_lease
 from r1serve.deployments.billing import AccountsBilling
 from r1serve.deployments.spec import DeploymentExtend, DeploymentNotFound, DeploymentUpdate
+from r1serve.deployments.templates import catalog_templates
 from r1serve.errors import InvalidRequest, R1ServeError
 from r1serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from r1serve.settings import Settings
@@ -118,6 +119,14 @@ async def create_deployment(request: Request) -> dict[str, Any]:
     principal = principal_of(request)
     dep = await supervisor.create(body, owner=principal.key_id if principal else None)
     return dep.as_dict(_base_url(request))
+
+
+@deployments_api.get("/v1/deployment-templates", summary="The templates a deployment can be created from")
+async def list_templates(request: Request) -> dict[str, Any]:
+    """Not under /v1/deployments/: any path segment there is a deployment's id or name."""
+    settings: Settings = request.app.state.settings
+    data = catalog_templates(Path(settings.models_dir), settings.deployment_price_per_hour)
+    return {"object": "list", "data": data}
 
 
 @deployments_api.get("/v1/deployments", summary="List deployments")

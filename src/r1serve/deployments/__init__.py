@@ -6,6 +6,8 @@
 * :mod:`.supervisor`: every deployment, its routing (a gateway model group over READY replicas),
   its timeout and its record. :mod:`.store`: the record in the accounts database.
 * :mod:`.logs`: the ring buffer and per-replica log files. :mod:`.commands`: ``r1serve deploy``.
+* :mod:`.schedule`: the supervisor's clock and cron. :mod:`.billing`: replica-time in the ledger, budgets.
+  :mod:`.adoption`: the lease, replicas' output files, re-adopting a killed r1serve's replicas.
 """
 
 from r1serve.deployments.spec import DeploymentCreate

@@ -176,6 +176,8 @@ def check_schedule(strategy: str, schedule: str | None) -> Cron | None:
         return None
     if not schedule:
         raise _invalid("a SCHEDULED deployment needs a cron schedule, e.g. `0 9 * * mon-fri`", "schedule")
+    if len(schedule) > 200:  # the column's size
+        raise _invalid("schedule must be at most 200 characters", "schedule")
     return Cron.parse(schedule)
 
 

@@ -4,8 +4,14 @@ database.
 A deployment's routing is a gateway model group (:class:`~r1serve.gateway.group.GroupEngine`,
 least outstanding first) over its READY replicas, rebuilt whenever a replica's status changes, so
 requests get the gateway's retries and failover before the first byte. Its status follows its
-replicas: RUNNING once every replica has been READY, ERROR when one is FAILED; STOPPING and STOPPED
-are set by a stop (the API's, or the timeout's).
+replicas: RUNNING once every replica has been READY, ERROR when one is FAILED (INFINITE replaces it
+instead); STOPPING and STOPPED are set by a stop (the API's, the timeout's), INSUFFICIENT_FUNDS by a
+spent budget.
+
+Every operation on a deployment holds its lock and checks its status first (a 409 naming it when the
+operation cannot happen now). Time-driven work (timeouts, SIMPLE-EXTEND's extensions, INFINITE's
+rotations, SCHEDULED's runs, cost) is done by :meth:`Supervisor.tick` against an injectable clock,
+each slow piece as the deployment's one background task.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from r1serve.deployments.spec import (
     validate_create,
 )
 from r1serve.deployments.store import DeploymentStore
-from r1serve.deployments.templates import launch_of, model_argument, parse_command
+from r1serve.deployments.templates import launch_of, model_argument, parse_command, template_price
 from r1serve.engines.upstream import HttpClient
 from r1serve.errors import InvalidRequest, NotFound, R1ServeError
 from r1serve.gateway.group import GroupEngine, Member
@@ -93,6 +99,7 @@ class Deployment:
         self.lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None  # a timeout, extension or rotation under way
         self._rotation: asyncio.Task[Any] | None = None  # INFINITE's rotation, which a stop cancels
+        self.successor: Replica | None = None  # a rotation's new replica while it loads (it costs too)
         self._next_index = 0
 
     @property
@@ -340,6 +347,7 @@ class Deployment:
             # The successor is not in self.replicas until it is ready: the old one keeps the status.
             new.on_change = self._successor_changed
             self.add_event("REPLICA_ROTATING", f"{old.name} expires: starting its successor", replica=old.name)
+            self.successor = new
             new.start()
             try:
                 while new.status not in ("READY", "FAILED", "STOPPED"):
@@ -347,6 +355,9 @@ class Deployment:
             except asyncio.CancelledError:
                 await new.stop(0)  # stopped while its successor loaded: it must not outlive the stop
                 raise
+            finally:
+                self.supervisor.accrue(self)  # its loading time, while it is still the successor
+                self.successor = None
             if new.status != "READY":
                 await new.stop(0)
                 self.add_event("REPLICA_ROTATION_FAILED", f"{old.name}'s successor did not start: {new.last_error}")
@@ -440,11 +451,14 @@ class Supervisor:
             if record["status"] not in ACTIVE:
                 continue
             expires = record["expires_at"]
-            if expires is not None and expires <= self.clock.now() and record["strategy"] == "SIMPLE":
+            past = expires is not None and expires <= self.clock.now()
+            if past and record["strategy"] in ("SIMPLE", "SCHEDULED"):
                 dep.set_status("STOPPED", "TIMEOUT", "the timeout ran out while r1serve was down")
                 continue
-            # A restart of r1serve does not extend the timeout: the deployment keeps its deadline
-            # (SIMPLE-EXTEND and INFINITE past theirs are extended or rotated by the next tick).
+            if past and record["strategy"] == "INFINITE":
+                expires = None  # its replicas start afresh or are re-adopted: a new period, not a rotation
+            # Otherwise a restart of r1serve does not extend the timeout: the deployment keeps its
+            # deadline (SIMPLE-EXTEND past its own is extended, or stopped, by the next tick).
             dep.start("RESTORED", "r1serve restarted", expires=expires, adopt=record["replicas_detail"])
         self._ticker = asyncio.create_task(self._tick_forever(), name="deployments:tick")
 
@@ -566,7 +580,9 @@ class Supervisor:
         own = dep.record.get("price_per_hour")
         if own is not None:
             return float(own)
-        template = getattr(dep.entry, "price_per_replica_hour", None)
+        template = template_price(dep.entry, self.settings.deployment_template_prices)
+        if template is None:
+            template = dep.entry.price_per_replica_hour
         return float(template) if template is not None else self.settings.deployment_price_per_hour
 
     def accrue(self, dep: Deployment, replicas: list[Replica] | None = None) -> None:
@@ -576,6 +592,8 @@ class Supervisor:
         since = dep.record.get("billed_until") or now
         seconds = max(0.0, (now - since).total_seconds())
         counted = dep.replicas if replicas is None else replicas
+        if replicas is None and dep.successor is not None:
+            counted = [*counted, dep.successor]
         running = sum(1 for r in counted if r.status in _RUNNING_REPLICA)
         if replicas is None:
             dep.record["billed_until"] = now

@@ -113,6 +113,15 @@ def model_argument(spec: str, entry: ModelEntry, engine: str, models_dir: Path) 
     return entry.id if catalog else spec
 
 
+def template_price(entry: ModelEntry, prices: dict[str, float]) -> float | None:
+    """The operator's price per replica-hour for this template (``R1SERVE_DEPLOYMENT_TEMPLATE_PRICES``),
+    whichever of its names the setting uses; None when it names none of them."""
+    for name, price in prices.items():
+        if name == entry.id or (found := find_template(name)) is not None and found.id == entry.id:
+            return float(price)
+    return None
+
+
 def parse_command(command: str | None) -> list[str]:
     """The ``command`` engine's command line as argv (placeholders unexpanded); 400s name ``command``."""
     if not command or not command.strip():
@@ -164,3 +173,26 @@ def launch_of(record: dict[str, Any]) -> tuple[str | None, str]:
 
 def _invalid(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def catalog_templates(models_dir: Path, default_price: float) -> list[dict[str, Any]]:
+    """The templates a deployment can be created from (the console's picker): every catalog entry, the
+    names that resolve to it, and whether its weights are on this machine already (a replica of one
+    that is not must fetch it first, from the internet)."""
+    out = []
+    for entry in CATALOG:
+        price = entry.price_per_replica_hour
+        out.append(
+            {
+                "id": entry.id,
+                "object": "deployment.template",
+                "aliases": list(entry.aliases),
+                "engine": "embedded",
+                "reasoning_format": entry.reasoning_format,
+                "context_length": entry.context_length,
+                "price_per_hour": float(price) if price is not None else default_price,
+                "local": local_path(entry, models_dir) is not None,
+                "description": entry.description,
+            }
+        )
+    return out

@@ -20,6 +20,7 @@ async def with_tool_calls(
     """``names``: the request's functions (a call in a Markdown fence must name one)."""
     parser = ToolCallParser(names=names)
     called = False
+    started = False
     offset = 0  # calls the engine reported itself come first; parsed ones are numbered after them
     try:
         async for delta in stream:
@@ -41,8 +42,12 @@ async def with_tool_calls(
                     delta.tool_calls = [*delta.tool_calls, *pieces]
                 if delta.finish_reason == "stop" and called:
                     delta.finish_reason = "tool_calls"
-                if had_text and not (delta.content or delta.tool_calls or delta.reasoning or delta.logprobs):
+                held = not (delta.content or delta.tool_calls or delta.reasoning or delta.logprobs)
+                if started and held and delta.finish_reason is None:
                     continue  # all of its text is held back (part of a call): nothing to send yet
+            # The first delta always goes: it starts the response (a stream's first chunk) at the first
+            # token, not once a call's name has been parsed.
+            started = True
             yield delta
     finally:
         await stream.aclose()

@@ -64,6 +64,8 @@ class ModelEntry:
     context_length: int = 4096
     prices: Prices = Prices()
     description: str = ""
+    # As a deployment template: USD per replica-hour; None: the server's R1SERVE_DEPLOYMENT_PRICE_PER_HOUR.
+    price_per_replica_hour: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@
     ["/console/usage", "Usage", "all"],
     ["/console/keys", "Keys", "admin"],
     ["/console/models", "Models", "all"],
+    ["/console/deployments", "Deployments", "admin"],
     ["/docs", "API docs", "all"],
   ];
 
