@@ -145,3 +145,10 @@ def test_the_actor_runs_a_process_reports_it_and_ends_it(tmp_path: Path) -> None
     _wait_output(proc, "up on")
     assert proc.stop(5.0) == -15  # SIGTERM
     assert proc.info()["returncode"] == -15
+
+
+def test_an_actor_nobody_calls_ends_its_process(tmp_path: Path) -> None:
+    proc = ReplicaProcess(["{python}", "-c", "import time; time.sleep(60)"], {}, str(tmp_path / "w"), {}, 0.5)
+    proc.spawn()
+    assert proc.proc is not None
+    assert proc.proc.wait(30) == -9  # the watchdog: no call for 0.5 s (outside Ray there is no actor to kill)

@@ -99,8 +99,9 @@ def ray_client(ray_address: str) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _start_server(workdir: Path, ray_address: str) -> LiveServer:
+def _start_server(workdir: Path, ray_address: str, orphan_seconds: float = 120) -> LiveServer:
     env = {
+        "R1SERVE_DEPLOYMENT_ORPHAN_SECONDS": str(orphan_seconds),
         "R1SERVE_DEPLOYMENT_EXECUTOR": "ray",
         "R1SERVE_RAY_ADDRESS": ray_address,
         "R1SERVE_DEPLOYMENT_CRASH_LIMIT": "3",
@@ -258,3 +259,26 @@ def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_the_actors_of_an_r1serve_gone_for_good_end_themselves(
+    tmp_path: Path, ray_address: str, ray_client: Any
+) -> None:
+    server = _start_server(tmp_path, ray_address, orphan_seconds=3)
+    try:
+        dep = _create(server, "orphan-ray", replicas=1)
+        dep = _until(server, dep["id"], lambda d: d["status"] == "RUNNING")
+        pid = dep["replicas_detail"][0]["pid"]
+        server.proc.kill()  # and never restarted: nobody calls the actor any more
+        server.proc.wait()
+        _until_gone(ray_client, ["r1serve/orphan-ray/replica-0"])  # it killed itself, without restart
+        deadline = time.monotonic() + 60
+        while True:  # and its process went with it
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, f"process {pid} outlived its actor"
+            time.sleep(0.25)
+    finally:
+        server.stop()

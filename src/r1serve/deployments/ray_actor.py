@@ -10,6 +10,11 @@ process is started only when r1serve asks (:meth:`ReplicaProcess.spawn`), so r1s
 backoff and crash accounting stay the only policy. If Ray restarts the actor (its worker died,
 ``max_restarts``), the new actor has no process and a new generation: r1serve sees its process gone and
 starts another, as for a local crash.
+
+**Orphans.** The supervising r1serve calls the actor every few seconds (liveness polls, a heartbeat).
+An actor that nobody has called for ``orphan_seconds`` (R1SERVE_DEPLOYMENT_ORPHAN_SECONDS: the r1serve
+that owned it was killed and not restarted in time) ends its process and kills itself without restart,
+so no detached actor holds a node's resources for good; a restarted r1serve within that time re-adopts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,7 +58,9 @@ def _node_ip() -> str:
 class ReplicaProcess:
     """One replica's server process on this node (a Ray actor class; see the module docstring)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], workdir: str, values: dict[str, str]) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], workdir: str, values: dict[str, str], orphan_seconds: float = 0.0
+    ) -> None:
         self.argv, self.env, self.workdir, self.values = argv, env, Path(workdir), values
         self.host = _node_ip()
         self.port = 0
@@ -59,9 +68,29 @@ class ReplicaProcess:
         self.instance = uuid.uuid4().hex
         self.gen = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.seen = time.monotonic()  # the last call from r1serve
+        if orphan_seconds > 0:
+            threading.Thread(target=self._watch, args=(orphan_seconds,), daemon=True).start()
+
+    def _watch(self, seconds: float) -> None:
+        while time.monotonic() - self.seen <= seconds:
+            time.sleep(max(0.2, min(1.0, seconds / 4)))
+        self.kill()
+        try:
+            import ray
+
+            # Checked first: outside Ray (the unit tests), get_runtime_context would start a local one.
+            if ray.is_initialized():
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except ImportError:
+            pass
+
+    def ping(self) -> None:
+        self.seen = time.monotonic()
 
     def spawn(self) -> dict[str, Any]:
         """End the current process (if any), start a fresh one on a free port; its info."""
+        self.seen = time.monotonic()
         self._end(5.0)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with socket.socket() as sock:
@@ -87,6 +116,7 @@ class ReplicaProcess:
         return self.info()
 
     def info(self) -> dict[str, Any]:
+        self.seen = time.monotonic()
         proc = self.proc
         output = self.workdir / "output.log"
         return {

@@ -131,7 +131,14 @@ class RayExecutor:
         return await asyncio.to_thread(get)
 
     async def actor(
-        self, name: str, argv: list[str], env: dict[str, str], workdir: str, values: dict[str, str], res: Resources
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: str,
+        values: dict[str, str],
+        res: Resources,
+        orphan_seconds: float = 0.0,
     ) -> Any:
         """The actor named ``name``: the existing one (a restarted replica keeps its slot), else a new one."""
         cls = await asyncio.to_thread(self._connect)
@@ -146,7 +153,7 @@ class RayExecutor:
                 lifetime="detached",
                 max_restarts=self.max_restarts,
                 **res.options(),
-            ).remote(argv, env, workdir, values)
+            ).remote(argv, env, workdir, values, orphan_seconds)
 
         return await asyncio.to_thread(create)
 

@@ -52,6 +52,33 @@ class RayReplica(Replica):
         self.executor = executor
         self.resources = resources
         self.actor_name = actor_name(plan.deployment, self.name)
+        self._actor: Any = None  # the actor once found or made
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        super().start()
+        self._beat()
+
+    def adopt(self, pid: int, port: int) -> None:
+        super().adopt(pid, port)
+        self._beat()
+
+    def _beat(self) -> None:
+        """Call the actor every few seconds while this replica is supervised, restart backoff included:
+        an actor that is not called for orphan_seconds ends itself (ray_actor.py)."""
+
+        async def run() -> None:
+            while True:
+                actor = self._actor
+                if actor is not None:
+                    with contextlib.suppress(Exception):
+                        await actor.ping.remote()
+                await asyncio.sleep(2.0)
+
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(run(), name=f"ray-heartbeat:{self.actor_name}")
 
     # ------------------------------------------------------------------ the process
 
@@ -76,7 +103,9 @@ class RayReplica(Replica):
         self._spawn_seq = self.log.last_seq
         self._say(f"starting {self.name} in Ray actor {self.actor_name} ({self._resources_text()})")
         try:
-            actor = await self.executor.actor(self.actor_name, argv, env, workdir, values, self.resources)
+            actor = self._actor = await self.executor.actor(
+                self.actor_name, argv, env, workdir, values, self.resources, self.plan.orphan_seconds
+            )
             # Pending until Ray finds a node with the resources: bounded by the readiness timeout.
             info: dict[str, Any] = await asyncio.wait_for(actor.spawn.remote(), self.plan.ready_timeout)
         except Exception as exc:
@@ -121,6 +150,7 @@ class RayReplica(Replica):
         if not await self._probe(timeout=5.0):
             self._say(f"{self.name}: process {pid} on {self.host}:{port} does not answer /health: restarting it")
             return False  # _run_once's spawn ends it before starting the next
+        self._actor = actor
         proc = RemoteProcess(actor, info)
         self._proc = cast(asyncio.subprocess.Process, proc)
         self.pid, self.started_at = pid, iso(now())
@@ -149,6 +179,9 @@ class RayReplica(Replica):
     async def stop(self, grace: float) -> None:
         """As a local replica's stop, then the actor goes too: its resources return to the cluster."""
         await super().stop(grace)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         proc = self._proc
         if isinstance(proc, RemoteProcess):
             proc.close()
