@@ -126,7 +126,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.state.authenticator = StaticKeys(settings.api_keys)
     app.state.accounts = None  # set, so that per-request lookups find it without raising AttributeError
     app.state.deployments = None  # the Supervisor, while the app runs with an accounts database
-    app.state.sessions = SessionStore(settings.console_session_ttl, settings.console_max_sessions)
+    app.state.sessions = SessionStore(
+        settings.console_session_ttl, settings.console_max_sessions, settings.console_session_idle
+    )
     if accounts is not None:
         use_accounts(app, accounts)
 
