@@ -4,8 +4,9 @@ A request's way through it (:meth:`R1ServeApp.build_middleware_stack`)::
 
     middlewares added with add_middleware, outermost first: RequestContextMiddleware (request id,
     browser guard, body limit, access line, metrics, last-resort 500) and any added later
-      -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat
-         -> their handlers in routes.py / plumber.py, called directly
+      -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat and
+         /deployments/{name}/v1/chat/completions, .../v1/completions
+         -> their handlers in routes.py / plumber.py / deployments_routes.py, called directly
       -> FastAPI's own stack and router: everything else
 """
 
@@ -134,9 +135,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
 
     app.include_router(api)
     app.include_router(plumber)
-    app.hot_routers = (api, plumber)
     app.include_router(accounts_api)
     app.include_router(deployments_api)
+    app.hot_routers = (api, plumber, deployments_api)
     app.include_router(ops)
     app.include_router(signin_api)
     app.include_router(console_router())
