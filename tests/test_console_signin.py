@@ -208,3 +208,37 @@ def test_session_store_caps_and_expires() -> None:
     expired = SessionStore(ttl=0.0, max_sessions=2)
     assert expired.get(expired.create(Caller(key_id="x"), name="x", key=None)) is None
     assert len(expired) == 0
+    idle = SessionStore(ttl=3600, max_sessions=2, idle=0.0)  # unused for its idle time: ended
+    assert idle.get(idle.create(Caller(key_id="x"), name="x", key=None)) is None
+
+
+def test_one_key_signing_in_over_and_over_cannot_sign_others_out() -> None:
+    # Found by review: the table's cap ended the oldest sessions, whoever they were, and sign-in has no
+    # limit, so any user key could end an admin's session by signing in a few thousand times.
+    from r1serve.api.auth import Caller
+    from r1serve.api.sessions import MAX_PER_KEY, SessionStore
+
+    store = SessionStore(ttl=3600, max_sessions=MAX_PER_KEY + 2)
+    admin = store.create(Caller(key_id="admin", admin=True), name="admin", key=None)
+    other = store.create(Caller(key_id="bob"), name="bob", key=None)
+    mallory = [store.create(Caller(key_id="mallory"), name="m", key=None) for _ in range(10 * MAX_PER_KEY)]
+    assert store.get(admin) is not None and store.get(other) is not None
+    assert sum(store.get(m) is not None for m in mallory) == MAX_PER_KEY  # the newest ones
+    assert len(store) == MAX_PER_KEY + 2
+    # The global cap ends the least recently used: bob's session, used last, outlives the admin's.
+    assert store.get(other) is not None
+    store.create(Caller(key_id="carol"), name="carol", key=None)
+    assert store.get(admin) is None and store.get(other) is not None
+
+
+async def test_the_cookie_is_secure_when_the_page_came_over_https(
+    client: httpx.AsyncClient, accounts: Accounts
+) -> None:
+    # Found by review: behind a TLS-terminating proxy the request is http, so the cookie lacked Secure and a
+    # typed http:// address would send it in the clear. The sign-in's Origin says how the page came.
+    key, _ = accounts.store.create("alice")
+    plain = await _sign_in(client, key)
+    assert "Secure" not in plain.headers["set-cookie"]
+    https = ORIGIN.replace("http://", "https://")
+    resp = await client.post("/console/session", headers={**CONSOLE, "Origin": https, "Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200 and "Secure" in resp.headers["set-cookie"]

@@ -119,6 +119,49 @@ def test_record_shape_stop_and_stopped_endpoint(client: TestClient) -> None:
     assert client.get("/v1/deployments/nope").status_code == 404
 
 
+def test_the_endpoint_url_takes_the_hot_path_not_fastapis_router(client: TestClient) -> None:
+    """POST /deployments/NAME/v1/chat/completions (and /v1/completions) go straight to their handlers
+    (api/hotpaths.py), as /v1/chat/completions does: FastAPI's router cost the deployment URL a third
+    more CPU than /v1 (BENCHMARKS.md, Deployments). What the router still serves is counted here."""
+    from r1serve.api.hotpaths import HotPaths
+
+    _create(client)
+    stack: Any = client.app.middleware_stack  # type: ignore[attr-defined]
+    while not isinstance(stack, HotPaths):
+        stack = stack.app
+    routed: list[tuple[str, str]] = []
+    router = stack.app
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            routed.append((scope["method"], scope["path"]))
+        await router(scope, receive, send)
+
+    stack.app = spy
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    # The handler ran, with the name from the URL: no replica of r1 is ready.
+    assert _error(client.post("/deployments/r1/v1/chat/completions", json=chat), 503)["code"] == "deployment_not_ready"
+    assert _error(client.post("/deployments/r1/v1/completions", json={"prompt": "x"}), 503)["code"] == (
+        "deployment_not_ready"
+    )
+    assert _error(client.post("/deployments/nope/v1/chat/completions", json=chat), 404)["code"] == (
+        "deployment_not_found"
+    )
+    assert routed == []
+    # Not an endpoint URL's generation: FastAPI's router, as before (a name is one path segment).
+    assert client.get("/deployments/r1/v1/models").status_code == 503  # served() says: no replica ready
+    assert client.post("/deployments/r1/x/v1/chat/completions", json=chat).status_code == 404
+    assert client.post("/deployments//v1/chat/completions", json=chat).status_code == 404
+    assert routed == [
+        ("GET", "/deployments/r1/v1/models"),
+        ("POST", "/deployments/r1/x/v1/chat/completions"),
+        ("POST", "/deployments//v1/chat/completions"),
+    ]
+    # The metrics' route label is the route's template, as FastAPI's router sets it.
+    label = 'route="/deployments/{name}/v1/chat/completions",status="503"'
+    assert label in client.get("/metrics").text
+
+
 def test_templates_list_the_catalog_with_local_weights_marked(tmp_path: Path) -> None:
     settings = _settings(tmp_path, models_dir=tmp_path / "models", deployment_price_per_hour=0.25)
     for client in _client(settings):

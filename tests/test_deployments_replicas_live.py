@@ -204,12 +204,23 @@ def test_deepseek_r1_template_is_served_from_the_hub_cache(server: LiveServer) -
 
 
 def test_a_template_whose_weights_are_missing_fails_saying_why(server: LiveServer) -> None:
-    dep = _create(server, name="r1-7b", template="ollama/deepseek-r1:7b")
+    # Through the CLI, as a user creates it: it follows the start, then says it failed (exit 1), with no
+    # endpoint URL or curl to paste.
+    created = subprocess.run(
+        [sys.executable, "-m", "r1serve", "deploy", "create", "r1-7b", "--template", "ollama/deepseek-r1:7b",
+         "--url", server.url],
+        capture_output=True, text=True, timeout=_WAIT, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("R1SERVE_")},
+    )  # fmt: skip
+    assert created.returncode == 1, created.stdout + created.stderr
+    assert "failed to start" in created.stderr and "endpoint URL" not in created.stdout, created.stdout
+    dep = _until(server, "r1-7b", lambda d: d["status"] == "ERROR")
     assert dep["model"] == "deepseek-r1-distill-qwen-7b"
-    dep = _until(server, dep["id"], lambda d: d["status"] == "ERROR")
     assert dep["replicas_detail"][0]["status"] == "FAILED"
     failed = [e for e in dep["events"] if e["reason"] == "REPLICA_FAILED"][-1]["message"]
-    assert "HF_HUB_OFFLINE" in failed, failed  # the child's own last words, not just "exited with code 1"
+    # The child's own last words, whole (its error is one line, not wrapped at 80 columns into a last line
+    # like "connection is on."), not just "exited with code 1".
+    assert "offline mode is on" in failed and "unset HF_HUB_OFFLINE" in failed, failed
 
 
 def test_a_killed_r1serve_takes_its_command_replicas_with_it(tmp_path: Path) -> None:

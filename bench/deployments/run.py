@@ -151,10 +151,21 @@ def bench_startup(work: Path, base: str, args: argparse.Namespace) -> dict[str, 
 MOCK = Path(__file__).resolve().parents[1] / "gateway" / "servers.py"
 
 
-def bench_latency(base: str, args: argparse.Namespace, *, mock: bool) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc), NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_latency(base: str, args: argparse.Namespace, *, mock: bool, parent: int) -> dict[str, Any]:
     """Straight to the replica against through the deployment URL. ``mock``: the replica is the gateway
     benchmark's instant OpenAI-compatible server run by the command engine, so the difference is the
-    deployment path's own cost, not the model's noise."""
+    deployment path's own cost, not the model's noise. ``parent``: the supervising server's pid, whose CPU
+    time over the timed requests is reported per request through it (less noisy than wall clock on a
+    shared machine; it includes the server's background work over that time)."""
     if mock:
         body = {"name": "latency-mock", "template": "mock-r1", "engine": "command", "replicas": 1, "timeout": 120,
                 "command": f"{{python}} {MOCK} mock --port {{port}}"}  # fmt: skip
@@ -170,12 +181,14 @@ def bench_latency(base: str, args: argparse.Namespace, *, mock: bool) -> dict[st
     with httpx.Client(timeout=60) as client:
         for url in (straight, through) * 10:  # warm both paths (prefix cache, connections)
             client.post(url, json=CHAT).raise_for_status()
+        cpu0 = cpu_seconds(parent)
         for i in range(args.latency_requests * 2):
             which = "straight" if i % 2 == 0 else "through"
             t0 = time.perf_counter()
             resp = client.post(straight if which == "straight" else through, json=CHAT)
             times[which].append(time.perf_counter() - t0)
             resp.raise_for_status()
+        parent_cpu = cpu_seconds(parent) - cpu0
     stop_deployment(base, dep["id"])
     requests_each = args.latency_requests
     diffs = [b - a for a, b in zip(times["straight"], times["through"], strict=True)]
@@ -187,6 +200,7 @@ def bench_latency(base: str, args: argparse.Namespace, *, mock: bool) -> dict[st
         "paired_diff_p50_ms": statistics.median(diffs) * 1000,
         "straight_p90_ms": statistics.quantiles(times["straight"], n=10)[-1] * 1000,
         "through_p90_ms": statistics.quantiles(times["through"], n=10)[-1] * 1000,
+        "parent_cpu_ms_per_request_through": parent_cpu * 1000 / requests_each,
     }
 
 
@@ -292,8 +306,8 @@ def main() -> None:
             if "startup" in wanted:
                 results["startup"] = bench_startup(work, base, args)
             if "latency" in wanted:
-                results["latency_mock"] = bench_latency(base, args, mock=True)
-                results["latency_model"] = bench_latency(base, args, mock=False)
+                results["latency_mock"] = bench_latency(base, args, mock=True, parent=parent.pid)
+                results["latency_model"] = bench_latency(base, args, mock=False, parent=parent.pid)
             if "kill" in wanted:
                 results["kill"] = bench_kill(base, args)
         finally:

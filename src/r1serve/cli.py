@@ -27,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # not wrapped at 80 columns in a log or pipe: one message, one line
 log = logging.getLogger("r1serve.cli")
 
 

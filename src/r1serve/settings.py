@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     keys_refresh_interval: float = 2.0
     # Console sign-in sessions (api/sessions.py), kept in memory: a restart signs everyone out.
     console_session_ttl: float = Field(default=12 * 3600.0, gt=0)  # seconds from sign-in
-    console_max_sessions: int = Field(default=10_000, ge=1)  # past that, the oldest session ends
+    console_session_idle: float = Field(default=3600.0, gt=0)  # seconds unused before a session ends
+    console_max_sessions: int = Field(default=10_000, ge=1)  # past that, the least recently used ends
 
     # --- Deployments (r1serve.deployments): replicas as local child processes
     deployment_max_replicas: int = 8  # the most replicas one deployment may ask for

@@ -4,8 +4,9 @@ A request's way through it (:meth:`R1ServeApp.build_middleware_stack`)::
 
     middlewares added with add_middleware, outermost first: RequestContextMiddleware (request id,
     browser guard, body limit, access line, metrics, last-resort 500) and any added later
-      -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat
-         -> their handlers in routes.py / plumber.py, called directly
+      -> HotPaths (api/hotpaths.py): POST /v1/chat/completions, /v1/completions, /deepseek_chat and
+         /deployments/{name}/v1/chat/completions, .../v1/completions
+         -> their handlers in routes.py / plumber.py / deployments_routes.py, called directly
       -> FastAPI's own stack and router: everything else
 """
 
@@ -126,15 +127,17 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None, accoun
     app.state.authenticator = StaticKeys(settings.api_keys)
     app.state.accounts = None  # set, so that per-request lookups find it without raising AttributeError
     app.state.deployments = None  # the Supervisor, while the app runs with an accounts database
-    app.state.sessions = SessionStore(settings.console_session_ttl, settings.console_max_sessions)
+    app.state.sessions = SessionStore(
+        settings.console_session_ttl, settings.console_max_sessions, settings.console_session_idle
+    )
     if accounts is not None:
         use_accounts(app, accounts)
 
     app.include_router(api)
     app.include_router(plumber)
-    app.hot_routers = (api, plumber)
     app.include_router(accounts_api)
     app.include_router(deployments_api)
+    app.hot_routers = (api, plumber, deployments_api)
     app.include_router(ops)
     app.include_router(signin_api)
     app.include_router(console_router())

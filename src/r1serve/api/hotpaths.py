@@ -1,5 +1,6 @@
 """The generation endpoints' short way through the app: ``POST /v1/chat/completions``, ``POST
-/v1/completions`` and ``POST /deepseek_chat``.
+/v1/completions``, ``POST /deepseek_chat`` and a deployment's endpoint URL
+(``POST /deployments/{name}/v1/chat/completions`` and ``.../v1/completions``).
 
 Where a request goes (api/app.py builds the stack)::
 
@@ -40,6 +41,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 # The POST endpoints served here; their handlers live in routes.py.
 HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/deepseek_chat")
+# A deployment's endpoint URL (handlers in deployments_routes.py, which take the name as their one path
+# parameter): through FastAPI's router these cost a parent about a third more CPU than /v1 does, which on
+# a replica's answer, after the process has slept through its generation, was ~0.5 ms of the deployment
+# URL's added latency (BENCHMARKS.md, Deployments).
+DEPLOYMENT_PREFIX = "/deployments/"
+DEPLOYMENT_SUFFIXES = ("/v1/chat/completions", "/v1/completions")
+DEPLOYMENT_HOT_PATHS = tuple(DEPLOYMENT_PREFIX + "{name}" + suffix for suffix in DEPLOYMENT_SUFFIXES)
 
 _DONE = DONE_EVENT.encode()
 
@@ -49,15 +57,27 @@ def hot_routes(routes: Iterable[BaseRoute]) -> dict[str, APIRoute]:
     :func:`authenticate` (a dependency added later would otherwise be skipped without a word)."""
     found: dict[str, APIRoute] = {}
     for route in routes:
-        if isinstance(route, APIRoute) and route.path in HOT_PATHS and "POST" in (route.methods or ()):
-            calls = [dep.call for dep in route.dependant.dependencies]
-            if calls != [authenticate] or route.dependant.path_params or route.dependant.query_params:
-                raise RuntimeError(
-                    f"POST {route.path} is served by api/hotpaths.py, which runs only the authenticate "
-                    f"dependency; its route declares {calls}: serve it through FastAPI or extend HotPaths"
-                )
-            found[route.path] = route
-    missing = set(HOT_PATHS) - set(found)
+        if not (isinstance(route, APIRoute) and "POST" in (route.methods or ())):
+            continue
+        if route.path in HOT_PATHS:
+            params: list[str] = []
+        elif route.path in DEPLOYMENT_HOT_PATHS:
+            params = ["name"]
+        else:
+            continue
+        calls = [dep.call for dep in route.dependant.dependencies]
+        if (
+            calls != [authenticate]
+            or [p.name for p in route.dependant.path_params] != params
+            or route.dependant.query_params
+        ):
+            raise RuntimeError(
+                f"POST {route.path} is served by api/hotpaths.py, which runs only the authenticate "
+                f"dependency (and passes no parameter but a deployment's name); its route declares {calls}: "
+                "serve it through FastAPI or extend HotPaths"
+            )
+        found[route.path] = route
+    missing = set(HOT_PATHS + DEPLOYMENT_HOT_PATHS) - set(found)
     if missing:
         raise RuntimeError(f"hot paths without a registered route: {sorted(missing)}")
     return found
@@ -81,7 +101,26 @@ class HotPaths:
                 scope["route"] = route  # as FastAPI's router sets it: the metrics' route label
                 await serve(route.endpoint, scope, receive, send)
                 return
+            if path.startswith(DEPLOYMENT_PREFIX):
+                found = self._deployment(path)
+                if found is not None:
+                    route, name = found
+                    scope["route"] = route
+                    scope["path_params"] = {"name": name}  # as the router's match would (request.path_params)
+                    endpoint = route.endpoint
+                    await serve(lambda request: endpoint(request, name), scope, receive, send)
+                    return
         await self.app(scope, receive, send)
+
+    def _deployment(self, path: str) -> tuple[APIRoute, str] | None:
+        """``/deployments/NAME/v1/...`` -> its route and NAME, matched as the router's ``{name}`` (one
+        non-empty path segment); anything else is left to the router (and its 404)."""
+        for suffix in DEPLOYMENT_SUFFIXES:
+            if path.endswith(suffix):
+                name = path[len(DEPLOYMENT_PREFIX) : len(path) - len(suffix)]
+                if name and "/" not in name:
+                    return self.routes[DEPLOYMENT_PREFIX + "{name}" + suffix], name
+        return None
 
 
 async def serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:

@@ -2,7 +2,10 @@
 
 * ``POST /console/session`` with ``Authorization: Bearer KEY`` checks the key as any API call would and
   sets ``r1serve_session``: 32 random bytes, ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no
-  other site's page makes the browser send it), ``Path=/``, ``Secure`` when the page came over https.
+  other site's page makes the browser send it), ``Path=/``, ``Secure`` when the page came over https
+  (the request's scheme, or the sign-in's ``Origin`` behind a TLS proxy). Sessions end
+  ``R1SERVE_CONSOLE_SESSION_TTL`` after sign-in or ``R1SERVE_CONSOLE_SESSION_IDLE`` after their last use;
+  a key holds at most ``MAX_PER_KEY`` at once.
   The server keeps only the id's sha256 and who signed in (the key's id, never the key), in memory:
   sessions are cheap to lose, and a restart signs everyone out (documented in the README).
 * ``DELETE /console/session`` ends the session on the server (the cookie is then worth nothing) and
@@ -41,43 +44,76 @@ CSRF_HEADER = "x-r1serve-console"
 _CSRF_RAW = CSRF_HEADER.encode()
 
 
+# Sessions one key may hold at once: past it, that key's least recently used session ends, so no key can
+# sign other keys' users out by signing in over and over (the table's cap ends the least recently used).
+MAX_PER_KEY = 16
+
+
 @dataclass
 class Session:
     caller: Caller  # who signed in: the key's identity and rights, not the key
     expires: float  # time.monotonic() deadline
     name: str
     key: str | None  # the key's display prefix (r1-abcd…), for the page; None for static keys
+    idle_until: float = float("inf")  # time.monotonic(): unused this long, it ends
 
 
 class SessionStore:
-    """Sessions by the sha256 of their id, oldest first (so the cap ends the oldest)."""
+    """Sessions by the sha256 of their id, least recently used first (so the caps end those), with each
+    key's sessions indexed too (a sign-in costs the same however many sessions exist)."""
 
-    def __init__(self, ttl: float, max_sessions: int) -> None:
+    def __init__(self, ttl: float, max_sessions: int, idle: float | None = None) -> None:
         self.ttl = ttl
         self.max_sessions = max_sessions
+        self.idle = idle if idle is not None else ttl
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self._by_key: dict[str | None, OrderedDict[bytes, None]] = {}
 
     @staticmethod
     def _digest(session_id: str) -> bytes:
         return hashlib.sha256(session_id.encode("latin-1", "replace")).digest()
 
+    def _drop(self, digest: bytes) -> None:
+        session = self._sessions.pop(digest, None)
+        if session is not None:
+            mine = self._by_key.get(session.caller.key_id)
+            if mine is not None:
+                mine.pop(digest, None)
+                if not mine:
+                    del self._by_key[session.caller.key_id]
+
     def create(self, caller: Caller, *, name: str, key: str | None) -> str:
         session_id = secrets.token_urlsafe(32)
-        self._sessions[self._digest(session_id)] = Session(caller, time.monotonic() + self.ttl, name, key)
+        digest = self._digest(session_id)
+        now = time.monotonic()
+        mine = self._by_key.setdefault(caller.key_id, OrderedDict())
+        while len(mine) >= MAX_PER_KEY:
+            self._drop(next(iter(mine)))  # this key's least recently used
+        mine[digest] = None
+        self._sessions[digest] = Session(caller, now + self.ttl, name, key, idle_until=now + self.idle)
         while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._drop(next(iter(self._sessions)))
         return session_id
 
     def get(self, session_id: str) -> Session | None:
         digest = self._digest(session_id)
         session = self._sessions.get(digest)
-        if session is not None and session.expires <= time.monotonic():
-            del self._sessions[digest]
+        if session is None:
             return None
+        now = time.monotonic()
+        if session.expires <= now or session.idle_until <= now:
+            self._drop(digest)
+            return None
+        session.idle_until = now + self.idle
+        self._sessions.move_to_end(digest)  # recently used: the last the caps end
+        self._by_key[session.caller.key_id].move_to_end(digest)
         return session
 
     def end(self, session_id: str) -> bool:
-        return self._sessions.pop(self._digest(session_id), None) is not None
+        digest = self._digest(session_id)
+        found = digest in self._sessions
+        self._drop(digest)
+        return found
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -144,5 +180,6 @@ def set_cookie(request: Request, response: Response, value: str, max_age: int) -
         path="/",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        # Behind a TLS-terminating proxy the request itself is http; the sign-in page's Origin says https.
+        secure=request.url.scheme == "https" or (scope_header(request.scope, b"origin") or b"").startswith(b"https://"),
     )

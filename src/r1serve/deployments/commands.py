@@ -25,7 +25,7 @@ from r1serve.settings import Settings
 
 deploy_app = typer.Typer(help="Deployments: a model on N replicas behind one endpoint URL.", no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # not wrapped at 80 columns in a log or pipe: one message, one line
 
 UrlOption = Annotated[str | None, typer.Option(help="Server base URL; default: the configured host and port.")]
 KeyOption = Annotated[str | None, typer.Option(help="Admin key; default: $R1SERVE_API_KEY, else R1SERVE_ADMIN_KEY.")]
@@ -163,9 +163,12 @@ def create(
         wait = False
     if wait:
         dep = _follow_start(client, dep)
-    _print_endpoint(dep, key_hint=bool(client.key))
     if dep["status"] == "ERROR":
+        # No URL to paste: it would answer that the deployment failed. The reason is in the events above.
+        err.print(f"[bold red]error:[/bold red] {dep['name']} failed to start; see `r1serve deploy logs "
+                  f"{dep['name']}`", highlight=False)  # fmt: skip
         raise typer.Exit(1)
+    _print_endpoint(dep, key_hint=bool(client.key))
 
 
 def _follow_start(client: Client, dep: dict[str, Any]) -> dict[str, Any]:

@@ -191,7 +191,7 @@ class Replica:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(pump), 2.0)
                 last = self.log.lines(source=self.name, limit=1)
-                said = f": {last[0].text[:300]}" if last and last[0].seq > self._spawn_seq else ""
+                said = f": {last[0].text[:1000]}" if last and last[0].seq > self._spawn_seq else ""
                 self.last_error = f"exited with {_exit_text(code)}{said}"
                 self._say(f"{self.name} (pid {proc.pid}) {self.last_error}")
         finally:
