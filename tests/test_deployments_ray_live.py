@@ -44,13 +44,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _head_logs(temp: Path) -> str:
+    """The head's own output and its GCS logs, for a failure message (the temp dir goes with the module)."""
+    files = [temp / "head.log", *sorted((temp / "session_latest" / "logs").glob("gcs_server.*"))]
+    return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-4000:]}" for f in files if f.exists())
+
+
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
+def ray_temp() -> Iterator[Path]:
+    # A short path: Ray's unix sockets live under it (a socket path has at most 107 bytes).
+    temp = Path(tempfile.mkdtemp(prefix="r1ray-", dir="/tmp"))
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_temp: Path) -> Iterator[str]:
     ray_cli = Path(sys.executable).parent / "ray"
     assert ray_cli.exists(), "Ray is not installed: scripts/test.sh installs r1serve[ray]"
     port = _free_port()
-    # A short path: Ray's unix sockets live under it (a socket path has at most 107 bytes).
-    temp = tempfile.mkdtemp(prefix="r1ray-", dir="/tmp")
+    temp = ray_temp
     head = subprocess.Popen(
         [
             str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
@@ -58,20 +71,26 @@ def ray_address() -> Iterator[str]:
             "--disable-usage-stats", "--ray-client-server-port", str(_free_port()),
         ],
         env={**os.environ, **_LOOPBACK_ONLY},
-        stdout=open(Path(temp) / "head.log", "wb"),  # noqa: SIM115 - the head's whole life
+        stdout=open(temp / "head.log", "wb"),  # noqa: SIM115 - the head's whole life
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
+
     try:
-        deadline = time.monotonic() + 120
-        while True:  # the GCS answers on its port once the head is up
-            assert head.poll() is None, (Path(temp) / "head.log").read_text(errors="replace")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(0.5)
+        deadline = time.monotonic() + 180
+        while True:  # ready when a separate driver gets the cluster's status (GCS up, the head's node registered)
+            assert head.poll() is None, _head_logs(temp)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                probe = subprocess.run(
+                    [str(ray_cli), "status", "--address", address], env={**os.environ, **_LOOPBACK_ONLY},
+                    capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                if probe.returncode == 0:
+                    break
+            assert time.monotonic() < deadline, f"the Ray head did not start\n{_head_logs(temp)}"
+            time.sleep(1)
         yield address
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -83,16 +102,19 @@ def ray_address() -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # whatever of the group is left (workers, replicas)
         head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def ray_client(ray_address: str) -> Iterator[Any]:
+def ray_client(ray_address: str, ray_temp: Path) -> Iterator[Any]:
     """This test process as a Ray driver: it looks the actors up by name as r1serve does."""
-    os.environ.update(_LOOPBACK_ONLY)
+    # At most 60 connection attempts (Ray's default is a count far past the test's timeout).
+    os.environ.update({**_LOOPBACK_ONLY, "RAY_gcs_server_port_wait_time_s": "60"})
     import ray
 
-    ray.init(address=ray_address, namespace="r1serve", log_to_driver=False)
+    try:
+        ray.init(address=ray_address, namespace="r1serve", log_to_driver=False)
+    except Exception as exc:
+        pytest.fail(f"this test process could not join the Ray head: {exc!r}\n{_head_logs(ray_temp)}")
     try:
         yield ray
     finally:

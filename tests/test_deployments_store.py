@@ -1,5 +1,5 @@
 """The deployments' table on SQLite and on a real PostgreSQL server (tests/pg.py starts one): migration
-0003 then 0004 over a row written before 0004, records round-tripped, models and migrations equal, and
+0003 then 0004 and 0005 over a row written before 0004, records round-tripped, models and migrations equal, and
 0004's downgrade."""
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def test_0003_then_0004_keeps_old_rows_and_round_trips_new_fields(engine: Engine
     assert accounts_db.current_revision(engine) == "0003_deployments"
     _insert_0003_row(engine)
     accounts_db.upgrade(engine)
-    assert accounts_db.current_revision(engine) == accounts_db.head_revision() == "0004_deployment_lifecycle"
+    assert accounts_db.current_revision(engine) == accounts_db.head_revision() == "0005_deployment_scaling"
     store = DeploymentStore(engine)
     (old,) = store.load_all()
     assert (old["name"], old["status"], old["cost_nanos"], old["ledger_nanos"], old["schedule"]) == (
         "old", "STOPPED", 0, 0, None
     )  # fmt: skip
+    assert (old["routing"], old["autoscaling"]) == (None, None)  # 0005: the defaults, a fixed replica count
     assert old["created_at"] == T0 and old["created_at"].tzinfo is not None
     nxt = T0 + dt.timedelta(days=1)
     store.save(
@@ -78,8 +79,12 @@ def test_0003_then_0004_keeps_old_rows_and_round_trips_new_fields(engine: Engine
             cost_nanos=12_345_678_901,
             ledger_nanos=12_000_000_000,
             billed_until=T0,
+            routing="cache_aware",
+            autoscaling={"min_replicas": 0, "max_replicas": 3},
         )  # fmt: skip
     )
+    scaled = {r["name"]: r for r in store.load_all()}["r1"]
+    assert (scaled["routing"], scaled["autoscaling"]) == ("cache_aware", {"min_replicas": 0, "max_replicas": 3})
     store.save(_record(status="STOPPED", cost_nanos=12_345_678_999))  # replaced, not added
     by_name = {r["name"]: r for r in store.load_all()}
     new = by_name["r1"]

@@ -43,12 +43,16 @@ class DeploymentRow(Base):
     # How much of cost_nanos the ledger has rows for.
     ledger_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
     billed_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Migration 0005_deployment_scaling: the routing policy among replicas (null: the default), and the
+    # autoscaling policy as JSON (null: a fixed replica count).
+    routing: Mapped[str | None] = mapped_column(String(32))
+    autoscaling: Mapped[str | None] = mapped_column(Text)
 
 
 _FIELDS = (
     "id", "name", "template", "engine", "replicas", "strategy", "timeout_minutes", "threads", "status",
     "owner_key_id", "started_at", "expires_at", "created_at", "updated_at",
-    "schedule", "next_run_at", "price_per_hour", "cost_nanos", "ledger_nanos", "billed_until",
+    "schedule", "next_run_at", "price_per_hour", "cost_nanos", "ledger_nanos", "billed_until", "routing",
 )  # fmt: skip
 _DEFAULTS: dict[str, Any] = {"cost_nanos": 0, "ledger_nanos": 0}  # a record from before 0004's fields
 _TIMES = ("started_at", "expires_at", "created_at", "updated_at", "next_run_at", "billed_until")
@@ -78,6 +82,8 @@ class DeploymentStore:
                 setattr(row, field, record.get(field, _DEFAULTS.get(field)))
             row.events = json.dumps(record["events"])
             row.replicas_detail = json.dumps(record["replicas_detail"])
+            autoscaling = record.get("autoscaling")
+            row.autoscaling = None if autoscaling is None else json.dumps(autoscaling)
 
     def load_all(self) -> list[dict[str, Any]]:
         with Session(self.engine) as session:
@@ -89,5 +95,6 @@ class DeploymentStore:
                     record[f] = _aware(record[f])
                 record["events"] = json.loads(row.events)
                 record["replicas_detail"] = json.loads(row.replicas_detail)
+                record["autoscaling"] = None if row.autoscaling is None else json.loads(row.autoscaling)
                 out.append(record)
             return out
