@@ -104,21 +104,42 @@ def ray_address(ray_temp: Path) -> Iterator[str]:
         head.wait()
 
 
-@pytest.fixture(scope="module")
-def ray_client(ray_address: str, ray_temp: Path) -> Iterator[Any]:
-    """This test process as a Ray driver: it looks the actors up by name as r1serve does."""
-    # At most 60 connection attempts (Ray's default is a count far past the test's timeout).
-    os.environ.update({**_LOOPBACK_ONLY, "RAY_gcs_server_port_wait_time_s": "60"})
-    import ray
+# A driver of its own, not this test process: after a few hundred tests in one pytest process, ray.init
+# here waited on the GCS for ten minutes ("Timed out while waiting for GCS to become available") while
+# `ray status` from a new process answered at once (CI on 2026-12-02, twice).
+_ACTORS = """
+import json, sys, time
+import ray
+address, names, wait = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+ray.init(address=address, namespace="r1serve", log_to_driver=False)
+def alive(name):
+    try:
+        ray.get_actor(name, namespace="r1serve")
+    except ValueError:
+        return False
+    return True
+deadline = time.monotonic() + wait
+while any(alive(n) for n in names) and time.monotonic() < deadline:
+    time.sleep(0.25)
+print(json.dumps({n: alive(n) for n in names}))
+"""
 
-    try:
-        ray.init(address=ray_address, namespace="r1serve", log_to_driver=False)
-    except Exception as exc:
-        pytest.fail(f"this test process could not join the Ray head: {exc!r}\n{_head_logs(ray_temp)}")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+
+def _actors_alive(address: str, names: list[str], *, wait_gone: float = 0.0) -> dict[str, bool]:
+    """Which of the named actors exist, looked up by name as r1serve does; ``wait_gone``: seconds to
+    wait for all of them to go first (ray.kill is asynchronous: a name goes once its actor is dead)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _ACTORS, address, json.dumps(names), str(wait_gone)],
+        env={**os.environ, **_LOOPBACK_ONLY}, capture_output=True, text=True, timeout=wait_gone + 180,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _until_gone(address: str, names: list[str]) -> None:
+    alive = _actors_alive(address, names, wait_gone=120)
+    assert not any(alive.values()), f"Ray actors still there: {alive}"
 
 
 def _start_server(workdir: Path, ray_address: str, orphan_seconds: float = 120) -> LiveServer:
@@ -162,21 +183,6 @@ def _until(server: LiveServer, ident: str, done: Callable[[dict[str, Any]], bool
         time.sleep(0.5)
 
 
-def _gone(ray: Any, name: str) -> bool:
-    try:
-        ray.get_actor(name, namespace="r1serve")
-    except ValueError:
-        return True
-    return False
-
-
-def _until_gone(ray: Any, names: list[str]) -> None:
-    deadline = time.monotonic() + 120  # ray.kill is asynchronous: the name goes once the actor is dead
-    while not all(_gone(ray, n) for n in names):
-        assert time.monotonic() < deadline, f"Ray actors still there: {names}"
-        time.sleep(0.25)
-
-
 def _create(server: LiveServer, name: str, **fields: Any) -> dict[str, Any]:
     body = {"name": name, "template": DEFAULT_MODEL, "replicas": 2, "timeout": 60, "threads": 1, **fields}
     resp = httpx.post(f"{server.url}/v1/deployments", json=body, timeout=60)
@@ -194,13 +200,13 @@ def test_bad_resources_are_400_naming_the_field(server: LiveServer) -> None:
         assert error["param"] == field and error["type"] == "invalid_request_error" and field in error["message"]
 
 
-def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_client: Any) -> None:
+def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_address: str) -> None:
     dep = _create(server, "on-ray", num_cpus=1)
     assert dep["executor"] == "ray" and dep["resources"]["num_cpus"] == 1
     dep = _until(server, dep["id"], lambda d: d["status"] == "RUNNING")
     names = [r["actor"] for r in dep["replicas_detail"]]
     assert names == ["r1serve/on-ray/replica-0", "r1serve/on-ray/replica-1"]
-    assert not any(_gone(ray_client, n) for n in names)  # named detached actors, found by name
+    assert all(_actors_alive(ray_address, names).values())  # named detached actors, found by name
     for replica in dep["replicas_detail"]:
         assert replica["executor"] == "ray" and replica["host"] == "127.0.0.1" and replica["status"] == "READY"
 
@@ -235,7 +241,7 @@ def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_cli
     httpx.post(f"{server.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
     dep = _get(server, dep["id"])
     assert dep["status"] == "STOPPED" and {r["status"] for r in dep["replicas_detail"]} == {"STOPPED"}
-    _until_gone(ray_client, names)
+    _until_gone(ray_address, names)
     for replica in dep["replicas_detail"]:
         with pytest.raises(ProcessLookupError):
             os.kill(replica["pid"], 0)  # the processes went with their actors
@@ -245,7 +251,7 @@ def test_two_ray_replicas_serve_log_restart_and_stop(server: LiveServer, ray_cli
 
 @pytest.mark.parametrize("engine", ["embedded", "command"])
 def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
-    tmp_path: Path, ray_address: str, ray_client: Any, engine: str
+    tmp_path: Path, ray_address: str, engine: str
 ) -> None:
     first = _start_server(tmp_path, ray_address)
     second: LiveServer | None = None
@@ -276,16 +282,14 @@ def test_a_killed_r1serve_comes_back_and_re_adopts_its_ray_replicas(
             logs = httpx.get(f"{second.url}/v1/deployments/{dep['id']}/logs", timeout=30).json()["data"]
             lines = [ln for ln in logs if ln["source"] == "replica-0"]
         httpx.post(f"{second.url}/v1/deployments/{dep['id']}/stop", timeout=120).raise_for_status()
-        _until_gone(ray_client, ["r1serve/adopt-ray/replica-0"])
+        _until_gone(ray_address, ["r1serve/adopt-ray/replica-0"])
     finally:
         first.stop()
         if second is not None:
             second.stop()
 
 
-def test_the_actors_of_an_r1serve_gone_for_good_end_themselves(
-    tmp_path: Path, ray_address: str, ray_client: Any
-) -> None:
+def test_the_actors_of_an_r1serve_gone_for_good_end_themselves(tmp_path: Path, ray_address: str) -> None:
     server = _start_server(tmp_path, ray_address, orphan_seconds=3)
     try:
         dep = _create(server, "orphan-ray", replicas=1)
@@ -293,7 +297,7 @@ def test_the_actors_of_an_r1serve_gone_for_good_end_themselves(
         pid = dep["replicas_detail"][0]["pid"]
         server.proc.kill()  # and never restarted: nobody calls the actor any more
         server.proc.wait()
-        _until_gone(ray_client, ["r1serve/orphan-ray/replica-0"])  # it killed itself, without restart
+        _until_gone(ray_address, ["r1serve/orphan-ray/replica-0"])  # it killed itself, without restart
         deadline = time.monotonic() + 60
         while True:  # and its process went with it
             try:
